@@ -1,0 +1,254 @@
+"""The server side of federated averaging when the server must learn nothing about the model.
+
+`SecureFedAvg` is a FLARE `ModelController` (the same base as FLARE's `FedAvg`), so sampling,
+task dispatch, timeouts and result collection are FLARE's. What FLARE's FedAvg cannot do is hold the
+global model as ciphertext: it averages plaintext arrays. Here the controller only validates and
+routes; the arithmetic lives in `clinfed.he.aggregation` (encrypted sum) or its plaintext twin.
+
+With encryption on, the server loads a context without a secret key (`load_server_context` refuses
+one), keeps the global model only as the summed ciphertexts plus the summed weight, and persists
+only that. Each round every site's outcome ("ok", "refused", "failed" with a reason) is recorded;
+an invalid update is excluded before it touches the sum, and the round completes if at least
+`min_clients` valid updates arrived, otherwise the previous global model is kept.
+At the end a `validate` task scores the final global model on each site's held-out data and the
+server writes `summary.json` into its run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.workflows.model_controller import ModelController
+
+from clinfed.audit import AuditLog
+from clinfed.fl import payload
+from clinfed.fl.participant import SERVER_CONTEXT_FILE, find_context_file, participant_root
+
+SUMMARY_FILE = "summary.json"
+GLOBAL_MODEL_FILE = {True: "global_model.ckks.json", False: "global_model.npz"}
+
+
+class SecureFedAvg(ModelController):
+    def __init__(
+        self,
+        num_rounds: int = 5,
+        min_clients: int = 1,
+        encrypted: bool = True,
+        job_label: str = "",
+        primary_metric: str = "auc",
+        task_timeout: int = 0,
+        extra_summary: dict | None = None,
+    ):
+        super().__init__()
+        self.num_rounds, self.min_clients, self.encrypted = num_rounds, min_clients, encrypted
+        self.job_label, self.primary_metric, self.task_timeout = job_label, primary_metric, task_timeout
+        self.extra_summary = dict(extra_summary or {})
+
+    # --- setup ---------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        self.root = participant_root(self.fl_ctx)
+        self.audit = AuditLog(self.root, "server")
+        self.job = self.job_label or self.fl_ctx.get_job_id()
+        self.ctx, self.fingerprint = None, ""
+        if self.encrypted:
+            from clinfed.he.context import context_fingerprint, load_server_context
+
+            path = find_context_file(self.root, SERVER_CONTEXT_FILE)
+            if path is None:
+                raise RuntimeError(f"server: no public CKKS context ({SERVER_CONTEXT_FILE}) in {self.root}")
+            self.ctx = load_server_context(path)  # raises if it holds a secret key
+            self.fingerprint = context_fingerprint(self.ctx)
+
+    def _new_sum(self):
+        if self.encrypted:
+            from clinfed.he.aggregation import EncryptedSum
+
+            return EncryptedSum(self.ctx, self.fingerprint)
+        from clinfed.he.aggregation import PlainWeightedSum
+
+        return PlainWeightedSum()
+
+    # --- one round -----------------------------------------------------------------------------
+    def _aggregate(self, round_num: int, results: list[FLModel], targets: list[str]) -> tuple[dict, FLModel | None]:
+        entries: dict[str, dict] = {}
+        acc = self._new_sum()
+        layout = None
+        for result in results:
+            site = result.meta.get("client_name", "?")
+            meta = result.meta or {}
+            status = meta.get("status", "failed")
+            entry = {
+                "status": status,
+                "reason": meta.get("reason", ""),
+                "metrics": meta.get("metrics", {}),
+                "epsilon": float(meta.get("epsilon", 0.0) or 0.0),
+                "bytes_sent": int(meta.get("bytes_sent", 0) or 0),
+            }
+            self._privacy[site] = {
+                k: meta[k] for k in ("epsilon", "delta", "accountant", "budget", "history") if k in meta
+            } or self._privacy.get(site, {})
+            if status == "ok":
+                params = result.params or {}
+                digest, size = payload.payload_sha256(params), payload.payload_size(params)
+                self.audit.append(
+                    "update_received",
+                    job=self.job,
+                    round=round_num,
+                    site=site,
+                    sha256=digest,
+                    bytes=size,
+                    encrypted=payload.is_encrypted(params),
+                )
+                try:
+                    self._accept(acc, site, params, meta)
+                    if payload.is_encrypted(params):
+                        layout = params[payload.LAYOUT_KEY]
+                except ValueError as exc:
+                    reason = str(exc).splitlines()[0]
+                    entry.update(status="failed", reason=reason if reason.startswith(site) else f"{site}: {reason}")
+            if entry["status"] != "ok":
+                self.warning(entry["reason"] or f"{site}: {entry['status']}")
+                self.audit.append(entry["status"], job=self.job, round=round_num, site=site, reason=entry["reason"])
+            entries[site] = entry
+        for site in targets:
+            if site not in entries:
+                entries[site] = {
+                    "status": "failed",
+                    "reason": f"{site}: no result this round (timed out or died)",
+                    "metrics": {},
+                    "epsilon": self._privacy.get(site, {}).get("epsilon", 0.0),
+                    "bytes_sent": 0,
+                }
+                self.audit.append("failed", job=self.job, round=round_num, site=site, reason=entries[site]["reason"])
+        accepted = [s for s, e in entries.items() if e["status"] == "ok"]
+        if len(accepted) < self.min_clients:
+            self.warning(
+                f"round {round_num}: only {len(accepted)} valid updates (< min_clients {self.min_clients}); "
+                "keeping the previous global model"
+            )
+            return entries, None
+        new_global = self._global_from(acc, layout, round_num)
+        self.audit.append(
+            "aggregation", job=self.job, round=round_num, sites=sorted(accepted), encrypted=self.encrypted
+        )
+        return entries, new_global
+
+    def _accept(self, acc, site: str, params: dict, meta: dict) -> None:
+        weight = float(meta.get("weight", 0.0) or 0.0)
+        if not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"{site}: aggregation weight {weight!r} is not a positive number")
+        if self.encrypted:
+            if not payload.is_encrypted(params):
+                raise ValueError(f"{site}: sent a plaintext update to an encrypted job")
+            acc.add(site, params[payload.CKKS_KEY], weight, params.get(payload.FINGERPRINT_KEY, ""))
+        else:
+            if payload.is_encrypted(params):
+                raise ValueError(f"{site}: sent ciphertexts to a plaintext job")
+            reference = self._global.params if self._global is not None and self._global.params else None
+            payload.check_plain_update(site, params, reference)
+            acc.add(site, {k: np.asarray(v) for k, v in params.items()}, weight)
+
+    def _global_from(self, acc, layout: str | None, round_num: int) -> FLModel:
+        if self.encrypted:
+            cts, total, _ = acc.result()
+            params = payload.encrypted_params(cts, layout, self.fingerprint)
+            model = FLModel(params=params, meta={"total_weight": total})
+        else:
+            avg, total, _ = acc.result()
+            model = FLModel(params=avg, meta={"total_weight": total})
+        self._persist(model, round_num)
+        return model
+
+    def _persist(self, model: FLModel, round_num: int) -> None:
+        """Save the global model as the server holds it: ciphertexts when encrypted, never plaintext."""
+        path = Path(self.get_run_dir()) / GLOBAL_MODEL_FILE[self.encrypted]
+        if self.encrypted:
+            params = model.params
+            doc = {
+                "round": round_num,
+                "total_weight": model.meta["total_weight"],
+                "layout": params[payload.LAYOUT_KEY],
+                "fingerprint": params[payload.FINGERPRINT_KEY],
+                "ckks": [c.hex() for c in params[payload.CKKS_KEY]],
+            }
+            path.write_text(json.dumps(doc))
+        else:
+            np.savez(path, **model.params)
+
+    # --- the workflow --------------------------------------------------------------------------
+    def run(self) -> None:
+        self._setup()
+        self._privacy: dict[str, dict] = {}
+        self._global: FLModel | None = None
+        rounds: list[dict] = []
+        self.audit.append("job_start", job=self.job, encrypted=self.encrypted, rounds=self.num_rounds)
+        completed = 0
+        sites: set[str] = set()
+        for round_num in range(self.num_rounds):
+            if self.abort_signal.triggered:
+                break
+            targets = self.sample_clients()
+            sites.update(targets)
+            outgoing = self._global or FLModel(params={})
+            outgoing.current_round, outgoing.total_rounds = round_num, self.num_rounds
+            self.info(f"round {round_num}: sending to {targets}")
+            results = self.send_model_and_wait(
+                task_name="train",
+                data=outgoing,
+                targets=targets,
+                min_responses=self.min_clients,
+                timeout=self.task_timeout,
+            )
+            entries, new_global = self._aggregate(round_num, results, targets)
+            rounds.append({"round": round_num, "sites": entries})
+            if new_global is not None:
+                self._global = new_global
+                completed += 1
+        final = self._final_validation(sorted(sites))
+        self.audit.append("job_end", job=self.job, rounds_completed=completed)
+        self._write_summary(sorted(sites), completed, rounds, final)
+
+    def _final_validation(self, targets: list[str]) -> dict:
+        per_site: dict[str, dict] = {}
+        if self._global is not None:
+            outgoing = self._global
+            outgoing.current_round = self.num_rounds
+            results = self.send_model_and_wait(
+                task_name="validate", data=outgoing, targets=targets, min_responses=0, timeout=self.task_timeout or 600
+            )
+            for result in results:
+                site = result.meta.get("client_name", "?")
+                if result.metrics:
+                    per_site[site] = dict(result.metrics)
+        metrics: dict[str, float] = {}
+        if per_site:
+            keys = set.intersection(*(set(m) for m in per_site.values()))
+            metrics = {k: float(np.nanmean([m[k] for m in per_site.values()])) for k in sorted(keys)}
+        return {"metrics": metrics, "per_site": per_site, "primary_metric": self.primary_metric}
+
+    def _write_summary(self, sites: list[str], completed: int, rounds: list[dict], final: dict) -> None:
+        summary = {
+            "job": self.job,
+            "sites": sites,
+            "rounds_completed": completed,
+            "encrypted": self.encrypted,
+            "rounds": rounds,
+            "final": final,
+            "privacy": self._privacy,
+            **self.extra_summary,
+        }
+        path = Path(self.get_run_dir()) / SUMMARY_FILE
+        path.write_text(json.dumps(summary, indent=2, default=_json_default))
+        self.info(f"summary written to {path}")
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,78 @@
+"""Where a participant keeps what must outlive a job: keys, privacy ledger, audit log, local policy.
+
+In a provisioned deployment that is the participant's own workspace (its startup kit folder):
+`startup/` holds what the operator issued (FLARE's HEBuilder writes the CKKS contexts there),
+`local/` what the hospital edits (resources.json with the clinfed section, privacy.json), and
+`audit/` the hash-chained audit log.
+
+FLARE's simulator wipes its workspace on every run and gives every participant a copy of the same
+`local/`, which would both lose the ledger and hand the server the sites' secret key. So
+`clinfed simulate` points each participant at a folder of its own through CLINFED_SIM_ROOT
+(`<root>/<participant>/`), laid out exactly like a kit. That variable is set only by the simulator
+and POC helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nvflare.apis.fl_context import FLContext
+
+SIM_ROOT_ENV = "CLINFED_SIM_ROOT"
+SITE_CONTEXT_FILE = "client_context.tenseal"  # same names as FLARE's HEBuilder
+SERVER_CONTEXT_FILE = "server_context.tenseal"
+RESOURCES_FILE = "resources.json"
+CLINFED_SECTION = "clinfed"
+
+
+def participant_root(fl_ctx: FLContext) -> Path:
+    name = fl_ctx.get_identity_name()
+    sim_root = os.environ.get(SIM_ROOT_ENV)
+    if sim_root:
+        return Path(sim_root) / name
+    return Path(fl_ctx.get_engine().get_workspace().get_root_dir())
+
+
+def find_context_file(root: Path, filename: str) -> Path | None:
+    """The kit's context (startup/, issued by the operator) wins over a generated one in local/."""
+    for folder in ("startup", "local"):
+        path = root / folder / filename
+        if path.exists():
+            return path
+    return None
+
+
+@dataclass
+class SitePolicy:
+    """The hospital's own settings, from `local/resources.json` → "clinfed" (jobs cannot override them)."""
+
+    epsilon_budget: float | None = None
+    data_dir: str | None = None
+    require_encryption: bool = False
+
+    @classmethod
+    def load(cls, root: Path) -> SitePolicy:
+        path = root / "local" / RESOURCES_FILE
+        if not path.exists():
+            return cls()
+        section = json.loads(path.read_text()).get(CLINFED_SECTION, {})
+        budget = section.get("epsilon_budget")
+        return cls(
+            epsilon_budget=float(budget) if budget is not None else None,
+            data_dir=section.get("data_dir"),
+            require_encryption=bool(section.get("require_encryption", False)),
+        )
+
+
+def write_site_policy(root: Path, **settings) -> Path:
+    """Merge `settings` into `<root>/local/resources.json` → "clinfed" (used by simulate and provision)."""
+    path = root / "local" / RESOURCES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {"format_version": 2}
+    section = data.setdefault(CLINFED_SECTION, {})
+    section.update({k: v for k, v in settings.items() if v is not None})
+    path.write_text(json.dumps(data, indent=2))
+    return path

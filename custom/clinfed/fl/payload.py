@@ -1,0 +1,74 @@
+"""What travels between a site and the server in one round, encrypted or in plaintext.
+
+Encrypted (the default), a site's update is the flattened model multiplied by its aggregation weight
+and packed into as few CKKS ciphertexts as the slot count allows::
+
+    params = {"ckks": [bytes, ...], "layout": "<json>", "fingerprint": "<federation key id>"}
+    meta   = {"weight": n_i / weight_unit}
+
+The server adds the ciphertexts and sums the weights; the global model it sends back has the same
+shape with meta {"total_weight": Σ weights}, and only the sites can decrypt and divide. Sample
+counts (the weights) travel in the clear, as in FLARE's own FedAvg; the weights themselves never do.
+
+Plaintext (`--no-encrypt`, for comparison) is ordinary FedAvg: params are the arrays themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from clinfed.audit import payload_digest_chunks
+
+CKKS_KEY = "ckks"
+LAYOUT_KEY = "layout"
+FINGERPRINT_KEY = "fingerprint"
+
+
+def is_encrypted(params: dict | None) -> bool:
+    return bool(params) and CKKS_KEY in params
+
+
+def payload_chunks(params: dict) -> list[bytes]:
+    """The bytes that go on the wire, in a fixed order, for hashing (audit) and size accounting."""
+    if is_encrypted(params):
+        return [*params[CKKS_KEY], params[LAYOUT_KEY].encode(), params[FINGERPRINT_KEY].encode()]
+    return [k.encode() + np.ascontiguousarray(params[k]).tobytes() for k in sorted(params)]
+
+
+def payload_size(params: dict) -> int:
+    return sum(len(c) for c in payload_chunks(params))
+
+
+def payload_sha256(params: dict) -> str:
+    """The audit digest of an update: the site and the server hash the same chunks the same way."""
+    return payload_digest_chunks(payload_chunks(params))
+
+
+def encrypted_params(cts: list[bytes], layout_json: str, fingerprint: str) -> dict:
+    return {CKKS_KEY: list(cts), LAYOUT_KEY: layout_json, FINGERPRINT_KEY: fingerprint}
+
+
+def check_plain_update(site: str, params: dict, reference: dict[str, np.ndarray] | None) -> None:
+    """Screen a plaintext update: finite values and, once a global model exists, the same layers and shapes."""
+    if not params:
+        raise ValueError(f"{site}: sent an empty update")
+    for name, value in params.items():
+        arr = np.asarray(value)
+        if not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(f"{site}: layer '{name}' is not numeric")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{site}: layer '{name}' holds NaN or Inf")
+    if reference is not None:
+        if set(params) != set(reference):
+            raise ValueError(f"{site}: update layers differ from the global model's")
+        for name, ref in reference.items():
+            if np.shape(params[name]) != np.shape(ref):
+                raise ValueError(f"{site}: layer '{name}' has shape {np.shape(params[name])}, expected {np.shape(ref)}")
+
+
+def layout_signature(layout_json: str) -> str:
+    """Stable identity of a model layout: sites of one job must all send the same one."""
+    return hashlib.sha256(json.dumps(json.loads(layout_json), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,124 @@
+"""Run a bundled job in FLARE's own simulator, with each participant's keys and ledger in place.
+
+The simulator is FLARE's (`SimEnv` → `FedJob.simulator_run`): real server and client runtimes, real
+task dispatch and serialisation. What this module adds is what a provisioned kit would carry and
+the simulator cannot: per-participant folders (see `clinfed.fl.participant`) holding the CKKS
+contexts (secret at the sites, public at the server), the sites' privacy policy and ledgers, and
+the audit logs, under `<workspace>/<participant>/`. FLARE's own simulator workspace is
+`<workspace>/flare/<job>/`; the server's summary.json is copied to `<out>/summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clinfed.fl.participant import SERVER_CONTEXT_FILE, SIM_ROOT_ENV, SITE_CONTEXT_FILE, write_site_policy
+from clinfed.jobs import load_job
+
+ALLOW_LIST_PREFIX = "clinfed."
+
+
+@dataclass
+class SimulationRequest:
+    job: str
+    sites: int = 3
+    rounds: int | None = None
+    out: Path = Path("out")
+    workspace: Path | None = None
+    encrypt: bool = True
+    epsilon: float | None = None
+    no_dp: bool = False
+    site_budget: float | None = None
+    min_cell: int | None = None
+    data_dir: str | None = None
+    inject: dict[str, str] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def site_names(self) -> list[str]:
+        return [f"site-{i}" for i in range(1, self.sites + 1)]
+
+
+def ensure_contexts(root: Path, sites: list[str]) -> None:
+    """One CKKS key pair per federation: generated once, reused by every later run on this workspace."""
+    from clinfed.he.context import write_context_pair
+
+    server_ctx = root / "server" / "local" / SERVER_CONTEXT_FILE
+    master = root / ".keys" / SITE_CONTEXT_FILE  # the operator's copy, never given to the server
+    if not master.exists() or not server_ctx.exists():
+        master.parent.mkdir(parents=True, exist_ok=True)
+        server_ctx.parent.mkdir(parents=True, exist_ok=True)
+        write_context_pair(master, server_ctx)
+        os.chmod(master, 0o600)
+    for site in sites:
+        target = root / site / "local" / SITE_CONTEXT_FILE
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(master, target)
+            os.chmod(target, 0o600)
+
+
+def allow_clinfed_components(flare_ws: Path) -> None:
+    """Admit clinfed's classes in the simulator's component allow-list (FLARE's defaults + `clinfed.`)."""
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+    from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
+
+    local = flare_ws / "local"
+    local.mkdir(parents=True, exist_ok=True)
+    path = local / "resources.json"
+    data = json.loads(path.read_text()) if path.exists() else {"format_version": 2}
+    data[CLASS_ALLOW_LIST] = [*DEFAULT_CLASS_ALLOW_LIST, ALLOW_LIST_PREFIX]
+    path.write_text(json.dumps(data, indent=2))
+
+
+def prepare_participants(req: SimulationRequest, root: Path) -> None:
+    if req.encrypt:
+        ensure_contexts(root, req.site_names)
+    (root / "server").mkdir(parents=True, exist_ok=True)
+    for site in req.site_names:
+        write_site_policy(root / site, epsilon_budget=req.site_budget, data_dir=req.data_dir)
+
+
+def run_simulation(req: SimulationRequest) -> dict:
+    """Run the job in FLARE's simulator; return the summary the server wrote."""
+    from nvflare.recipe.sim_env import SimEnv
+
+    module = load_job(req.job)
+    out = Path(req.out).resolve()
+    root = Path(req.workspace).resolve() if req.workspace else out / "workspace"
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_participants(req, root)
+    rounds = req.rounds if req.rounds is not None else module.DEFAULTS.get("rounds", 1)
+    epsilon = None if req.no_dp else (req.epsilon if req.epsilon is not None else module.DEFAULTS.get("epsilon"))
+    recipe = module.make_recipe(
+        sites=req.sites,
+        rounds=rounds,
+        encrypt=req.encrypt,
+        epsilon=epsilon,
+        min_cell=req.min_cell,
+        inject=req.inject,
+        **req.extra,
+    )
+    flare_root = root / "flare"
+    flare_ws = flare_root / recipe.name
+    allow_clinfed_components(flare_ws)
+    previous = os.environ.get(SIM_ROOT_ENV)
+    os.environ[SIM_ROOT_ENV] = str(root)
+    try:
+        env = SimEnv(clients=req.site_names, num_threads=req.sites, workspace_root=str(flare_root))
+        recipe.run(env)
+    finally:
+        if previous is None:
+            os.environ.pop(SIM_ROOT_ENV, None)
+        else:
+            os.environ[SIM_ROOT_ENV] = previous
+    produced = flare_ws / "server" / "simulate_job" / "summary.json"
+    if not produced.exists():
+        raise RuntimeError(f"the simulation wrote no summary (see logs under {flare_ws})")
+    summary = json.loads(produced.read_text())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,56 @@
+"""What a site needs to know about a learning task, and nothing about FLARE or encryption.
+
+A task bundles the site's data, the network, the loss and the held-out evaluation. The FLARE
+executor (`clinfed.fl.executor`) and the DP-SGD loop (`clinfed.training`) are generic over it, so a
+new clinical workload is one new module under `clinfed.tasks`, not a fork of the federation code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class SiteDataError(ValueError):
+    """A site's data is missing or malformed; the message names the site and the path or column."""
+
+
+@dataclass
+class SiteData:
+    """A site's local split: training data never leaves the site, the test set scores every model."""
+
+    train: Dataset
+    test: Dataset
+    description: str
+
+
+class Task(ABC):
+    """A learning task as seen from one site.
+
+    Subclasses are plain Python: they may be built from keyword arguments that travel in the job
+    config (no secrets there), so every argument must be JSON-serialisable.
+    """
+
+    #: name of the metric that summarises utility ("auc", "dice"); reported in summary.json `final`.
+    primary_metric: str = "auc"
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A fresh model. Must be deterministic under `torch.manual_seed` so all sites start equal."""
+
+    @abstractmethod
+    def load_site_data(self, site_name: str, site_index: int, num_sites: int, data_dir: str | Path | None) -> SiteData:
+        """This site's train and held-out test sets; raise SiteDataError naming the site and path."""
+
+    @abstractmethod
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the batch (Opacus scales per-sample gradients itself)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, test: Dataset) -> dict[str, float]:
+        """Metrics of `model` on the held-out set; must include `primary_metric` and "loss"."""

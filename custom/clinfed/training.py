@@ -1,0 +1,161 @@
+"""Local DP-SGD at a site: plain PyTorch around the objects Opacus' `make_private` hands back.
+
+One `SiteTrainer` lives for the whole job at a site. It calls `PrivacyEngine.make_private` once, so
+Opacus' accountant sees every step of every round (one accountant per site, never reset between
+rounds); each round the global weights are loaded into the wrapped module (`model._module`).
+
+The noise multiplier is fixed once per job from the site's target ε over the *planned* number of
+steps (rounds × local epochs × batches per epoch), with Opacus' own `get_noise_multiplier`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from clinfed.tasks.base import SiteData, Task
+
+
+@dataclass
+class TrainConfig:
+    """Local optimisation settings; JSON-serialisable so they can travel in the job config."""
+
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    optimizer: str = "sgd"  # "sgd" | "adam"
+    momentum: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class DPConfig:
+    """DP-SGD settings. `target_epsilon` is for this job at this site, δ per record."""
+
+    enabled: bool = True
+    target_epsilon: float = 3.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+
+
+def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's parameters and buffers as float32 numpy arrays (what travels, encrypted or not)."""
+    return {k: v.detach().cpu().numpy().astype(np.float32).copy() for k, v in model.state_dict().items()}
+
+
+def load_numpy_state(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Load a global model; refuses silently-partial updates (every key must match in name and shape)."""
+    current = model.state_dict()
+    if set(weights) != set(current):
+        missing, extra = sorted(set(current) - set(weights)), sorted(set(weights) - set(current))
+        raise ValueError(
+            f"global model does not match the local network (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    tensors = {}
+    for k, v in weights.items():
+        if tuple(np.shape(v)) != tuple(current[k].shape):
+            raise ValueError(f"global model layer '{k}' has shape {np.shape(v)}, expected {tuple(current[k].shape)}")
+        tensors[k] = torch.as_tensor(np.asarray(v), dtype=current[k].dtype)
+    model.load_state_dict(tensors)
+
+
+class SiteTrainer:
+    """Model, optimizer, loader and privacy engine of one site, kept across rounds."""
+
+    def __init__(self, task: Task, data: SiteData, train: TrainConfig, dp: DPConfig):
+        self.task, self.data, self.train_cfg, self.dp = task, data, train, dp
+        torch.manual_seed(train.seed)
+        model = task.build_model()
+        if dp.enabled:
+            errors = ModuleValidator.validate(model, strict=False)
+            if errors:
+                raise ValueError(f"model is not DP-SGD compatible: {errors[0]}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if train.optimizer == "adam":
+            optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=train.lr)
+        else:
+            optimizer = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum)
+        generator = torch.Generator().manual_seed(train.seed)
+        loader = DataLoader(data.train, batch_size=train.batch_size, shuffle=True, generator=generator)
+        self.batches_per_epoch = len(loader)
+        self.sample_rate = 1.0 / len(loader)
+        self.noise_multiplier = 0.0
+        self.engine: PrivacyEngine | None = None
+        if dp.enabled:
+            planned_steps = train.rounds * train.local_epochs * len(loader)
+            self.noise_multiplier = get_noise_multiplier(
+                target_epsilon=dp.target_epsilon,
+                target_delta=dp.delta,
+                sample_rate=self.sample_rate,
+                steps=planned_steps,
+                accountant=dp.accountant,
+            )
+            self.engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
+            model, optimizer, loader = self.engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=dp.grad_sample_mode,
+            )
+        self.model, self.optimizer, self.loader = model, optimizer, loader
+
+    @property
+    def network(self) -> nn.Module:
+        """The user's module, without Opacus' GradSampleModule wrapper (what the federation averages)."""
+        return getattr(self.model, "_module", self.model)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return state_to_numpy(self.network)
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        load_numpy_state(self.network, weights)
+
+    def planned_spend(self) -> tuple[float, float, int]:
+        """(noise multiplier, sample rate, steps) the next round will consume, for the budget check."""
+        return self.noise_multiplier, self.sample_rate, self.train_cfg.local_epochs * self.batches_per_epoch
+
+    def train_round(self) -> dict[str, float]:
+        """Local epochs of DP-SGD; returns the mean training loss and the accountant steps consumed."""
+        self.model.train()
+        # Optimizer state from the previous round refers to a local model the global average replaced.
+        inner = getattr(self.optimizer, "original_optimizer", self.optimizer)
+        inner.state.clear()
+        losses, steps = [], 0
+        for _ in range(self.train_cfg.local_epochs):
+            for x, y in self.loader:
+                if len(x) == 0:
+                    # Poisson sampling drew an empty batch: nothing to learn from, but the sampling
+                    # still happened, so the step is accounted exactly as Opacus would have.
+                    if self.engine is not None:
+                        self.engine.accountant.step(
+                            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
+                        )
+                    steps += 1
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.task.loss(self.model(x), y)
+                loss.backward()
+                self.optimizer.step()
+                losses.append(float(loss.detach()))
+                steps += 1
+        mean_loss = float(np.mean(losses)) if losses else math.nan
+        return {"train_loss": mean_loss, "steps": steps}
+
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad():
+            return self.task.evaluate(self.network, self.data.test)

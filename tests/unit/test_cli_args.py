@@ -1,0 +1,26 @@
+"""Claim: bad command-line input exits 2 with one clear line and no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+CASES = [
+    (["simulate", "no_such_job"], "unknown job 'no_such_job'"),
+    (["simulate", "breast_cancer_dp", "--rounds", "0"], "--rounds"),
+    (["simulate", "breast_cancer_dp", "--sites", "x"], "--sites"),
+    (["simulate", "breast_cancer_dp", "--sites", "0"], "--sites"),
+    (["simulate", "breast_cancer_dp", "--epsilon", "-1"], "--epsilon"),
+    (["simulate", "breast_cancer_dp", "--inject", "site-2=meteor"], "--inject"),
+    (["export", "breast_cancer_dp"], "--out"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), CASES)
+def test_bad_arguments_exit_2_with_one_line(argv, expected):
+    proc = subprocess.run([sys.executable, "-m", "clinfed.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in proc.stderr

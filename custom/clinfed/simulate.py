@@ -89,7 +89,11 @@ def run_simulation(req: SimulationRequest) -> dict:
 
     module = load_job(req.job)
     out = Path(req.out).resolve()
-    root = Path(req.workspace).resolve() if req.workspace else out / "workspace"
+    if req.workspace:
+        root = Path(req.workspace).resolve()  # reused on purpose: ledgers and keys carry over
+    else:
+        root = out / "workspace"
+        shutil.rmtree(root, ignore_errors=True)  # a fresh federation for every run without --workspace
     out.mkdir(parents=True, exist_ok=True)
     prepare_participants(req, root)
     rounds = req.rounds if req.rounds is not None else module.DEFAULTS.get("rounds", 1)
@@ -121,4 +125,6 @@ def run_simulation(req: SimulationRequest) -> dict:
         raise RuntimeError(f"the simulation wrote no summary (see logs under {flare_ws})")
     summary = json.loads(produced.read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for png in sorted(root.glob(f"site-*/reports/{recipe.name}-*.png")):
+        shutil.copyfile(png, out / png.name)
     return summary

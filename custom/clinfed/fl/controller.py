@@ -50,7 +50,7 @@ class SecureFedAvg(ModelController):
 
     # --- setup ---------------------------------------------------------------------------------
     def _setup(self) -> None:
-        self.root = participant_root(self.fl_ctx)
+        self.root = participant_root(self.fl_ctx, "server")
         self.audit = AuditLog(self.root, "server")
         self.job = self.job_label or self.fl_ctx.get_job_id()
         self.ctx, self.fingerprint = None, ""

@@ -66,9 +66,12 @@ class DPTrainExecutor(Executor):
             job_label: the job name recorded in the ledger and audit log.
         """
         super().__init__()
-        self.task_name, self.task_args = task, dict(task_args or {})
-        self.train_cfg = TrainConfig(**(train_args or {}))
-        self.dp_cfg = DPConfig(**(dp_args or {}))
+        # FedJob serialises a component from the attributes named like its __init__ arguments:
+        # keep every argument under its own name, or it silently falls back to the default.
+        self.task, self.task_args = task, dict(task_args or {})
+        self.train_args, self.dp_args = dict(train_args or {}), dict(dp_args or {})
+        self.train_cfg = TrainConfig(**self.train_args)
+        self.dp_cfg = DPConfig(**self.dp_args)
         self.encrypt, self.num_sites, self.weight_unit = encrypt, num_sites, weight_unit
         self.job_label = job_label
         self._trainer: SiteTrainer | None = None
@@ -96,7 +99,7 @@ class DPTrainExecutor(Executor):
                 raise SiteRefusal(f"{self.site}: no CKKS context ({SITE_CONTEXT_FILE}) in {self.root}/startup or local")
             self._ctx = load_site_context(path)
             self._fingerprint = context_fingerprint(self._ctx)
-        task = build_task(self.task_name, **self.task_args)
+        task = build_task(self.task, **self.task_args)
         index = site_index(self.site)
         data_dir = self.policy.data_dir
         if data_dir is None and (index is None or index >= self.num_sites):
@@ -138,20 +141,21 @@ class DPTrainExecutor(Executor):
         from clinfed.he.packing import layout_to_json
 
         weight = n_train / self.weight_unit
-        cts, layout = weighted_encrypt(self._ctx, weights, weight)
+        cts, layout = weighted_encrypt(self._ctx, weights, weight, sites=self.num_sites)
         return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint), weight
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name not in (TRAIN_TASK, VALIDATE_TASK):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         round_num = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0)
-        site = fl_ctx.get_identity_name()
+        site = self.site = fl_ctx.get_identity_name()
         try:
             self._setup(fl_ctx)
             incoming = FLModelUtils.from_shareable(shareable)
             self._load_global(incoming)
             if task_name == VALIDATE_TASK:
                 metrics = self._trainer.evaluate()
+                self._save_report()
                 return FLModelUtils.to_shareable(
                     FLModel(metrics=metrics, meta={"status": "ok", "epsilon": self.ledger.epsilon()})
                 )
@@ -211,6 +215,15 @@ class DPTrainExecutor(Executor):
             **self._privacy_meta(),
         }
         return FLModel(params=params, meta=meta, current_round=round_num)
+
+    def _save_report(self) -> None:
+        """Tasks that can draw (segmentation) leave example predictions in the site's own reports/ folder:
+        the images never leave the site; a person at the site (or the simulator's --out) looks at them."""
+        save = getattr(self._trainer.task, "save_examples", None)
+        if save is not None:
+            folder = self.root / "reports"
+            folder.mkdir(parents=True, exist_ok=True)
+            save(self._trainer.network, self._trainer.data.test, folder / f"{self.job}-{self.site}-examples.png")
 
     def _privacy_meta(self) -> dict:
         return {

@@ -28,8 +28,10 @@ RESOURCES_FILE = "resources.json"
 CLINFED_SECTION = "clinfed"
 
 
-def participant_root(fl_ctx: FLContext) -> Path:
-    name = fl_ctx.get_identity_name()
+def participant_root(fl_ctx: FLContext, name: str | None = None) -> Path:
+    """The participant's persistent folder; the server passes name="server" (its FLARE identity
+    differs between the simulator and a deployment)."""
+    name = name or fl_ctx.get_identity_name()
     sim_root = os.environ.get(SIM_ROOT_ENV)
     if sim_root:
         return Path(sim_root) / name

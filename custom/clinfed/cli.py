@@ -87,7 +87,96 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--rounds", type=positive_int, default=None)
     exp.add_argument("--no-encrypt", action="store_true")
     exp.add_argument("--epsilon", type=positive_float, default=None)
+    bench = sub.add_parser("bench", help="benchmarks: print a table, write JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    he = bench_sub.add_parser("he", help="plaintext FedAvg vs FLARE's HE vs clinfed's CKKS aggregation")
+    he.add_argument("--params", type=positive_int, default=1_000_000)
+    he.add_argument("--sites", type=positive_int, default=3)
+    he.add_argument("--json", type=Path, default=None)
+    dp = bench_sub.add_parser("dp", help="one local epoch, non-private vs DP-SGD")
+    dp.add_argument("--json", type=Path, default=None)
+    soak = bench_sub.add_parser("soak", help="many rounds in the simulator, RSS per round")
+    soak.add_argument("--rounds", type=positive_int, default=30)
+    soak.add_argument("--sites", type=positive_int, default=3)
+    soak.add_argument("--json", type=Path, default=None)
+
+    audit = sub.add_parser("audit", help="audit trail tools")
+    audit_sub = audit.add_subparsers(dest="audit", required=True, parser_class=_Parser)
+    verify = audit_sub.add_parser("verify", help="exit 0 if every chain is intact, 1 naming file and line if not")
+    verify.add_argument("path", type=Path)
+
+    privacy = sub.add_parser("privacy", help="privacy ledger tools")
+    privacy_sub = privacy.add_subparsers(dest="privacy", required=True, parser_class=_Parser)
+    rep = privacy_sub.add_parser("report", help="per-site ε spend from the sites' ledgers")
+    rep.add_argument("path", type=Path)
+
+    attack = sub.add_parser("attack", help="privacy attacks against our own updates")
+    attack_sub = attack.add_subparsers(dest="attack", required=True, parser_class=_Parser)
+    inv = attack_sub.add_parser("invert", help="gradient inversion with and without DP-SGD")
+    inv.add_argument("--json", type=Path, default=None)
+    inv.add_argument("--png", type=Path, default=None)
+    inv.add_argument("--epsilon", type=positive_float, default=8.0)
+
+    try:
+        from clinfed.deploy.commands import add_parsers
+    except ImportError:  # deployment commands not installed in this build
+        pass
+    else:
+        add_parsers(sub)
     return parser
+
+
+def _write_json(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"JSON: {path.resolve()}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "he":
+        from clinfed.bench.he_bench import format_table, run_he_bench
+
+        result = run_he_bench(params=args.params, sites=args.sites)
+    elif args.bench == "dp":
+        from clinfed.bench.dp_bench import format_table, run_dp_bench
+
+        result = run_dp_bench()
+    else:
+        from clinfed.bench.soak import format_table, run_soak
+
+        result = run_soak(rounds=args.rounds, sites=args.sites)
+    print(format_table(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from clinfed.audit import main_verify
+
+    return main_verify(str(args.path))
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    from clinfed.privacy.report import report
+
+    try:
+        print(report(args.path))
+    except FileNotFoundError as exc:
+        raise UsageError(f"clinfed privacy report: {exc}") from None
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from clinfed.attack.invert import format_table, run_invert
+
+    png = args.png or (args.json.with_suffix(".png") if args.json else Path("out") / "attack_invert.png")
+    result = run_invert(json_path=str(args.json) if args.json else None, png_path=str(png), epsilon=args.epsilon)
+    print(format_table(result))
+    print(f"PNG: {png.resolve()}")
+    if args.json:
+        print(f"JSON: {args.json.resolve()}")
+    return 0
 
 
 def _round_table(summary: dict) -> str:
@@ -124,7 +213,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         inject=dict(args.inject),
     )
-    summary = run_simulation(req)
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise UsageError(f"clinfed simulate: --data-dir {args.data_dir}: no such folder")
+    try:
+        summary = run_simulation(req)
+    except RuntimeError as exc:
+        print(f"clinfed simulate: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     print(_round_table(summary))
     print(f"encrypted: {summary.get('encrypted')}  rounds completed: {summary.get('rounds_completed')}")
     print(f"summary: {Path(out).resolve() / 'summary.json'}")
@@ -144,26 +239,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate, "export": cmd_export}
+COMMANDS = {
+    "simulate": cmd_simulate,
+    "export": cmd_export,
+    "bench": cmd_bench,
+    "audit": cmd_audit,
+    "privacy": cmd_privacy,
+    "attack": cmd_attack,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return COMMANDS[args.command](args)
+        handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+        if handler is None:
+            raise UsageError(f"clinfed: no handler for '{args.command}'")
+        return handler(args)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    except UnknownJob as exc:
-        print(f"clinfed: {exc}", file=sys.stderr)
+    except (UnknownJob, ValueError) as exc:
+        print(f"clinfed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def _jsonable(obj) -> str:
-    return json.dumps(obj, indent=2)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Runs are shared per module: one encrypted DP run at the defaults (ε=3), one at ε=1 and one without DP.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -44,7 +45,7 @@ def test_epsilon_grows_every_round_and_stays_within_target(dp_run):
     _, summary = dp_run
     for site in summary["sites"]:
         eps = [r["sites"][site]["epsilon"] for r in summary["rounds"]]
-        assert all(b > a for a, b in zip(eps, eps[1:], strict=False)), eps
+        assert all(b > a for a, b in itertools.pairwise(eps)), eps
         assert eps[-1] <= 3.0 * 1.02
 
 

@@ -1,0 +1,128 @@
+"""One flat float64 vector for a whole model, and the layout to undo it.
+
+Why one vector: CKKS cost is per ciphertext (N/2 slots each), so packing every layer end to end
+fills all slots but the last ciphertext's tail. FLARE's HE encrypts layer by layer, so each small
+tensor (a 16-value bias, a norm scale) pays for a whole ciphertext.
+
+Layers are packed in *sorted name order*, not the dict's order: the server adds slot i of every
+site's vector, so all sites must agree on what slot i is, and two sites building the same model
+may still insert layers in different orders. The layout travels in the clear next to the
+ciphertexts: it reveals the architecture (names, shapes, dtypes), never a value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+_LAYOUT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Ordered names, shapes and dtypes of the arrays packed into one flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.names) == len(self.shapes) == len(self.dtypes):
+            raise ValueError("layout names, shapes and dtypes differ in length")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("layout names are not unique")
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(prod(shape) for shape in self.shapes)
+
+    @property
+    def size(self) -> int:
+        """Total number of values: the length of the flat vector."""
+        return sum(self.sizes)
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """name → (start, stop) in the flat vector."""
+        out, start = {}, 0
+        for name, n in zip(self.names, self.sizes, strict=True):
+            out[name] = (start, start + n)
+            start += n
+        return out
+
+    def locate(self, index: int) -> str:
+        """The layer that holds flat position ``index`` (for error messages)."""
+        for name, (start, stop) in self.offsets().items():
+            if start <= index < stop:
+                return name
+        raise IndexError(index)
+
+
+def flatten(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, Layout]:
+    """Concatenate numeric arrays (sorted by name) into one float64 vector and its layout.
+
+    float64, not float32: CKKS encodes doubles, and weighting before encryption should not round
+    twice.
+    """
+    names = tuple(sorted(arrays))
+    parts, shapes, dtypes = [], [], []
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"layer names must be str, got {type(name).__name__}")
+        arr = np.asarray(arrays[name])
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"layer '{name}' has dtype {arr.dtype}; only real numbers can be aggregated")
+        parts.append(arr.astype(np.float64, copy=False).reshape(-1))
+        shapes.append(tuple(int(d) for d in arr.shape))
+        dtypes.append(arr.dtype.str)
+    vec = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
+    return vec, Layout(names, tuple(shapes), tuple(dtypes))
+
+
+def unflatten(vec: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
+    """Split a flat vector back into named arrays of the layout's shapes and dtypes.
+
+    Integer layers (e.g. a step counter) are rounded, not truncated, on the way back.
+    """
+    flat = np.asarray(vec).reshape(-1)
+    if flat.size != layout.size:
+        raise ValueError(f"vector has {flat.size} values, layout expects {layout.size}")
+    out: dict[str, np.ndarray] = {}
+    for (name, (start, stop)), shape, dtype in zip(layout.offsets().items(), layout.shapes, layout.dtypes, strict=True):
+        piece = flat[start:stop].reshape(shape)
+        target = np.dtype(dtype)
+        if target.kind in "iu":
+            piece = np.rint(piece)
+        out[name] = piece.astype(target)
+    return out
+
+
+def layout_to_json(layout: Layout) -> str:
+    return json.dumps(
+        {
+            "version": _LAYOUT_VERSION,
+            "names": list(layout.names),
+            "shapes": [list(s) for s in layout.shapes],
+            "dtypes": list(layout.dtypes),
+        },
+        separators=(",", ":"),
+    )
+
+
+def layout_from_json(text: str) -> Layout:
+    """Parse a layout sent by a peer; malformed input raises ValueError (never a KeyError deep inside)."""
+    try:
+        obj = json.loads(text)
+        if obj.get("version") != _LAYOUT_VERSION:
+            raise ValueError(f"unsupported layout version {obj.get('version')!r}")
+        names = tuple(str(n) for n in obj["names"])
+        shapes = tuple(tuple(int(d) for d in s) for s in obj["shapes"])
+        dtypes = tuple(np.dtype(d).str for d in obj["dtypes"])
+    except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"malformed layout: {exc}") from exc
+    if any(d < 0 for s in shapes for d in s):
+        raise ValueError("malformed layout: negative dimension")
+    return Layout(names, shapes, dtypes)

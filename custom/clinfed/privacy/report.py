@@ -1,0 +1,37 @@
+"""`clinfed privacy report PATH`: what each site has spent, read from the sites' own ledgers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clinfed.privacy.ledger import LEDGER_FILE, PrivacyLedger
+
+
+def find_ledgers(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(path.rglob(LEDGER_FILE))
+
+
+def report(path: str | Path) -> str:
+    """One block per site: its spends by job and round, and ε recomputed from the full history."""
+    ledgers = find_ledgers(path)
+    if not ledgers:
+        raise FileNotFoundError(f"no {LEDGER_FILE} under {path}")
+    lines = []
+    for file in ledgers:
+        data = json.loads(file.read_text())
+        ledger = PrivacyLedger(file, data.get("site", file.parent.parent.name))
+        lines.append(
+            f"{ledger.site}: ε = {ledger.epsilon():.3f} (δ = {ledger.delta:g}, {ledger.accountant}) "
+            f"over {len(ledger.spends)} spends — {file}"
+        )
+        lines.append(f"  {'job':<20} {'round':>5} {'noise':>8} {'q':>7} {'steps':>6} {'ε after':>8}")
+        for s in ledger.spends:
+            lines.append(
+                f"  {s.job:<20} {s.round:>5} {s.noise_multiplier:>8.4f} {s.sample_rate:>7.4f} {s.steps:>6} "
+                f"{s.epsilon_after:>8.3f}"
+            )
+    return "\n".join(lines)

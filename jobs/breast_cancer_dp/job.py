@@ -17,7 +17,13 @@ DEFAULTS = {
 
 
 def make_recipe(
-    sites: int, rounds: int, encrypt: bool = True, epsilon: float | None = 3.0, **_: object
+    sites: int,
+    rounds: int,
+    encrypt: bool = True,
+    epsilon: float | None = 3.0,
+    inject: dict | None = None,
+    straggler_wait: int = 60,
+    **_: object,
 ) -> SecureFedAvgRecipe:
     """`epsilon=None` trains without DP (the utility reference)."""
     return SecureFedAvgRecipe(
@@ -25,7 +31,11 @@ def make_recipe(
         task="breast_cancer",
         num_rounds=rounds,
         num_sites=sites,
+        # a round needs a majority of the sites; the others may fail or refuse without stopping it
+        min_clients=sites // 2 + 1,
         encrypt=encrypt,
+        inject=inject,
+        straggler_wait=straggler_wait,
         task_args={"hidden": 16},
         train_args={"local_epochs": 1, "batch_size": 32, "lr": 0.5, "optimizer": "sgd"},
         dp_args={

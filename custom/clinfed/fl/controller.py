@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,23 @@ class SecureFedAvg(ModelController):
         job_label: str = "",
         primary_metric: str = "auc",
         task_timeout: int = 0,
+        straggler_wait: int = 60,
         extra_summary: dict | None = None,
     ):
+        """
+        Args:
+            num_rounds: training rounds.
+            min_clients: valid updates a round needs to replace the global model.
+            encrypted: aggregate CKKS ciphertexts (default) or plaintext FedAvg (comparison only).
+            job_label: job name for the audit log and summary.
+            primary_metric: the metric summarising utility in `final` ("auc", "dice").
+            task_timeout: seconds a round may take at all (0: no limit).
+            straggler_wait: once `min_clients` answered, seconds to wait for the others before the
+                round closes without them (a dead site must not stall the federation).
+            extra_summary: fixed fields added to summary.json.
+        """
         super().__init__()
+        self.straggler_wait = straggler_wait
         self.num_rounds, self.min_clients, self.encrypted = num_rounds, min_clients, encrypted
         self.job_label, self.primary_metric, self.task_timeout = job_label, primary_metric, task_timeout
         self.extra_summary = dict(extra_summary or {})
@@ -63,20 +78,30 @@ class SecureFedAvg(ModelController):
             self.ctx = load_server_context(path)  # raises if it holds a secret key
             self.fingerprint = context_fingerprint(self.ctx)
 
-    def _new_sum(self):
+    def _new_sum(self, layout_json: str | None):
+        """A fresh accumulator that holds every site to the federation's model layout."""
+        from clinfed.he.aggregation import EncryptedSum, PlainWeightedSum
+        from clinfed.he.packing import layout_from_json
+
+        layout = layout_from_json(layout_json) if layout_json else None
         if self.encrypted:
-            from clinfed.he.aggregation import EncryptedSum
+            return EncryptedSum(self.ctx, self.fingerprint, size=layout.size if layout else None)
+        return PlainWeightedSum(reference=layout)
 
-            return EncryptedSum(self.ctx, self.fingerprint)
-        from clinfed.he.aggregation import PlainWeightedSum
-
-        return PlainWeightedSum()
+    def _reference_layout(self, results: list[FLModel]) -> str | None:
+        """The model layout every update must have: the global model's once there is one, else the
+        layout most sites sent (so one misconfigured site cannot set the standard for the others)."""
+        if self._layout is not None:
+            return self._layout
+        layouts = [layout_json(r.params) for r in results if (r.meta or {}).get("status") == "ok" and r.params]
+        layouts = [lj for lj in layouts if lj]
+        return Counter(layouts).most_common(1)[0][0] if layouts else None
 
     # --- one round -----------------------------------------------------------------------------
     def _aggregate(self, round_num: int, results: list[FLModel], targets: list[str]) -> tuple[dict, FLModel | None]:
         entries: dict[str, dict] = {}
-        acc = self._new_sum()
-        layout = None
+        layout = self._reference_layout(results)
+        acc = self._new_sum(layout)
         for result in results:
             site = result.meta.get("client_name", "?")
             meta = result.meta or {}
@@ -104,9 +129,9 @@ class SecureFedAvg(ModelController):
                     encrypted=payload.is_encrypted(params),
                 )
                 try:
+                    if layout_json(params) != layout:
+                        raise ValueError(f"{site}: model layout differs from the federation's (another model version?)")
                     self._accept(acc, site, params, meta)
-                    if payload.is_encrypted(params):
-                        layout = params[payload.LAYOUT_KEY]
                 except ValueError as exc:
                     reason = str(exc).splitlines()[0]
                     entry.update(status="failed", reason=reason if reason.startswith(site) else f"{site}: {reason}")
@@ -132,6 +157,7 @@ class SecureFedAvg(ModelController):
             )
             return entries, None
         new_global = self._global_from(acc, layout, round_num)
+        self._layout = layout
         self.audit.append(
             "aggregation", job=self.job, round=round_num, sites=sorted(accepted), encrypted=self.encrypted
         )
@@ -148,8 +174,6 @@ class SecureFedAvg(ModelController):
         else:
             if payload.is_encrypted(params):
                 raise ValueError(f"{site}: sent ciphertexts to a plaintext job")
-            reference = self._global.params if self._global is not None and self._global.params else None
-            payload.check_plain_update(site, params, reference)
             acc.add(site, {k: np.asarray(v) for k, v in params.items()}, weight)
 
     def _global_from(self, acc, layout: str | None, round_num: int) -> FLModel:
@@ -184,6 +208,7 @@ class SecureFedAvg(ModelController):
         self._setup()
         self._privacy: dict[str, dict] = {}
         self._global: FLModel | None = None
+        self._layout: str | None = None
         rounds: list[dict] = []
         self.audit.append("job_start", job=self.job, encrypted=self.encrypted, rounds=self.num_rounds)
         completed = 0
@@ -196,12 +221,13 @@ class SecureFedAvg(ModelController):
             outgoing = self._global or FLModel(params={})
             outgoing.current_round, outgoing.total_rounds = round_num, self.num_rounds
             self.info(f"round {round_num}: sending to {targets}")
-            results = self.send_model_and_wait(
+            results = self.broadcast_model(
                 task_name="train",
                 data=outgoing,
                 targets=targets,
-                min_responses=self.min_clients,
+                min_responses=min(self.min_clients, len(targets)),
                 timeout=self.task_timeout,
+                wait_time_after_min_received=self.straggler_wait,
             )
             entries, new_global = self._aggregate(round_num, results, targets)
             rounds.append({"round": round_num, "sites": entries})
@@ -217,8 +243,13 @@ class SecureFedAvg(ModelController):
         if self._global is not None:
             outgoing = self._global
             outgoing.current_round = self.num_rounds
-            results = self.send_model_and_wait(
-                task_name="validate", data=outgoing, targets=targets, min_responses=0, timeout=self.task_timeout or 600
+            results = self.broadcast_model(
+                task_name="validate",
+                data=outgoing,
+                targets=targets,
+                min_responses=min(self.min_clients, len(targets)),
+                timeout=self.task_timeout,
+                wait_time_after_min_received=self.straggler_wait,
             )
             for result in results:
                 site = result.meta.get("client_name", "?")
@@ -244,6 +275,18 @@ class SecureFedAvg(ModelController):
         path = Path(self.get_run_dir()) / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2, default=_json_default))
         self.info(f"summary written to {path}")
+
+
+def layout_json(params: dict) -> str | None:
+    """Canonical layout (names, shapes, dtypes) of an update, encrypted or not; None if unreadable."""
+    from clinfed.he.packing import flatten, layout_from_json, layout_to_json
+
+    try:
+        if payload.is_encrypted(params):
+            return layout_to_json(layout_from_json(params[payload.LAYOUT_KEY]))
+        return layout_to_json(flatten({k: np.asarray(v) for k, v in params.items()})[1])
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 def _json_default(value):

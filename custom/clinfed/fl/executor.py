@@ -22,6 +22,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
+from clinfed import faults
 from clinfed.audit import AuditLog
 from clinfed.fl import payload
 from clinfed.fl.participant import SITE_CONTEXT_FILE, SitePolicy, find_context_file, participant_root
@@ -54,6 +55,7 @@ class DPTrainExecutor(Executor):
         num_sites: int = 3,
         weight_unit: float = 1000.0,
         job_label: str = "",
+        inject: dict | None = None,
     ):
         """
         Args:
@@ -64,6 +66,7 @@ class DPTrainExecutor(Executor):
             weight_unit: aggregation weights are sample counts divided by this, keeping packed values
                 small enough for the CKKS precision headroom (see `clinfed.he.params`).
             job_label: the job name recorded in the ledger and audit log.
+            inject: {site: fault kind} for tests and demos only (see `clinfed.faults`).
         """
         super().__init__()
         # FedJob serialises a component from the attributes named like its __init__ arguments:
@@ -74,6 +77,7 @@ class DPTrainExecutor(Executor):
         self.dp_cfg = DPConfig(**self.dp_args)
         self.encrypt, self.num_sites, self.weight_unit = encrypt, num_sites, weight_unit
         self.job_label = job_label
+        self.inject = dict(inject or {})
         self._trainer: SiteTrainer | None = None
         self._ctx = None
         self._fingerprint = ""
@@ -189,7 +193,15 @@ class DPTrainExecutor(Executor):
                 steps=int(stats["steps"]),
             )
         local_metrics = trainer.evaluate()
-        params, weight = self._encode_update(trainer.get_weights(), len(trainer.data.train))
+        fault = self.inject.get(self.site)
+        weights = trainer.get_weights()
+        if fault == "crash":
+            faults.crash_now()
+        if fault == "nan":
+            weights = faults.poison_weights(weights)
+        params, weight = self._encode_update(weights, len(trainer.data.train))
+        if fault in ("corrupt", "wrongshape"):
+            params = faults.damage_payload(fault, params, seed=round_num)
         digest, size = payload.payload_sha256(params), payload.payload_size(params)
         self.audit.append(
             "update_sent",

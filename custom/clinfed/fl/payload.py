@@ -15,9 +15,6 @@ Plaintext (`--no-encrypt`, for comparison) is ordinary FedAvg: params are the ar
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numpy as np
 
 from clinfed.audit import payload_digest_chunks
@@ -49,26 +46,3 @@ def payload_sha256(params: dict) -> str:
 
 def encrypted_params(cts: list[bytes], layout_json: str, fingerprint: str) -> dict:
     return {CKKS_KEY: list(cts), LAYOUT_KEY: layout_json, FINGERPRINT_KEY: fingerprint}
-
-
-def check_plain_update(site: str, params: dict, reference: dict[str, np.ndarray] | None) -> None:
-    """Screen a plaintext update: finite values and, once a global model exists, the same layers and shapes."""
-    if not params:
-        raise ValueError(f"{site}: sent an empty update")
-    for name, value in params.items():
-        arr = np.asarray(value)
-        if not np.issubdtype(arr.dtype, np.number):
-            raise ValueError(f"{site}: layer '{name}' is not numeric")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{site}: layer '{name}' holds NaN or Inf")
-    if reference is not None:
-        if set(params) != set(reference):
-            raise ValueError(f"{site}: update layers differ from the global model's")
-        for name, ref in reference.items():
-            if np.shape(params[name]) != np.shape(ref):
-                raise ValueError(f"{site}: layer '{name}' has shape {np.shape(params[name])}, expected {np.shape(ref)}")
-
-
-def layout_signature(layout_json: str) -> str:
-    """Stable identity of a model layout: sites of one job must all send the same one."""
-    return hashlib.sha256(json.dumps(json.loads(layout_json), sort_keys=True).encode()).hexdigest()[:16]

@@ -16,10 +16,10 @@ runs here) and the server, seeing UNSAFE_JOB, aborts the job.
 from __future__ import annotations
 
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.fl_exception import UnsafeJobError
-from nvflare.apis.filter import Filter
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModelConst
 

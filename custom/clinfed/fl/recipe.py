@@ -29,6 +29,8 @@ class SecureFedAvgRecipe(Recipe):
         dp_args: dict | None = None,
         primary_metric: str = "auc",
         task_timeout: int = 0,
+        straggler_wait: int = 60,
+        inject: dict | None = None,
     ):
         min_clients = min_clients or num_sites
         job = FedJob(name=name, min_clients=min_clients)
@@ -41,6 +43,7 @@ class SecureFedAvgRecipe(Recipe):
             job_label=name,
             primary_metric=primary_metric,
             task_timeout=task_timeout,
+            straggler_wait=straggler_wait,
         )
         job.to_server(controller, id="controller")
         executor = DPTrainExecutor(
@@ -51,6 +54,7 @@ class SecureFedAvgRecipe(Recipe):
             encrypt=encrypt,
             num_sites=num_sites,
             job_label=name,
+            inject=inject or {},
         )
         job.to_clients(executor, id="executor", tasks=[TRAIN_TASK, VALIDATE_TASK])
         self.num_sites, self.encrypt = num_sites, encrypt

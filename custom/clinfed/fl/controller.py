@@ -28,6 +28,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from clinfed.audit import AuditLog
 from clinfed.fl import payload
 from clinfed.fl.participant import SERVER_CONTEXT_FILE, find_context_file, participant_root
+from clinfed.sysinfo import current_rss_mb
 
 SUMMARY_FILE = "summary.json"
 GLOBAL_MODEL_FILE = {True: "global_model.ckks.json", False: "global_model.npz"}
@@ -230,7 +231,7 @@ class SecureFedAvg(ModelController):
                 wait_time_after_min_received=self.straggler_wait,
             )
             entries, new_global = self._aggregate(round_num, results, targets)
-            rounds.append({"round": round_num, "sites": entries})
+            rounds.append({"round": round_num, "sites": entries, "server_rss_mb": current_rss_mb()})
             if new_global is not None:
                 self._global = new_global
                 completed += 1

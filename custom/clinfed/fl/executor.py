@@ -27,6 +27,7 @@ from clinfed.audit import AuditLog
 from clinfed.fl import payload
 from clinfed.fl.participant import SITE_CONTEXT_FILE, SitePolicy, find_context_file, participant_root
 from clinfed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
+from clinfed.sysinfo import current_rss_mb
 from clinfed.tasks import build_task
 from clinfed.training import DPConfig, SiteTrainer, TrainConfig
 
@@ -217,6 +218,7 @@ class DPTrainExecutor(Executor):
             **local_metrics,
             "train_loss": stats["train_loss"],
             "train_seconds": train_seconds,
+            "rss_mb": current_rss_mb(),
         }
         meta = {
             "status": "ok",

@@ -81,6 +81,8 @@ class PrivacyLedger:
             self.delta = float(data.get("delta", delta))
             self.accountant = data.get("accountant", accountant)
             self.spends = [Spend(**s) for s in data.get("spends", [])]
+        else:
+            self._save()  # an empty ledger is a statement too: this site has spent nothing yet
 
     @property
     def history(self) -> list[list[float]]:

@@ -44,6 +44,7 @@ class SecureFedAvg(ModelController):
         primary_metric: str = "auc",
         task_timeout: int = 0,
         straggler_wait: int = 60,
+        resume: bool = True,
         extra_summary: dict | None = None,
     ):
         """
@@ -56,9 +57,11 @@ class SecureFedAvg(ModelController):
             task_timeout: seconds a round may take at all (0: no limit).
             straggler_wait: once `min_clients` answered, seconds to wait for the others before the
                 round closes without them (a dead site must not stall the federation).
+            resume: continue an unfinished earlier run of this job from its last round (see _save_state).
             extra_summary: fixed fields added to summary.json.
         """
         super().__init__()
+        self.resume = resume
         self.straggler_wait = straggler_wait
         self.num_rounds, self.min_clients, self.encrypted = num_rounds, min_clients, encrypted
         self.job_label, self.primary_metric, self.task_timeout = job_label, primary_metric, task_timeout
@@ -157,7 +160,7 @@ class SecureFedAvg(ModelController):
                 "keeping the previous global model"
             )
             return entries, None
-        new_global = self._global_from(acc, layout, round_num)
+        new_global = self._global_from(acc, layout)
         self._layout = layout
         self.audit.append(
             "aggregation", job=self.job, round=round_num, sites=sorted(accepted), encrypted=self.encrypted
@@ -177,32 +180,87 @@ class SecureFedAvg(ModelController):
                 raise ValueError(f"{site}: sent ciphertexts to a plaintext job")
             acc.add(site, {k: np.asarray(v) for k, v in params.items()}, weight)
 
-    def _global_from(self, acc, layout: str | None, round_num: int) -> FLModel:
+    def _global_from(self, acc, layout: str | None) -> FLModel:
         if self.encrypted:
             cts, total, _ = acc.result()
-            params = payload.encrypted_params(cts, layout, self.fingerprint)
-            model = FLModel(params=params, meta={"total_weight": total})
-        else:
-            avg, total, _ = acc.result()
-            model = FLModel(params=avg, meta={"total_weight": total})
-        self._persist(model, round_num)
-        return model
+            return FLModel(params=payload.encrypted_params(cts, layout, self.fingerprint), meta={"total_weight": total})
+        avg, total, _ = acc.result()
+        return FLModel(params=avg, meta={"total_weight": total})
 
-    def _persist(self, model: FLModel, round_num: int) -> None:
-        """Save the global model as the server holds it: ciphertexts when encrypted, never plaintext."""
-        path = Path(self.get_run_dir()) / GLOBAL_MODEL_FILE[self.encrypted]
+    # --- persistence: the global model as the server holds it, and the round to resume from ---------
+    @property
+    def _checkpoint_path(self) -> Path:
+        return self.root / "checkpoints" / f"{self.job}.json"
+
+    def _model_doc(self) -> dict:
+        """The global model as it may be written to the server's disk: ciphertexts, or (only with
+        --no-encrypt) plaintext lists."""
+        model = self._global
         if self.encrypted:
             params = model.params
-            doc = {
-                "round": round_num,
+            return {
                 "total_weight": model.meta["total_weight"],
                 "layout": params[payload.LAYOUT_KEY],
                 "fingerprint": params[payload.FINGERPRINT_KEY],
                 "ckks": [c.hex() for c in params[payload.CKKS_KEY]],
             }
-            path.write_text(json.dumps(doc))
+        return {
+            "total_weight": model.meta["total_weight"],
+            "arrays": {k: np.asarray(v).tolist() for k, v in model.params.items()},
+        }
+
+    def _model_from_doc(self, doc: dict) -> FLModel:
+        if "ckks" in doc:
+            params = payload.encrypted_params(
+                [bytes.fromhex(c) for c in doc["ckks"]], doc["layout"], doc["fingerprint"]
+            )
         else:
-            np.savez(path, **model.params)
+            params = {k: np.asarray(v, dtype=np.float32) for k, v in doc["arrays"].items()}
+        return FLModel(params=params, meta={"total_weight": doc["total_weight"]})
+
+    def _save_state(self, next_round: int) -> None:
+        """After every round: the global model (run folder) and a resume point (the server's own folder).
+
+        FLARE 2.9 no longer snapshots components (ServerEngine.persist_components is a no-op and a
+        restarted server marks running jobs ABANDONED), so the resume point is ours: if the server
+        dies, the next run of the same job on this server continues from here instead of round 0.
+        """
+        model_doc = self._model_doc() if self._global is not None else None
+        if model_doc is not None:
+            path = Path(self.get_run_dir()) / GLOBAL_MODEL_FILE[self.encrypted]
+            if self.encrypted:
+                path.write_text(json.dumps({"round": next_round - 1, **model_doc}))
+            else:
+                np.savez(path, **self._global.params)
+        state = {
+            "job": self.job,
+            "next_round": next_round,
+            "completed": self._completed,
+            "rounds": self._rounds,
+            "privacy": self._privacy,
+            "sites": sorted(self._sites),
+            "layout": self._layout,
+            "encrypted": self.encrypted,
+            "global": model_doc,
+        }
+        self._checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._checkpoint_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, default=_json_default))
+        tmp.replace(self._checkpoint_path)
+
+    def _load_state(self) -> int:
+        """Resume point of an unfinished earlier run of this job, if any; returns the round to start at."""
+        if not self.resume or not self._checkpoint_path.exists():
+            return 0
+        state = json.loads(self._checkpoint_path.read_text())
+        if state.get("encrypted") != self.encrypted or state.get("next_round", 0) >= self.num_rounds:
+            return 0
+        self._completed, self._rounds = state["completed"], state["rounds"]
+        self._privacy, self._sites, self._layout = state["privacy"], set(state["sites"]), state["layout"]
+        self._global = self._model_from_doc(state["global"]) if state.get("global") else None
+        self.info(f"resuming {self.job} at round {state['next_round']} from {self._checkpoint_path}")
+        self.audit.append("job_resumed", job=self.job, round=state["next_round"])
+        return int(state["next_round"])
 
     # --- the workflow --------------------------------------------------------------------------
     def run(self) -> None:
@@ -210,15 +268,16 @@ class SecureFedAvg(ModelController):
         self._privacy: dict[str, dict] = {}
         self._global: FLModel | None = None
         self._layout: str | None = None
-        rounds: list[dict] = []
+        self._rounds: list[dict] = []
+        self._completed = 0
+        self._sites: set[str] = set()
         self.audit.append("job_start", job=self.job, encrypted=self.encrypted, rounds=self.num_rounds)
-        completed = 0
-        sites: set[str] = set()
-        for round_num in range(self.num_rounds):
+        start = self._load_state()
+        for round_num in range(start, self.num_rounds):
             if self.abort_signal.triggered:
                 break
             targets = self.sample_clients()
-            sites.update(targets)
+            self._sites.update(targets)
             outgoing = self._global or FLModel(params={})
             outgoing.current_round, outgoing.total_rounds = round_num, self.num_rounds
             self.info(f"round {round_num}: sending to {targets}")
@@ -231,13 +290,15 @@ class SecureFedAvg(ModelController):
                 wait_time_after_min_received=self.straggler_wait,
             )
             entries, new_global = self._aggregate(round_num, results, targets)
-            rounds.append({"round": round_num, "sites": entries, "server_rss_mb": current_rss_mb()})
+            self._rounds.append({"round": round_num, "sites": entries, "server_rss_mb": current_rss_mb()})
             if new_global is not None:
                 self._global = new_global
-                completed += 1
-        final = self._final_validation(sorted(sites))
-        self.audit.append("job_end", job=self.job, rounds_completed=completed)
-        self._write_summary(sorted(sites), completed, rounds, final)
+                self._completed += 1
+            self._save_state(round_num + 1)
+        final = self._final_validation(sorted(self._sites))
+        self.audit.append("job_end", job=self.job, rounds_completed=self._completed)
+        self._write_summary(sorted(self._sites), self._completed, self._rounds, final, resumed_at=start)
+        self._checkpoint_path.unlink(missing_ok=True)
 
     def _final_validation(self, targets: list[str]) -> dict:
         per_site: dict[str, dict] = {}
@@ -262,7 +323,9 @@ class SecureFedAvg(ModelController):
             metrics = {k: float(np.nanmean([m[k] for m in per_site.values()])) for k in sorted(keys)}
         return {"metrics": metrics, "per_site": per_site, "primary_metric": self.primary_metric}
 
-    def _write_summary(self, sites: list[str], completed: int, rounds: list[dict], final: dict) -> None:
+    def _write_summary(
+        self, sites: list[str], completed: int, rounds: list[dict], final: dict, resumed_at: int = 0
+    ) -> None:
         summary = {
             "job": self.job,
             "sites": sites,
@@ -271,6 +334,7 @@ class SecureFedAvg(ModelController):
             "rounds": rounds,
             "final": final,
             "privacy": self._privacy,
+            "resumed_at_round": resumed_at,
             **self.extra_summary,
         }
         path = Path(self.get_run_dir()) / SUMMARY_FILE

@@ -32,6 +32,7 @@ class SecureFedAvgRecipe(Recipe):
         straggler_wait: int = 60,
         inject: dict | None = None,
     ):
+        _validate(name, task, num_rounds, num_sites, min_clients, dp_args or {})
         min_clients = min_clients or num_sites
         job = FedJob(name=name, min_clients=min_clients)
         job.set_app_packages(["clinfed"])
@@ -59,3 +60,25 @@ class SecureFedAvgRecipe(Recipe):
         job.to_clients(executor, id="executor", tasks=[TRAIN_TASK, VALIDATE_TASK])
         self.num_sites, self.encrypt = num_sites, encrypt
         super().__init__(job)
+
+
+def _validate(name: str, task: str, num_rounds: int, num_sites: int, min_clients: int | None, dp_args: dict) -> None:
+    """Refuse a bad job before it is exported or submitted: one line naming the job and the setting."""
+    from clinfed.tasks import TASKS
+
+    if task not in TASKS:
+        raise ValueError(f"{name}: unknown task/model '{task}' (known: {', '.join(sorted(TASKS))})")
+    if not isinstance(num_rounds, int) or num_rounds < 1:
+        raise ValueError(f"{name}: rounds must be a positive integer, got {num_rounds!r}")
+    if not isinstance(num_sites, int) or num_sites < 1:
+        raise ValueError(f"{name}: sites must be a positive integer, got {num_sites!r}")
+    if min_clients is not None and not 1 <= min_clients <= num_sites:
+        raise ValueError(f"{name}: min_clients must be between 1 and {num_sites}, got {min_clients!r}")
+    if dp_args.get("enabled", True):
+        eps, delta = dp_args.get("target_epsilon", 1.0), dp_args.get("delta", 1e-5)
+        if not (isinstance(eps, int | float) and eps > 0):
+            raise ValueError(f"{name}: target ε must be a positive number, got {eps!r}")
+        if not (isinstance(delta, int | float) and 0 < delta < 1):
+            raise ValueError(f"{name}: δ must be in (0, 1), got {delta!r}")
+        if dp_args.get("max_grad_norm", 1.0) <= 0:
+            raise ValueError(f"{name}: max_grad_norm must be positive")

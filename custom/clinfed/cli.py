@@ -117,12 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--png", type=Path, default=None)
     inv.add_argument("--epsilon", type=positive_float, default=8.0)
 
-    try:
-        from clinfed.deploy.commands import add_parsers
-    except ImportError:  # deployment commands not installed in this build
-        pass
-    else:
-        add_parsers(sub)
+    from clinfed.deploy.commands import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

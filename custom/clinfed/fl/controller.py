@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
@@ -61,6 +62,7 @@ class SecureFedAvg(ModelController):
             extra_summary: fixed fields added to summary.json.
         """
         super().__init__()
+        self._error_codes: dict[str, str] = {}
         self.resume = resume
         self.straggler_wait = straggler_wait
         self.num_rounds, self.min_clients, self.encrypted = num_rounds, min_clients, encrypted
@@ -100,6 +102,14 @@ class SecureFedAvg(ModelController):
         layouts = [layout_json(r.params) for r in results if (r.meta or {}).get("status") == "ok" and r.params]
         layouts = [lj for lj in layouts if lj]
         return Counter(layouts).most_common(1)[0][0] if layouts else None
+
+    def _accept_train_result(self, client_name, result, fl_ctx, is_unknown_task: bool = False) -> bool:
+        """Remember why a site's result was not usable (e.g. its privacy filter raised UNSAFE_JOB),
+        so the summary can say "refused by its policy" rather than "no result"."""
+        rc = result.get_return_code()
+        if rc and rc != ReturnCode.OK and not is_unknown_task:
+            self._error_codes[client_name] = rc
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
 
     # --- one round -----------------------------------------------------------------------------
     def _aggregate(self, round_num: int, results: list[FLModel], targets: list[str]) -> tuple[dict, FLModel | None]:
@@ -145,14 +155,21 @@ class SecureFedAvg(ModelController):
             entries[site] = entry
         for site in targets:
             if site not in entries:
+                rc = self._error_codes.pop(site, None)
+                blocked = rc == ReturnCode.UNSAFE_JOB
                 entries[site] = {
-                    "status": "failed",
-                    "reason": f"{site}: no result this round (timed out or died)",
+                    "status": "refused" if blocked else "failed",
+                    "reason": f"{site}: its privacy policy blocked this job's result"
+                    if blocked
+                    else f"{site}: " + (f"returned error {rc}" if rc else "no result this round (timed out or died)"),
                     "metrics": {},
                     "epsilon": self._privacy.get(site, {}).get("epsilon", 0.0),
                     "bytes_sent": 0,
                 }
-                self.audit.append("failed", job=self.job, round=round_num, site=site, reason=entries[site]["reason"])
+                self.audit.append(
+                    entries[site]["status"], job=self.job, round=round_num, site=site, reason=entries[site]["reason"]
+                )
+        self._error_codes.clear()
         accepted = [s for s, e in entries.items() if e["status"] == "ok"]
         if len(accepted) < self.min_clients:
             self.warning(

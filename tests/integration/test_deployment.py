@@ -1,0 +1,312 @@
+"""Claims of a real deployment, checked on this machine's loopback with real FLARE processes (no mocks).
+
+One federation for the module: `provisioning/localhost.yml` provisioned into a temporary folder
+(server `localhost`, site-1..3, admins with the project_admin / lead / member roles), started with
+`clinfed.deploy.federation.up`, jobs submitted through FLARE's API as those admins, and stopped
+with `down`. The tests run in file order and build on each other (the site added in the last
+training test joins the federation the first ones used).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tenseal as ts
+from nvflare.lighter.utils import verify_folder_signature
+
+from clinfed.deploy import federation
+from clinfed.deploy.provision import add_site, provision
+from clinfed.deploy.submit import SubmitRefused, submit
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = REPO / "provisioning" / "localhost.yml"
+SITES = ["site-1", "site-2", "site-3"]
+ADMINS = {"admin@clinfed.local": "project_admin", "lead@clinfed.local": "lead", "member@clinfed.local": "member"}
+PORTS = (18102, 18103)
+
+
+def _ledger_spends(kit: Path) -> int:
+    path = kit / "local" / "privacy_ledger.json"
+    return len(json.loads(path.read_text())["spends"]) if path.exists() else 0
+
+
+def _all_processes(kits: Path) -> list[psutil.Process]:
+    """What down() must stop: the recorded participants, their process trees, and job processes of these kits."""
+    procs = federation._tree(federation._read_pids(kits))
+    return [p for p in procs if p.is_running()]
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory):
+    for port in PORTS:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port} on 127.0.0.1 is in use; localhost.yml's federation needs it")
+    return provision(PROJECT, tmp_path_factory.mktemp("provision"))
+
+
+@pytest.fixture(scope="module")
+def fed(kits):
+    start = time.monotonic()
+    pids = federation.up(kits, timeout=180)
+    assert set(pids) == {"localhost", *SITES}
+    print(f"federation up in {time.monotonic() - start:.1f}s")
+    try:
+        yield kits
+    finally:
+        federation.down(kits)  # a no-op when the last test already stopped it
+
+
+# --- the filter on its own (fast) ------------------------------------------------------------------
+def test_privacy_filter_passes_ciphertexts_and_metrics_and_blocks_plaintext_weights():
+    from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.apis.fl_exception import UnsafeJobError
+    from nvflare.apis.shareable import make_reply
+    from nvflare.app_common.abstract.fl_model import FLModel
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+    from clinfed.fl.payload import encrypted_params
+    from clinfed.fl.privacy_filter import RequireEncryptedUpdates
+
+    ctx = FLContext()
+    ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-3", private=False, sticky=False)
+    ctx.set_prop(FLContextKey.TASK_NAME, "train", private=False, sticky=False)
+    f = RequireEncryptedUpdates()
+    ok = [
+        FLModelUtils.to_shareable(FLModel(params=encrypted_params([b"ct"], "{}", "fp"))),
+        FLModelUtils.to_shareable(FLModel(metrics={"auc": 0.9})),
+        FLModelUtils.to_shareable(FLModel(params={}, meta={"status": "refused"})),  # a refusal carries nothing
+        make_reply(ReturnCode.EXECUTION_EXCEPTION),
+    ]
+    for s in ok:
+        assert f.process(s, ctx) is s
+    plain = FLModelUtils.to_shareable(FLModel(params={"w": np.zeros(3), "b": np.zeros(1)}))
+    with pytest.raises(UnsafeJobError, match=r"site-3: privacy policy: task 'train' result WEIGHTS holds 2 plaintext"):
+        f.process(plain, ctx)
+
+
+@pytest.mark.parametrize("project", ["localhost.yml", "consortium.yml"])
+def test_project_files_give_flares_hebuilder_clinfeds_ckks_parameters(project):
+    import yaml
+
+    from clinfed.he.params import DEFAULT_PARAMS
+
+    builders = yaml.safe_load((REPO / "provisioning" / project).read_text())["builders"]
+    paths = [b["path"] for b in builders]
+    he = builders[paths.index("nvflare.lighter.impl.he.HEBuilder")]["args"]
+    assert (he["poly_modulus_degree"], tuple(he["coeff_mod_bit_sizes"]), he["scale_bits"]) == (
+        DEFAULT_PARAMS.poly_modulus_degree,
+        DEFAULT_PARAMS.coeff_mod_bit_sizes,
+        DEFAULT_PARAMS.global_scale_bits,
+    )
+    assert paths.index("nvflare.lighter.impl.he.HEBuilder") < paths.index("clinfed.deploy.builder.ClinfedKitBuilder")
+    assert paths.index("clinfed.deploy.builder.ClinfedKitBuilder") < paths.index(
+        "nvflare.lighter.impl.signature.SignatureBuilder"
+    )
+
+
+def test_site_template_admits_flares_default_classes_and_clinfed_only():
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+    resources = json.loads((REPO / "workspace_templates" / "resources.json").read_text())
+    assert resources["class_allow_list"] == [*DEFAULT_CLASS_ALLOW_LIST, "clinfed."]
+    assert resources["class_list_enforcement_mode"] == "enforce"
+    assert resources["clinfed"]["require_encryption"] is True
+
+
+# --- provisioning ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_provisioning_issues_signed_kits_and_only_sites_can_decrypt(kits):
+    from nvflare.apis.workspace import Workspace
+    from nvflare.private.fed.app.fl_conf import create_privacy_manager
+
+    from clinfed.fl.privacy_filter import RequireEncryptedUpdates
+
+    found = {k.name: k.role for k in federation.find_kits(kits)}
+    assert found == {"localhost": "server", **dict.fromkeys(SITES, "client"), **dict.fromkeys(ADMINS, "admin")}
+    for name in found:
+        startup = kits / name / "startup"
+        assert (startup / "signature.json").is_file(), name
+        assert verify_folder_signature(str(startup), str(startup / "rootCA.pem"), True, "signature.json"), name
+    for admin, role in ADMINS.items():  # FLARE puts the role in the certificate the server authorises
+        assert _cert_subject(kits / admin / "startup" / "client.crt") == {"CN": admin, "role": role}, admin
+
+    server = kits / "localhost"
+    assert not list(server.rglob("client_context.tenseal"))
+    server_ctx = ts.context_from((server / "startup" / "server_context.tenseal").read_bytes())
+    assert not server_ctx.is_private()
+    policy = json.loads((server / "local" / "resources.json").read_text())
+    assert "clinfed." in policy["class_allow_list"]
+
+    secret = (kits / "site-1" / "startup" / "client_context.tenseal").read_bytes()
+    for site in SITES:
+        kit = kits / site
+        ctx_file = kit / "startup" / "client_context.tenseal"
+        assert ctx_file.read_bytes() == secret, "one federation, one key"
+        assert ctx_file.stat().st_mode & 0o077 == 0, "the secret key is readable by its owner only"
+        assert ts.context_from(ctx_file.read_bytes()).is_private()
+        for name in ("resources.json", "privacy.json", "authorization.json"):
+            assert (kit / "local" / name).read_bytes() == (REPO / "workspace_templates" / name).read_bytes()
+        # FLARE itself parses the site's privacy.json: the default scope carries clinfed's filter.
+        scope = create_privacy_manager(Workspace(str(kit)), names_only=False).get_scope("")
+        filters = scope.task_result_filters["out"]
+        assert [type(f) for f in filters] == [RequireEncryptedUpdates]
+
+
+def _cert_subject(path: Path) -> dict[str, str]:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    subject = x509.load_pem_x509_certificate(path.read_bytes()).subject
+    return {
+        "CN": subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value,
+        "role": subject.get_attributes_for_oid(NameOID.UNSTRUCTURED_NAME)[0].value,
+    }
+
+
+# --- running jobs ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_lead_submits_an_encrypted_dp_job_that_completes_with_auc_095(fed, tmp_path):
+    out = tmp_path / "bc"
+    start = time.monotonic()
+    result = submit("breast_cancer_dp", fed / "lead@clinfed.local", wait=True, out=out, rounds=3, timeout=600)
+    print(f"breast_cancer_dp, 3 rounds, deployed: {time.monotonic() - start:.1f}s")
+    assert result.status == "FINISHED:COMPLETED"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == result.summary
+    assert summary["encrypted"] is True
+    assert summary["sites"] == SITES
+    assert summary["rounds_completed"] == 3
+    assert all(e["status"] == "ok" for r in summary["rounds"] for e in r["sites"].values())
+    assert summary["final"]["metrics"]["auc"] >= 0.95
+    assert all(0 < p["epsilon"] <= 3.0 * 1.02 for p in summary["privacy"].values())
+    # What the server keeps of the job (FLARE zips the run folder into its job store): ciphertexts only.
+    stored = zipfile.ZipFile(fed / "localhost" / "storage" / "jobs" / result.job_id / "workspace").namelist()
+    assert "global_model.ckks.json" in stored
+    assert not [n for n in stored if n.endswith((".npz", ".pt", ".pth", ".npy"))]
+    assert not list((fed / "localhost").rglob("client_context.tenseal"))
+
+
+@pytest.mark.slow
+def test_a_member_cannot_submit(fed):
+    with pytest.raises(SubmitRefused, match=r"member@clinfed.local may not submit jobs here: .*submit_job"):
+        submit("breast_cancer_dp", fed / "member@clinfed.local", rounds=1)
+    # The command line says the same in one line and exits 1.
+    proc = subprocess.run(
+        [sys.executable, "-m", "clinfed.cli", "submit", "breast_cancer_dp", "--kit", str(fed / "member@clinfed.local")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "clinfed submit: member@clinfed.local may not submit jobs here: "
+        "user 'member@clinfed.local' is not authorized for 'submit_job'"
+    ]
+
+
+@pytest.mark.slow
+def test_a_plaintext_job_is_refused_by_every_site_before_training(fed, tmp_path):
+    before = {site: _ledger_spends(fed / site) for site in SITES}
+    result = submit("breast_cancer_dp", fed / "lead@clinfed.local", wait=True, out=tmp_path, rounds=1, encrypt=False)
+    # FLARE deploys and runs the job; every site's executor refuses it (require_encryption), nothing trains.
+    assert result.status == "FINISHED:COMPLETED"
+    summary = result.summary
+    assert summary["encrypted"] is False
+    assert summary["rounds_completed"] == 0
+    for site in SITES:
+        entry = summary["rounds"][0]["sites"][site]
+        assert entry["status"] == "refused"
+        assert entry["reason"] == f"{site}: local privacy policy requires encrypted updates; this job sends plaintext"
+        assert entry["bytes_sent"] == 0
+    assert summary["final"]["metrics"] == {}
+    assert {site: _ledger_spends(fed / site) for site in SITES} == before, "no site spent privacy budget"
+
+
+@pytest.mark.slow
+def test_the_privacy_scope_blocks_a_plaintext_update_even_when_the_executor_would_send_it(fed, tmp_path):
+    """site-3's hospital turns `require_encryption` off; its privacy.json scope still stops the update at the
+    boundary: FLARE drops the result, marks the job unsafe at site-3 and the server aborts the job."""
+    policy = fed / "site-3" / "local" / "resources.json"
+    original = policy.read_text()
+    edited = json.loads(original)
+    edited["clinfed"]["require_encryption"] = False
+    policy.write_text(json.dumps(edited, indent=2))
+    try:
+        result = submit(
+            "breast_cancer_dp", fed / "lead@clinfed.local", wait=True, out=tmp_path, rounds=1, encrypt=False
+        )
+    finally:
+        policy.write_text(original)
+    assert result.status == "FINISHED:EXECUTION_EXCEPTION"
+    entries = result.summary["rounds"][0]["sites"]
+    assert entries["site-3"]["status"] == "failed" and entries["site-3"]["bytes_sent"] == 0
+    assert entries["site-1"]["status"] == entries["site-2"]["status"] == "refused"
+    assert result.summary["rounds_completed"] == 0
+    server_log = (result.result_dir / "workspace" / "log.txt").read_text()
+    assert "fatal return code UNSAFE_JOB from client site-3" in server_log
+    site_log = (fed / "site-3" / result.job_id / "log.txt").read_text()
+    assert "site-3: privacy policy: task 'train' result WEIGHTS holds" in site_log
+    received = [
+        json.loads(line)
+        for line in (fed / "localhost" / "audit" / "server.jsonl").read_text().splitlines()
+        if '"update_received"' in line
+    ]
+    assert not [r for r in received if r.get("site") == "site-3" and r.get("encrypted") is False]
+
+
+@pytest.mark.slow
+def test_an_added_site_joins_the_running_federation_and_trains(fed, tmp_path):
+    project_out = fed.parents[1]
+    before = {p: p.read_bytes() for site in SITES for p in (fed / site / "startup").iterdir()}
+    kit = add_site("site-4", PROJECT, project_out)
+    assert kit == fed / "site-4"
+    assert sorted(p.name for p in (fed.parent).glob("prod_*")) == ["prod_00"], "no re-issued copies left around"
+    assert {p: p.read_bytes() for p in before} == before, "existing kits untouched"
+    startup = kit / "startup"
+    federation_key = (fed / "site-1" / "startup" / "client_context.tenseal").read_bytes()
+    assert (startup / "client_context.tenseal").read_bytes() == federation_key, "the federation's key, not a new one"
+    assert verify_folder_signature(str(startup), str(startup / "rootCA.pem"), True, "signature.json")
+
+    pids = federation.up(fed, timeout=180)
+    assert set(pids) == {"localhost", *SITES, "site-4"}
+    result = submit("breast_cancer_dp", fed / "lead@clinfed.local", wait=True, out=tmp_path, rounds=2, timeout=600)
+    assert result.status == "FINISHED:COMPLETED"
+    summary = result.summary
+    assert summary["sites"] == [*SITES, "site-4"]
+    assert summary["rounds_completed"] == 2 and summary["encrypted"] is True
+    assert all(r["sites"]["site-4"]["status"] == "ok" for r in summary["rounds"])
+    assert "site-4" in summary["final"]["per_site"]
+    assert summary["final"]["metrics"]["auc"] >= 0.95
+
+
+@pytest.mark.slow
+def test_down_stops_every_process_including_a_running_job(fed):
+    result = submit("breast_cancer_dp", fed / "lead@clinfed.local", wait=False, rounds=5)
+    assert result.status == "SUBMITTED"
+    deadline = time.monotonic() + 120
+    sites = {name: rec for name, rec in federation._read_pids(fed).items() if rec["role"] == "client"}
+    while time.monotonic() < deadline:  # wait until every site runs the job in a process of its own
+        if all(federation._process(rec).children(recursive=True) for rec in sites.values()):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the job never started at every site")
+    procs = _all_processes(fed)
+    assert len(procs) > 1 + len(sites), "job processes are part of what down() stops"
+    stopped = federation.down(fed)
+    assert {p.pid for p in procs} <= set(stopped)
+    assert not [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not (fed / federation.PID_FILE).exists()
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", PORTS[0])) != 0, "the server's port is free again"

@@ -70,10 +70,58 @@ def load_numpy_state(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
     model.load_state_dict(tensors)
 
 
+def noise_for_target(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior_history: list,
+    accountant: str = "rdp",
+) -> float:
+    """Noise multiplier for `steps` more steps so that, composed with `prior_history`, ε ≤ target.
+
+    Without prior spends this is Opacus' own `get_noise_multiplier`. With them (a resumed job) Opacus
+    has no helper, so we bisect on the composed history with Opacus' accountant; if the prior spends
+    alone already reach the target, no noise level can help and the site's budget check refuses.
+    """
+    if not prior_history:
+        return get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    from clinfed.privacy.ledger import epsilon_of
+
+    prior = [list(h) for h in prior_history]
+
+    def eps(sigma: float) -> float:
+        return epsilon_of([*prior, [sigma, sample_rate, steps]], delta, accountant)
+
+    low, high = 0.3, 1.0
+    while eps(high) > target_epsilon and high < 1e3:
+        low, high = high, high * 2
+    for _ in range(30):
+        mid = (low + high) / 2
+        low, high = (mid, high) if eps(mid) > target_epsilon else (low, mid)
+    return high
+
+
 class SiteTrainer:
     """Model, optimizer, loader and privacy engine of one site, kept across rounds."""
 
-    def __init__(self, task: Task, data: SiteData, train: TrainConfig, dp: DPConfig):
+    def __init__(
+        self,
+        task: Task,
+        data: SiteData,
+        train: TrainConfig,
+        dp: DPConfig,
+        rounds_left: int | None = None,
+        prior_history: list | None = None,
+    ):
+        """`rounds_left` and `prior_history` serve a job resumed mid-way: the noise is set so that what
+        this run already spent (prior_history) plus the remaining rounds meets the job's target ε."""
         self.task, self.data, self.train_cfg, self.dp = task, data, train, dp
         torch.manual_seed(train.seed)
         model = task.build_model()
@@ -93,13 +141,10 @@ class SiteTrainer:
         self.noise_multiplier = 0.0
         self.engine: PrivacyEngine | None = None
         if dp.enabled:
-            planned_steps = train.rounds * train.local_epochs * len(loader)
-            self.noise_multiplier = get_noise_multiplier(
-                target_epsilon=dp.target_epsilon,
-                target_delta=dp.delta,
-                sample_rate=self.sample_rate,
-                steps=planned_steps,
-                accountant=dp.accountant,
+            rounds = train.rounds if rounds_left is None else max(1, rounds_left)
+            planned_steps = rounds * train.local_epochs * len(loader)
+            self.noise_multiplier = noise_for_target(
+                dp.target_epsilon, dp.delta, self.sample_rate, planned_steps, prior_history or [], dp.accountant
             )
             self.engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
             model, optimizer, loader = self.engine.make_private(

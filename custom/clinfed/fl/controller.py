@@ -259,6 +259,7 @@ class SecureFedAvg(ModelController):
             "layout": self._layout,
             "encrypted": self.encrypted,
             "global": model_doc,
+            "run_key": self._run_key,
         }
         self._checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._checkpoint_path.with_suffix(".tmp")
@@ -275,6 +276,7 @@ class SecureFedAvg(ModelController):
         self._completed, self._rounds = state["completed"], state["rounds"]
         self._privacy, self._sites, self._layout = state["privacy"], set(state["sites"]), state["layout"]
         self._global = self._model_from_doc(state["global"]) if state.get("global") else None
+        self._run_key = state.get("run_key", self._run_key)
         self.info(f"resuming {self.job} at round {state['next_round']} from {self._checkpoint_path}")
         self.audit.append("job_resumed", job=self.job, round=state["next_round"])
         return int(state["next_round"])
@@ -289,6 +291,7 @@ class SecureFedAvg(ModelController):
         self._completed = 0
         self._sites: set[str] = set()
         self.audit.append("job_start", job=self.job, encrypted=self.encrypted, rounds=self.num_rounds)
+        self._run_key = self.fl_ctx.get_job_id()
         start = self._load_state()
         for round_num in range(start, self.num_rounds):
             if self.abort_signal.triggered:
@@ -297,6 +300,7 @@ class SecureFedAvg(ModelController):
             self._sites.update(targets)
             outgoing = self._global or FLModel(params={})
             outgoing.current_round, outgoing.total_rounds = round_num, self.num_rounds
+            outgoing.meta["run_key"] = self._run_key
             self.info(f"round {round_num}: sending to {targets}")
             results = self.broadcast_model(
                 task_name="train",

@@ -85,7 +85,7 @@ class DPTrainExecutor(Executor):
         self._layout_json = ""
 
     # --- state that lives for the whole job at this site -------------------------------------------
-    def _setup(self, fl_ctx: FLContext) -> None:
+    def _setup(self, fl_ctx: FLContext, incoming: FLModel) -> None:
         if self._trainer is not None:
             return
         self.site = fl_ctx.get_identity_name()
@@ -111,7 +111,17 @@ class DPTrainExecutor(Executor):
             raise SiteRefusal(f"{self.site}: no data_dir in local/resources.json and no bundled split for this name")
         data = task.load_site_data(self.site, index or 0, self.num_sites, data_dir)
         self.log_info(fl_ctx, f"{self.site}: data {data.description}")
-        self._trainer = SiteTrainer(task, data, self.train_cfg, self.dp_cfg)
+        # A job resumed after a server restart continues its first run: count what that run spent.
+        self.run_key = str(incoming.meta.get("run_key", "")) or fl_ctx.get_job_id()
+        start = int(incoming.current_round or 0)
+        self._trainer = SiteTrainer(
+            task,
+            data,
+            self.train_cfg,
+            self.dp_cfg,
+            rounds_left=self.train_cfg.rounds - start,
+            prior_history=self.ledger.history_of_run(self.run_key) if start > 0 else [],
+        )
         self.audit.append("job_start", job=self.job, encrypted=self.encrypt, dp=self.dp_cfg.enabled)
 
     # --- the global model in ---------------------------------------------------------------------
@@ -155,8 +165,8 @@ class DPTrainExecutor(Executor):
         round_num = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0)
         site = self.site = fl_ctx.get_identity_name()
         try:
-            self._setup(fl_ctx)
             incoming = FLModelUtils.from_shareable(shareable)
+            self._setup(fl_ctx, incoming)
             self._load_global(incoming)
             if task_name == VALIDATE_TASK:
                 metrics = self._trainer.evaluate()
@@ -182,7 +192,7 @@ class DPTrainExecutor(Executor):
         stats = trainer.train_round()
         train_seconds = time.monotonic() - start
         if self.dp_cfg.enabled:
-            spend = self.ledger.record(self.job, round_num, nm, sr, int(stats["steps"]))
+            spend = self.ledger.record(self.job, round_num, nm, sr, int(stats["steps"]), run=self.run_key)
             self.audit.append(
                 "epsilon_spent",
                 job=self.job,

@@ -63,6 +63,7 @@ class Spend:
     steps: int
     epsilon_after: float
     time: str
+    run: str = ""  # the job run that spent it (a resumed job keeps its first run's key)
 
 
 class PrivacyLedger:
@@ -109,7 +110,15 @@ class PrivacyLedger:
             )
         return after
 
-    def record(self, job: str, round_num: int, noise_multiplier: float, sample_rate: float, steps: int) -> Spend:
+    def history_of_run(self, run: str) -> list[list[float]]:
+        """The spends of one job run, e.g. the rounds a job completed before its server died."""
+        return compact_history(
+            [(s.noise_multiplier, s.sample_rate, s.steps) for s in self.spends if run and s.run == run]
+        )
+
+    def record(
+        self, job: str, round_num: int, noise_multiplier: float, sample_rate: float, steps: int, run: str = ""
+    ) -> Spend:
         with self._lock:
             spends = [(s.noise_multiplier, s.sample_rate, s.steps) for s in self.spends]
             eps = epsilon_of(
@@ -123,6 +132,7 @@ class PrivacyLedger:
                 steps=int(steps),
                 epsilon_after=eps,
                 time=datetime.now(UTC).isoformat(timespec="seconds"),
+                run=run,
             )
             self.spends.append(spend)
             self._save()

@@ -1,0 +1,77 @@
+"""Claim: a deployed server killed mid-job and restarted from its kit finishes the job with the
+expected number of rounds, resuming from its last persisted (encrypted) global model.
+
+FLARE 2.9 marks jobs that were running when the server died ABANDONED (component snapshots were
+removed), so the resume point is clinfed's own: SecureFedAvg writes the encrypted global model and
+the round log to the server's `checkpoints/` after every round, and the next run of the same job on
+that server continues from there. Real FLARE processes on loopback; the kill is SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from clinfed.deploy import federation
+from clinfed.deploy.provision import provision
+from clinfed.deploy.submit import submit
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = REPO / "provisioning" / "localhost.yml"
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", 18102)) == 0:
+            pytest.fail("port 18102 on 127.0.0.1 is in use; localhost.yml's federation needs it")
+    kits = provision(PROJECT, tmp_path_factory.mktemp("restart"))
+    federation.up(kits, timeout=180)
+    try:
+        yield kits
+    finally:
+        federation.down(kits)
+
+
+def test_killed_server_resumes_the_job_from_its_last_encrypted_round(fed, tmp_path):
+    lead = fed / "lead@clinfed.local"
+    checkpoint = fed / "localhost" / "checkpoints" / "breast_cancer_dp.json"
+    first = submit("breast_cancer_dp", lead, wait=False, rounds=ROUNDS)
+    assert first.status == "SUBMITTED"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if checkpoint.exists() and json.loads(checkpoint.read_text())["next_round"] >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the job never completed two rounds")
+    state = json.loads(checkpoint.read_text())
+    assert "ckks" in state["global"] and "arrays" not in state["global"], "the resume point is ciphertext only"
+
+    server = federation._read_pids(fed)["localhost"]
+    tree = [psutil.Process(server["pid"]), *psutil.Process(server["pid"]).children(recursive=True)]
+    for proc in tree:
+        proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
+
+    federation.up(fed, timeout=180)  # restarts only the server; the sites reconnect by themselves
+    out = tmp_path / "resumed"
+    second = submit("breast_cancer_dp", lead, wait=True, out=out, rounds=ROUNDS, timeout=600)
+    assert second.status == "FINISHED:COMPLETED"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_at_round"] >= 2
+    assert summary["rounds_completed"] == ROUNDS
+    assert [r["round"] for r in summary["rounds"]] == list(range(ROUNDS))
+    assert summary["final"]["metrics"]["auc"] >= 0.95
+    # the resumed run spends only what the job planned: the sites' ε stays within the job's target
+    assert all(p["epsilon"] <= 3.0 * 1.02 for p in summary["privacy"].values())
+    assert not checkpoint.exists(), "a finished job leaves no resume point behind"

@@ -82,7 +82,6 @@ class DPTrainExecutor(Executor):
         self._trainer: SiteTrainer | None = None
         self._ctx = None
         self._fingerprint = ""
-        self._layout_json = ""
 
     # --- state that lives for the whole job at this site -------------------------------------------
     def _setup(self, fl_ctx: FLContext, incoming: FLModel) -> None:
@@ -250,12 +249,15 @@ class DPTrainExecutor(Executor):
             save(self._trainer.network, self._trainer.data.test, folder / f"{self.job}-{self.site}-examples.png")
 
     def _privacy_meta(self) -> dict:
+        ledger = getattr(self, "ledger", None)
+        if ledger is None:  # the site failed before it could open its ledger
+            return {}
         return {
-            "epsilon": self.ledger.epsilon() if self.dp_cfg.enabled else 0.0,
-            "delta": self.ledger.delta,
-            "accountant": self.ledger.accountant,
+            "epsilon": ledger.epsilon() if self.dp_cfg.enabled else 0.0,
+            "delta": ledger.delta,
+            "accountant": ledger.accountant,
             "budget": self.policy.epsilon_budget,
-            "history": self.ledger.history,
+            "history": ledger.history,
             "dp": self.dp_cfg.enabled,
             "noise_multiplier": self._trainer.noise_multiplier if self._trainer else None,
         }

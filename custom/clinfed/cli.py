@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--min-cell", type=positive_int, default=None)
     sim.add_argument("--data-dir", type=str, default=None)
     sim.add_argument("--inject", type=inject_spec, action="append", default=[], metavar="SITE=KIND")
+    sim.add_argument("--cohort", choices=["all", "intersect"], default=None, help="cohort_stats: rows to describe")
 
     exp = sub.add_parser("export", help="write a plain FLARE job folder, ready to submit")
     exp.add_argument("job", type=job_name)
@@ -188,7 +189,22 @@ def _round_table(summary: dict) -> str:
             )
     final = summary.get("final", {}).get("metrics", {})
     if final:
-        lines.append("final global model on held-out sets: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
+        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, int | float) else f"{k}={v}" for k, v in final.items())
+        lines.append("final global model on held-out sets: " + shown)
+    for group, features in (summary.get("statistics") or {}).items():
+        first = next(iter(features.items()), None)
+        if first:
+            name, st = first
+            lines.append(f"{group}: n={st.get('count')}  {name}: mean={st.get('mean'):.4f} std={st.get('std'):.4f}")
+    withheld = (summary.get("suppression") or {}).get("groups_withheld")
+    if withheld:
+        lines.append(f"withheld groups: {withheld}")
+    psi = summary.get("psi")
+    if psi:
+        lines.append(
+            f"PSI intersection: {psi.get('intersection_size')} (expected {psi.get('expected_intersection_size')}), "
+            f"per site {psi.get('per_site')}"
+        )
     return "\n".join(lines)
 
 
@@ -209,6 +225,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         min_cell=args.min_cell,
         data_dir=args.data_dir,
         inject=dict(args.inject),
+        extra={"cohort": args.cohort} if args.cohort else {},
     )
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UsageError(f"clinfed simulate: --data-dir {args.data_dir}: no such folder")

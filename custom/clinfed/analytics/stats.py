@@ -1,0 +1,659 @@
+"""Federated cohort statistics, FLARE-free: per-site partial sums, packing, suppression, output DP.
+
+The arithmetic of `cohort_stats`, kept apart from the FLARE components (`stats_fl.py`) that move it,
+as `clinfed.he` keeps the CKKS codec apart from the aggregator:
+
+1. **Pass 1** (:func:`local_sums`): each site packs, for every group and feature, the row count,
+   the count of present values, their sum and a fixed-bin histogram into *one* flat vector
+   (``groups × (1 + 2F + F·bins)`` values: 3 × 361 = 1 083 for the bundled data, one CKKS
+   ciphertext of 2 048 slots). Sums are divided by each feature's public bound (``scale``), so
+   every slot stays near or below the row count, far under ``max_abs_value`` (2^20 at the default
+   parameters) however large the clinical units (``worst area`` reaches 4 254).
+2. **Pass 2** (:func:`local_deviations`): once the pooled mean is known (sites decrypt the pass-1
+   sum), each site sends Σ(x − mean)² / scale². Two passes, as FLARE's federated statistics do,
+   because Σx² − n·mean² cancels catastrophically when mean ≫ std (DESIGN.md, "Numerics").
+3. **Release** (:func:`release`): one key-holding site turns the two decrypted sums into count,
+   mean, std (ddof=1) and histograms, optionally adds calibrated noise (:func:`noise_plan`), then
+   withholds small cells (:func:`suppress`). Only that release leaves the sites.
+
+Counts travel as floats through CKKS (approximate arithmetic, error ~1e-8 here) and are rounded
+back; :func:`unpack_sums` refuses a vector whose counts are not near whole numbers, which is what a
+wrapped-around (overflowed) or corrupted sum looks like.
+
+Histograms use fixed, public bin edges (``bins`` equal bins over each feature's public bounds),
+not FLARE's default of bins over the federation's min/max: a global min and max are themselves
+two patients' exact values. Values outside the bounds are counted in the edge bins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ALL = "all"
+MECHANISMS = ("laplace", "gaussian")
+#: share of ε (and δ) spent on each family of released values; the sum is 1.
+DEFAULT_SPLIT = {"count": 0.1, "sum": 0.3, "m2": 0.3, "histogram": 0.3}
+
+
+# --- what every site and the server must agree on ---------------------------------------------------
+@dataclass(frozen=True)
+class StatsSpec:
+    """Groups, features, public bounds and bins: fixes the packed layout and the bin edges.
+
+    ``groups[0]`` must be ``"all"`` (every row); the other groups partition rows by a group column.
+    Bounds are public knowledge (a documented clinical range), never the data's own min/max.
+    """
+
+    features: tuple[str, ...]
+    bounds: tuple[tuple[float, float], ...]
+    groups: tuple[str, ...] = (ALL, "malignant", "benign")
+    bins: int = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(str(f) for f in self.features))
+        object.__setattr__(self, "groups", tuple(str(g) for g in self.groups))
+        object.__setattr__(self, "bounds", tuple((float(lo), float(hi)) for lo, hi in self.bounds))
+        if not self.features:
+            raise ValueError("no features to summarise")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError("feature names are not unique")
+        if len(self.bounds) != len(self.features):
+            raise ValueError(f"{len(self.bounds)} bounds for {len(self.features)} features")
+        for name, (lo, hi) in zip(self.features, self.bounds, strict=True):
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"feature '{name}': bounds ({lo}, {hi}) are not finite with lo < hi")
+        if not self.groups or self.groups[0] != ALL or len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"groups must be unique and start with '{ALL}', got {list(self.groups)}")
+        if not isinstance(self.bins, int) or self.bins < 1:
+            raise ValueError(f"bins must be a positive integer, got {self.bins!r}")
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def lo(self) -> np.ndarray:
+        return np.array([b[0] for b in self.bounds])
+
+    @property
+    def hi(self) -> np.ndarray:
+        return np.array([b[1] for b in self.bounds])
+
+    @property
+    def scale(self) -> np.ndarray:
+        """Per-feature divisor that brings every in-bounds value into [-1, 1] before packing."""
+        return np.maximum(np.abs(self.lo), np.abs(self.hi))
+
+    @property
+    def edges(self) -> np.ndarray:
+        """(F, bins + 1) public bin edges."""
+        return np.linspace(self.lo, self.hi, self.bins + 1, axis=1)
+
+    @property
+    def block(self) -> int:
+        """Pass-1 values per group: rows, then count, scaled sum and histogram per feature."""
+        return 1 + 2 * self.n_features + self.n_features * self.bins
+
+    @property
+    def pass1_size(self) -> int:
+        return self.n_groups * self.block
+
+    @property
+    def pass2_size(self) -> int:
+        return self.n_groups * self.n_features
+
+    def to_dict(self) -> dict:
+        return {
+            "features": list(self.features),
+            "bounds": [list(b) for b in self.bounds],
+            "groups": list(self.groups),
+            "bins": self.bins,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> StatsSpec:
+        return cls(
+            features=tuple(d["features"]),
+            bounds=tuple(tuple(b) for b in d["bounds"]),
+            groups=tuple(d.get("groups", (ALL, "malignant", "benign"))),
+            bins=int(d.get("bins", 10)),
+        )
+
+    def digest(self, **extra: object) -> str:
+        """Identity of the layout (plus any ``extra`` settings): sites and server compare it so a site
+        configured differently is refused by name rather than summed into nonsense."""
+        doc = json.dumps({**self.to_dict(), **extra}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+def nice_bounds(lo: float, hi: float, digits: int = 2) -> tuple[float, float]:
+    """Round a reference range outward to ``digits`` significant digits (6.981 → 6.9, 28.11 → 29).
+
+    Used to turn a public reference data set's range into published-looking bounds; rounding
+    outward keeps every reference value inside, so nothing is clipped into an edge bin.
+    """
+
+    def out(v: float, up: bool) -> float:
+        if v == 0:
+            return 0.0
+        step = 10.0 ** (math.floor(math.log10(abs(v))) - digits + 1)
+        r = (math.ceil if up else math.floor)(round(v / step, 9)) * step
+        return float(f"{r:.{digits + 2}g}")
+
+    nlo, nhi = out(lo, up=False), out(hi, up=True)
+    return (nlo, nhi) if nlo < nhi else (nlo, nlo + 1.0)
+
+
+def reference_bounds(x: np.ndarray) -> list[tuple[float, float]]:
+    """Public per-feature bounds from a public reference table (column min/max, rounded outward)."""
+    return [nice_bounds(float(lo), float(hi)) for lo, hi in zip(np.nanmin(x, 0), np.nanmax(x, 0), strict=True)]
+
+
+# --- site side: pass 1 and pass 2 --------------------------------------------------------------------
+def _check_inputs(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: StatsSpec) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != spec.n_features:
+        raise ValueError(f"data has shape {x.shape}, expected (rows, {spec.n_features})")
+    missing = [g for g in spec.groups if g not in masks]
+    if missing:
+        raise ValueError(f"no row mask for group(s) {missing}")
+    for g in spec.groups:
+        if np.shape(masks[g]) != (x.shape[0],):
+            raise ValueError(f"group '{g}' mask has shape {np.shape(masks[g])}, expected ({x.shape[0]},)")
+    if np.isinf(x).any():
+        raise ValueError("data holds infinite values")
+    return x
+
+
+def histogram_counts(col: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts of the present (non-NaN) values of one feature in fixed bins; out-of-range values land
+    in the first or last bin. Bins are [e_i, e_{i+1}), the last one closed."""
+    col = col[~np.isnan(col)]
+    bins = len(edges) - 1
+    idx = np.clip(np.searchsorted(edges, col, side="right") - 1, 0, bins - 1)
+    return np.bincount(idx, minlength=bins).astype(np.float64)
+
+
+def local_sums(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: StatsSpec, clip: bool = False) -> np.ndarray:
+    """Pass-1 vector of one site: per group [rows, count_f, Σx_f / scale_f, histogram_f] (NaN = missing).
+
+    ``clip`` clamps values into the public bounds first: output DP needs it (it bounds what one
+    record can change); without DP the sums stay exact even for values past the bounds.
+    """
+    x = _check_inputs(x, masks, spec)
+    if clip:
+        x = np.clip(x, spec.lo, spec.hi)  # NaN stays NaN
+    scale, edges = spec.scale, spec.edges
+    out = np.zeros(spec.pass1_size)
+    f, b = spec.n_features, spec.bins
+    for gi, g in enumerate(spec.groups):
+        rows = x[np.asarray(masks[g], dtype=bool)]
+        base = gi * spec.block
+        out[base] = rows.shape[0]
+        present = ~np.isnan(rows)
+        out[base + 1 : base + 1 + f] = present.sum(axis=0)
+        out[base + 1 + f : base + 1 + 2 * f] = np.where(present, rows, 0.0).sum(axis=0) / scale
+        hist = out[base + 1 + 2 * f : base + spec.block].reshape(f, b)
+        for j in range(f):
+            hist[j] = histogram_counts(rows[:, j], edges[j])
+    return out
+
+
+@dataclass
+class Sums:
+    """The pooled pass-1 aggregate in natural units: rows (G,), count (G,F), total (G,F), hist (G,F,B)."""
+
+    rows: np.ndarray
+    count: np.ndarray
+    total: np.ndarray
+    hist: np.ndarray
+
+    def means(self) -> np.ndarray:
+        """(G, F) pooled means; NaN where a group has no value of a feature."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan)
+
+
+def _whole(values: np.ndarray, what: str) -> np.ndarray:
+    rounded = np.rint(values)
+    worst = float(np.max(np.abs(values - rounded), initial=0.0))
+    if worst > 0.25 or (rounded < 0).any():
+        raise ValueError(
+            f"aggregated {what} are not non-negative whole numbers (off by up to {worst:.3g}): the encrypted "
+            "sum wrapped around or a site sent a corrupted vector"
+        )
+    return rounded.astype(np.int64)
+
+
+def unpack_sums(vec: np.ndarray, spec: StatsSpec) -> Sums:
+    """Split a (decrypted) pass-1 sum back into natural units; counts rounded to whole numbers."""
+    v = np.asarray(vec, dtype=np.float64).reshape(-1)
+    if v.size != spec.pass1_size:
+        raise ValueError(f"pass-1 vector has {v.size} values, expected {spec.pass1_size}")
+    blocks = v.reshape(spec.n_groups, spec.block)
+    f = spec.n_features
+    return Sums(
+        rows=_whole(blocks[:, 0], "row counts"),
+        count=_whole(blocks[:, 1 : 1 + f], "value counts"),
+        total=blocks[:, 1 + f : 1 + 2 * f] * spec.scale,
+        hist=_whole(blocks[:, 1 + 2 * f :], "histogram counts").reshape(spec.n_groups, f, spec.bins),
+    )
+
+
+def local_deviations(
+    x: np.ndarray, masks: Mapping[str, np.ndarray], means: np.ndarray, spec: StatsSpec, clip: bool = False
+) -> np.ndarray:
+    """Pass-2 vector of one site: per group and feature Σ(x − pooled mean)² / scale² (missing skipped).
+
+    Groups or features with no pooled value (mean NaN) contribute 0.
+    """
+    x = _check_inputs(x, masks, spec)
+    means = np.asarray(means, dtype=np.float64)
+    if means.shape != (spec.n_groups, spec.n_features):
+        raise ValueError(f"means have shape {means.shape}, expected {(spec.n_groups, spec.n_features)}")
+    if clip:
+        x = np.clip(x, spec.lo, spec.hi)
+    out = np.zeros((spec.n_groups, spec.n_features))
+    for gi, g in enumerate(spec.groups):
+        rows = x[np.asarray(masks[g], dtype=bool)]
+        dev = (rows - np.nan_to_num(means[gi])) / spec.scale
+        out[gi] = np.where(np.isnan(dev) | np.isnan(means[gi]), 0.0, dev * dev).sum(axis=0)
+    return out.reshape(-1)
+
+
+def unpack_deviations(vec: np.ndarray, spec: StatsSpec) -> np.ndarray:
+    """(G, F) pooled Σ(x − mean)² in natural units."""
+    v = np.asarray(vec, dtype=np.float64).reshape(-1)
+    if v.size != spec.pass2_size:
+        raise ValueError(f"pass-2 vector has {v.size} values, expected {spec.pass2_size}")
+    return np.maximum(v.reshape(spec.n_groups, spec.n_features), 0.0) * spec.scale**2
+
+
+# --- output differential privacy -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DPConfig:
+    """Output DP for the release: ε (and δ for the Gaussian mechanism) for the whole release.
+
+    Neighbouring data sets differ by one patient record (add/remove). The budget is split across
+    the four families of released values (basic composition); see :func:`noise_plan`.
+    Known limit: noise is drawn in floating point (numpy, OS-seeded), whose low-order bits can leak
+    (Mironov, CCS 2012); a snapping or discrete mechanism would close that, at more code.
+    """
+
+    epsilon: float
+    mechanism: str = "laplace"
+    delta: float = 0.0
+    split: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT))
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.epsilon, int | float) and math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"epsilon must be a positive number, got {self.epsilon!r}")
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
+        if self.mechanism == "gaussian" and not 0 < self.delta < 1:
+            raise ValueError(f"the Gaussian mechanism needs 0 < delta < 1, got {self.delta!r}")
+        if self.mechanism == "laplace" and self.delta != 0:
+            raise ValueError("the Laplace mechanism is pure ε-DP: leave delta at 0")
+        if set(self.split) != set(DEFAULT_SPLIT) or any(v <= 0 for v in self.split.values()):
+            raise ValueError(f"split must give a positive share to each of {sorted(DEFAULT_SPLIT)}")
+        if not math.isclose(sum(self.split.values()), 1.0, rel_tol=1e-9):
+            raise ValueError(f"split shares must add up to 1, got {sum(self.split.values())}")
+
+
+def gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
+    """Smallest σ for which N(0, σ²) noise gives (ε, δ)-DP at L2 ``sensitivity``.
+
+    The analytic Gaussian mechanism (Balle & Wang, ICML 2018, Theorem 8): exact for every ε, where the
+    classic σ = Δ·√(2 ln(1.25/δ))/ε holds only for ε < 1 and over-noises. Found by bisection on
+    Φ(Δ/2σ − εσ/Δ) − e^ε·Φ(−Δ/2σ − εσ/Δ) ≤ δ, which decreases in σ.
+    """
+
+    def phi(t: float) -> float:
+        return 0.5 * math.erfc(-t / math.sqrt(2.0))
+
+    def excess(sigma: float) -> float:
+        a, b = sensitivity / (2 * sigma), epsilon * sigma / sensitivity
+        return phi(a - b) - math.exp(epsilon) * phi(-a - b) - delta
+
+    lo, hi = 1e-12 * sensitivity, sensitivity
+    while excess(hi) > 0:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if excess(mid) <= 0 else (mid, hi)
+    return hi
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """Noise scale per released value, in natural units (Laplace b, or Gaussian σ).
+
+    Derivation (one record added or removed; values clipped into [lo, hi]; ``g`` = groups a record can
+    sit in at once: "all" plus at most one partition group, so 2):
+
+    * count of a group: sensitivity 1 per group → L1 = g, L2 = √g.
+    * centred sum Σ(x − c), c the bounds' midpoint: (hi − lo)/2 per feature.
+    * Σ(x − x̄)²: at most (hi − lo)² per feature (n/(n+1)·(x − x̄)² with x, x̄ in the bounds).
+    * histogram: one bin per feature moves by 1.
+
+    Per feature the value is divided by that unit, so each family is one query over F (counts: 1)
+    unit-sensitivity coordinates: L1 = g·F, L2 = √(g·F). Laplace b = L1/ε_family, Gaussian σ from
+    :func:`gaussian_sigma` at (L2, ε_family, δ_family); then multiplied back by each feature's unit.
+    """
+
+    mechanism: str
+    epsilon: float
+    delta: float
+    split: dict[str, float]
+    group_factor: int
+    count: float
+    histogram: float
+    sum: np.ndarray  # (F,)
+    m2: np.ndarray  # (F,)
+
+    def as_dict(self, features: Sequence[str]) -> dict:
+        return {
+            "mechanism": self.mechanism,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "noise_parameter": "laplace scale b" if self.mechanism == "laplace" else "gaussian sigma",
+            "budget_split": dict(self.split),
+            "records_in_groups": self.group_factor,
+            "noise_scale": {
+                "count": self.count,
+                "histogram": self.histogram,
+                "sum": dict(zip(features, self.sum.tolist(), strict=True)),
+                "m2": dict(zip(features, self.m2.tolist(), strict=True)),
+            },
+            "neighbouring": "add or remove one patient record",
+            "composition": "basic: ε and δ add up over the four families",
+            "clipping": "values clamped into the public bounds before summing",
+            "rows": "complete cases only (rows with a missing feature are left out)",
+        }
+
+
+def noise_plan(spec: StatsSpec, dp: DPConfig) -> NoisePlan:
+    """Calibrate every family's noise to its share of ε (and δ); see :class:`NoisePlan`."""
+    g = 2 if spec.n_groups > 1 else 1
+    f = spec.n_features
+    half_range = (spec.hi - spec.lo) / 2
+    range_sq = (spec.hi - spec.lo) ** 2
+
+    def unit_noise(k: int, family: str) -> float:
+        eps = dp.epsilon * dp.split[family]
+        if dp.mechanism == "laplace":
+            return g * k / eps
+        return gaussian_sigma(math.sqrt(g * k), eps, dp.delta * dp.split[family])
+
+    return NoisePlan(
+        mechanism=dp.mechanism,
+        epsilon=float(dp.epsilon),
+        delta=float(dp.delta),
+        split=dict(dp.split),
+        group_factor=g,
+        count=unit_noise(1, "count"),
+        histogram=unit_noise(f, "histogram"),
+        sum=half_range * unit_noise(f, "sum"),
+        m2=range_sq * unit_noise(f, "m2"),
+    )
+
+
+def _draw(rng: np.random.Generator, mechanism: str, scale: float | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if mechanism == "laplace":
+        return rng.laplace(0.0, 1.0, size=shape) * scale
+    return rng.normal(0.0, 1.0, size=shape) * scale
+
+
+def add_noise(
+    sums: Sums, m2: np.ndarray, spec: StatsSpec, plan: NoisePlan, rng: np.random.Generator
+) -> tuple[Sums, np.ndarray]:
+    """Noisy copies of the pooled aggregates (post-processed: counts rounded and ≥ 0, Σ(x−x̄)² ≥ 0).
+
+    Counts per feature are replaced by the group's noisy row count: under DP only complete rows are
+    summed, so one noisy count serves every feature (one query instead of F).
+    """
+    gshape, fshape = (spec.n_groups,), (spec.n_groups, spec.n_features)
+    rows = np.maximum(np.rint(sums.rows + _draw(rng, plan.mechanism, plan.count, gshape)), 0).astype(np.int64)
+    mid = (spec.lo + spec.hi) / 2
+    centred = sums.total - sums.count * mid + _draw(rng, plan.mechanism, plan.sum, fshape)
+    noisy_m2 = np.maximum(m2 + _draw(rng, plan.mechanism, plan.m2, fshape), 0.0)
+    hist = sums.hist + _draw(rng, plan.mechanism, plan.histogram, sums.hist.shape)
+    hist = np.maximum(np.rint(hist), 0).astype(np.int64)
+    count = np.repeat(rows[:, None], spec.n_features, axis=1)
+    total = centred + count * mid
+    return Sums(rows=rows, count=count, total=total, hist=hist), noisy_m2
+
+
+# --- small-cell suppression -------------------------------------------------------------------------------
+@dataclass
+class Suppression:
+    """What is withheld from the release, with reasons that name the rule, never the hidden value."""
+
+    min_cell: int
+    groups: dict[str, str] = field(default_factory=dict)
+    features: dict[str, dict[str, str]] = field(default_factory=dict)
+    histograms: dict[str, dict[str, str]] = field(default_factory=dict)
+    cells: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+
+    def as_dict(self, max_bins_percent: float | None) -> dict:
+        return {
+            "min_cell": self.min_cell,
+            "max_bins_percent": max_bins_percent,
+            "groups_withheld": dict(self.groups),
+            "features_withheld": {g: dict(v) for g, v in self.features.items() if v},
+            "histograms_withheld": {g: dict(v) for g, v in self.histograms.items() if v},
+            "cells_withheld": {g: {f: list(b) for f, b in v.items() if b} for g, v in self.cells.items() if v},
+            "cells_withheld_total": sum(len(b) for v in self.cells.values() for b in v.values()),
+            "rules": [
+                f"a group with fewer than {self.min_cell} rows is withheld whole",
+                f"a group's feature with fewer than {self.min_cell} values is withheld (FLARE MinCountCleanser)",
+                "a histogram with bins >= max_bins_percent of its values is withheld (FLARE HistogramBinsCleanser)",
+                f"a histogram bin with fewer than {self.min_cell} records is withheld",
+                f"complementary: when a partition group is withheld, '{ALL}' is too (else all − others reveals it)",
+                "complementary: every published sum (a group's histogram; a bin across groups while "
+                f"'{ALL}' is released) hides none or at least two of its cells (else subtraction reveals it)",
+            ],
+        }
+
+
+def _flare_feature_gate(
+    spec: StatsSpec,
+    released: list[str],
+    counts: Mapping[str, np.ndarray],
+    min_cell: int,
+    max_bins_percent: float | None,
+) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Which (group, feature) pairs FLARE's own cleansers keep, with its data layout.
+
+    Reuses `MinCountCleanser` (a feature needs ``min_count`` values) and `HistogramBinsCleanser`
+    (a histogram needs fewer bins than ``max_bins_percent`` % of its values) unchanged, on
+    the pooled statistics at the releasing site (FLARE applies them per site, on plaintext).
+    Returns (features kept, histograms kept) per group.
+    """
+    from nvflare.app_common.abstract.statistics_spec import Bin, Histogram, HistogramType
+    from nvflare.app_common.app_constant import StatisticsConstants as StC
+    from nvflare.app_common.statistics.histogram_bins_cleanser import HistogramBinsCleanser
+    from nvflare.app_common.statistics.min_count_cleanser import MinCountCleanser
+
+    fake_bins = [Bin(float(i), float(i + 1), 0) for i in range(spec.bins)]
+    flare = {
+        StC.STATS_COUNT: {g: {f: int(c) for f, c in zip(spec.features, counts[g], strict=True)} for g in released},
+        StC.STATS_FAILURE_COUNT: {g: dict.fromkeys(spec.features, 0) for g in released},
+        StC.STATS_MEAN: {g: dict.fromkeys(spec.features, 0.0) for g in released},
+        StC.STATS_HISTOGRAM: {
+            g: {f: Histogram(HistogramType.STANDARD, fake_bins, None) for f in spec.features} for g in released
+        },
+    }
+    flare, _ = MinCountCleanser(min_count=min_cell).apply(flare, "pooled")
+    features = {g: set(flare[StC.STATS_MEAN].get(g, {})) for g in released}
+    if max_bins_percent is not None:
+        flare, _ = HistogramBinsCleanser(max_bins_percent=max_bins_percent).apply(flare, "pooled")
+    hists = {g: set(flare[StC.STATS_HISTOGRAM].get(g, {})) & features[g] for g in released}
+    return features, hists
+
+
+def _cell_pattern(hists: Mapping[str, np.ndarray], min_cell: int, linked: bool) -> dict[str, set[int]]:
+    """Bins to withhold from one feature's histograms across the released groups.
+
+    Primary: every bin below ``min_cell``. Complementary ("at least two per line", the usual
+    statistical-disclosure heuristic): each *line*, a set of cells whose sum is published, must hide
+    none or at least two of its cells, else the hidden one is that sum minus the others. The lines
+    are each group's histogram (its count is released) and, when ``linked`` ("all" is released
+    beside the whole partition), each bin across groups: all[b] = Σ_g g[b]. A line with one hidden
+    cell hides its smallest other cell too, until no line has exactly one.
+    """
+    groups = list(hists)
+    cells = {g: np.asarray(h) for g, h in hists.items()}
+    bins = len(next(iter(cells.values())))
+    hidden = {g: set(np.flatnonzero(cells[g] < min_cell).tolist()) for g in groups}
+    lines: list[list[tuple[str, int]]] = [[(g, b) for b in range(bins)] for g in groups]
+    if linked:
+        lines += [[(g, b) for g in groups] for b in range(bins)]
+    changed = True
+    while changed:
+        changed = False
+        for line in lines:
+            shut = [c for c in line if c[1] in hidden[c[0]]]
+            if len(shut) == 1 and len(line) > 1:
+                g, b = min((c for c in line if c not in shut), key=lambda c: (int(cells[c[0]][c[1]]), c[1]))
+                hidden[g].add(b)
+                changed = True
+    return hidden
+
+
+def suppress(
+    spec: StatsSpec,
+    rows: np.ndarray,
+    counts: np.ndarray,
+    hist: np.ndarray,
+    min_cell: int,
+    max_bins_percent: float | None = 10.0,
+) -> Suppression:
+    """Decide what to withhold from pooled (possibly noisy) counts; nothing about values is needed.
+
+    Applied where the result is decrypted, before anything leaves the key holders. Complementary
+    rules stop the released totals from giving a withheld value back by subtraction.
+    """
+    if min_cell < 1:
+        raise ValueError(f"min_cell must be at least 1, got {min_cell}")
+    out = Suppression(min_cell=int(min_cell))
+    gi = {g: i for i, g in enumerate(spec.groups)}
+    for g in spec.groups:
+        if rows[gi[g]] < min_cell:
+            out.groups[g] = f"fewer than {min_cell} rows"
+    partition = [g for g in spec.groups if g != ALL]
+    withheld_parts = [g for g in partition if g in out.groups]
+    if withheld_parts and len(partition) > 1 and ALL not in out.groups:
+        out.groups[ALL] = f"complementary: '{ALL}' minus the released groups would reveal {', '.join(withheld_parts)}"
+    released = [g for g in spec.groups if g not in out.groups]
+
+    counts_of = {g: counts[gi[g]] for g in released}
+    kept, hist_kept = _flare_feature_gate(spec, released, counts_of, min_cell, max_bins_percent)
+    for g in released:
+        out.features[g] = {f: f"fewer than {min_cell} values" for f in spec.features if f not in kept[g]}
+    if ALL in released:  # a feature withheld in a partition group is withheld in "all" as well
+        for g in released:
+            for f in list(out.features[g]):
+                if g != ALL and f not in out.features[ALL]:
+                    out.features[ALL][f] = f"complementary: withheld in group '{g}'"
+                    kept[ALL].discard(f)
+    for g in released:
+        out.histograms[g] = {
+            f: f"{spec.bins} bins is not below {max_bins_percent}% of its values"
+            for f in spec.features
+            if f in kept[g] and f not in hist_kept[g]
+        }
+        out.cells[g] = {}
+    if ALL in released:  # likewise a partition group's withheld histogram withholds the total's
+        for f in spec.features:
+            lost = [g for g in released if g != ALL and f in kept[g] and f not in hist_kept[g]]
+            if lost and f in kept[ALL] and f in hist_kept[ALL]:
+                out.histograms[ALL][f] = f"complementary: withheld in group '{lost[0]}'"
+                hist_kept[ALL].discard(f)
+
+    for j, f in enumerate(spec.features):
+        shown = [g for g in released if f in kept[g] and f in hist_kept[g]]
+        if not shown:
+            continue
+        linked = ALL in shown and len(partition) > 1 and all(g in shown for g in partition)
+        for g, bins in _cell_pattern({g: hist[gi[g], j] for g in shown}, min_cell, linked).items():
+            out.cells[g][f] = sorted(bins)
+    return out
+
+
+# --- the release -------------------------------------------------------------------------------------------
+def release(
+    sums: Sums,
+    m2: np.ndarray,
+    spec: StatsSpec,
+    min_cell: int = 10,
+    dp: DPConfig | None = None,
+    max_bins_percent: float | None = 10.0,
+    rng: np.random.Generator | None = None,
+) -> dict:
+    """What may leave the key holders: {"statistics", "suppression", "dp"} (JSON-able).
+
+    With ``dp``, noise is added first and suppression decided on the noisy counts, so the decision
+    is post-processing of a DP output and costs no extra privacy.
+    """
+    plan = None
+    if dp is not None:
+        plan = noise_plan(spec, dp)
+        sums, m2 = add_noise(sums, m2, spec, plan, rng or np.random.default_rng())
+    sup = suppress(spec, sums.rows, sums.count, sums.hist, min_cell, max_bins_percent)
+    edges = spec.edges
+    stats: dict[str, dict[str, dict]] = {}
+    for gi, g in enumerate(spec.groups):
+        if g in sup.groups:
+            continue
+        stats[g] = {}
+        for j, f in enumerate(spec.features):
+            if f in sup.features.get(g, {}):
+                continue
+            n = int(sums.count[gi, j])
+            mean = float(sums.total[gi, j] / n) if n > 0 else None
+            std = float(math.sqrt(m2[gi, j] / (n - 1))) if n > 1 else None
+            if plan is not None and mean is not None:  # post-processing: keep noisy values plausible
+                mean = float(np.clip(mean, spec.lo[j], spec.hi[j]))
+                std = None if std is None else float(min(std, spec.hi[j] - spec.lo[j]))
+            entry: dict = {"count": n, "mean": mean, "std": std}
+            if f in sup.histograms.get(g, {}):
+                entry["histogram"] = None
+            else:
+                hidden = set(sup.cells.get(g, {}).get(f, []))
+                entry["histogram"] = {
+                    "bin_edges": edges[j].tolist(),
+                    "counts": [None if b in hidden else int(sums.hist[gi, j, b]) for b in range(spec.bins)],
+                }
+            stats[g][f] = entry
+    return {
+        "statistics": stats,
+        "suppression": sup.as_dict(max_bins_percent),
+        "dp": plan.as_dict(spec.features) if plan is not None else None,
+    }
+
+
+def pooled_reference(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: StatsSpec) -> dict[str, dict[str, dict]]:
+    """Count, mean and std (ddof=1) computed centrally: the plaintext truth the federated run must match."""
+    out: dict[str, dict[str, dict]] = {}
+    for g in spec.groups:
+        rows = np.asarray(x, dtype=np.float64)[np.asarray(masks[g], dtype=bool)]
+        out[g] = {}
+        for j, f in enumerate(spec.features):
+            col = rows[:, j][~np.isnan(rows[:, j])]
+            out[g][f] = {
+                "count": int(col.size),
+                "mean": float(col.mean()) if col.size else None,
+                "std": float(col.std(ddof=1)) if col.size > 1 else None,
+            }
+    return out

@@ -1,0 +1,749 @@
+"""`cohort_stats` on FLARE: encrypted two-pass federated statistics, released by one key-holding site.
+
+What we reuse from FLARE's federated statistics (`nvflare.app_common.statistics`,
+`StatisticsController` / `StatisticsExecutor`) and what we change, and why:
+
+* Reused as is: the two-pass plan (global mean first, then Σ(x − mean)², as its ``var`` statistic
+  does), its privacy cleansers `MinCountCleanser` and `HistogramBinsCleanser` (called unchanged from
+  :func:`clinfed.analytics.stats.suppress`), its statistics layout (dataset → feature) in the
+  summary, and `ModelController` for task dispatch, timeouts and result collection.
+* Changed: `StatisticsController` receives every site's *plaintext* statistics and aggregates them
+  at the server (`numeric_stats.get_global_stats`, rounded to 4 decimals). Here the server is
+  honest-but-curious (DESIGN.md): it only adds CKKS ciphertexts (`clinfed.he.EncryptedSum`) and
+  never holds the secret key. The sites decrypt the pass-1 sum to learn the pooled means, and one
+  *release site* decrypts both sums, adds optional output-DP noise and suppresses small cells
+  before anything reaches the server, so the server (and the researcher reading summary.json)
+  only ever sees the cleansed release. FLARE cleanses each site's local statistics; we cleanse the
+  pooled ones, which is what is released, and add cell-level and complementary suppression (see
+  `stats.suppress`), which FLARE's cleansers lack.
+* Changed: histogram bins are fixed from public bounds (FLARE's default bins span the federation's
+  min/max, two patients' exact values, which it must first release with noise).
+
+Flow (three tasks, recorded as three "rounds" in summary.json):
+
+=====  ====================  ===============================================================
+round  task                  what travels
+=====  ====================  ===============================================================
+0      ``cohort_sums``       site → server: Enc(rows, counts, Σx/scale, histograms); server adds
+1      ``cohort_deviations`` server → sites: Enc(pass-1 sum); site → server: Enc(Σ(x−mean)²/scale²)
+2      ``cohort_release``    server → release site: both sums; release site → server: the
+                             suppressed (and noised) release as JSON
+=====  ====================  ===============================================================
+
+Known limit (same as FedAvg's): every key-holding site that takes part in pass 2 sees the *pooled*
+pass-1 aggregate unsuppressed, since it must decrypt the means. Suppression and DP protect what
+leaves the key holders, not what the key holders compute together. Only one site releases, so the
+server never gets two independently noised copies to average.
+
+A site-level problem (missing column, unreadable CSV, policy refusal) is reported as that site's
+status "failed"/"refused" with a one-line reason; the others go on, and the release covers the
+sites that contributed to both passes (listed in ``final.per_site``), if at least ``min_sites`` did.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_common.workflows.model_controller import ModelController
+from nvflare.job_config.api import FedJob
+from nvflare.recipe.spec import Recipe
+
+from clinfed.analytics import stats
+from clinfed.analytics.psi import site_index
+from clinfed.audit import AuditLog, payload_digest
+from clinfed.fl import payload
+from clinfed.fl.participant import (
+    RESOURCES_FILE,
+    SERVER_CONTEXT_FILE,
+    SITE_CONTEXT_FILE,
+    SitePolicy,
+    find_context_file,
+    participant_root,
+)
+
+PASS1_TASK = "cohort_sums"
+PASS2_TASK = "cohort_deviations"
+RELEASE_TASK = "cohort_release"
+TASKS = (PASS1_TASK, PASS2_TASK, RELEASE_TASK)
+STATS_KEY = "stats"  # the one packed vector, plaintext mode
+SUMMARY_FILE = "summary.json"
+COHORTS = ("all", "intersect")
+MISSING = {"", "na", "nan", "null", "none"}
+
+
+def settings_digest(spec: stats.StatsSpec, dp: dict | None, cohort: str) -> str:
+    """What every participant must agree on before vectors can be added slot by slot."""
+    return spec.digest(dp_clip=dp is not None, cohort=cohort)
+
+
+def _layout_json(size: int) -> str:
+    from clinfed.he.packing import flatten, layout_to_json
+
+    return layout_to_json(flatten({STATS_KEY: np.zeros(size)})[1])
+
+
+def _one_line(site: str, exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if text.startswith(site) else f"{site}: {type(exc).__name__}: {text}"
+
+
+class SiteRefusal(RuntimeError):
+    """The site declines (its policy says no, or the server asks for something out of order)."""
+
+
+def _data_error(message: str) -> ValueError:
+    """`clinfed.tasks.base.SiteDataError`, imported only when raised: that module imports torch,
+    which a statistics site (and the server) would otherwise load for nothing."""
+    from clinfed.tasks.base import SiteDataError
+
+    return SiteDataError(message)
+
+
+def _site_min_cell(root: Path) -> int | None:
+    """The hospital's own floor for small cells (`local/resources.json` → clinfed.min_cell): a job can
+    raise the threshold, never lower it below the site's."""
+    path = root / "local" / RESOURCES_FILE
+    if not path.exists():
+        return None
+    value = json.loads(path.read_text()).get("clinfed", {}).get("min_cell")
+    return int(value) if value is not None else None
+
+
+# --- the site's table ---------------------------------------------------------------------------------------
+def _cell_float(site: str, path: Path, line: int, column: str, text: str) -> float:
+    if text is None or text.strip().lower() in MISSING:
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise _data_error(f"{site}: {path} line {line}, column '{column}': '{text}' is not a number") from None
+
+
+def read_cohort_csv(
+    site: str, data_dir: str | Path, features: list[str], group_column: str, id_column: str | None = None
+) -> tuple[np.ndarray, list[str], list[str] | None]:
+    """(values, group labels, ids) from the site's `<data_dir>/data.csv` (or its only CSV).
+
+    Empty or NA cells are missing values (skipped per feature); a missing *column* is an error that
+    names the site and the column, since every site must summarise the same features.
+    """
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise _data_error(f"{site}: data folder {folder} does not exist")
+    csvs = sorted(folder.glob("*.csv"))
+    path = folder / "data.csv" if (folder / "data.csv").exists() else (csvs[0] if len(csvs) == 1 else None)
+    if path is None:
+        raise _data_error(f"{site}: no data.csv in {folder}")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        needed = [*features, group_column, *([id_column] if id_column else [])]
+        for col in needed:
+            if col not in header:
+                raise _data_error(f"{site}: {path} lacks column '{col}'")
+        rows = list(reader)
+    x = np.array(
+        [[_cell_float(site, path, i, f, r[f]) for f in features] for i, r in enumerate(rows, start=2)],
+        dtype=np.float64,
+    ).reshape(len(rows), len(features))
+    labels = [(r[group_column] or "").strip() for r in rows]
+    ids = [(r[id_column] or "").strip() for r in rows] if id_column else None
+    return x, labels, ids
+
+
+def _same(label: str, value: object) -> bool:
+    try:
+        return float(label) == float(value)  # "1", "1.0" and 1 are one group
+    except (TypeError, ValueError):
+        return label == str(value)
+
+
+def group_masks(labels: list, spec: stats.StatsSpec, group_values: dict) -> dict[str, np.ndarray]:
+    """Row masks per group: "all" is every row; each other group the rows whose label equals its value."""
+    n = len(labels)
+    masks = {stats.ALL: np.ones(n, dtype=bool)}
+    for g in spec.groups[1:]:
+        masks[g] = np.array([_same(str(label), group_values[g]) for label in labels], dtype=bool).reshape(n)
+    return masks
+
+
+# --- site side ------------------------------------------------------------------------------------------
+class CohortStatsExecutor(Executor):
+    """A site's part of `cohort_stats`: pack and encrypt its partial sums, and (if chosen) release.
+
+    Never raises into FLARE for a site-level problem: it answers with status "failed" or "refused"
+    and a one-line reason naming the site, as `clinfed.fl.executor.DPTrainExecutor` does.
+    """
+
+    def __init__(
+        self,
+        spec: dict | None = None,
+        group_values: dict | None = None,
+        group_column: str = "target",
+        cohort: str = "all",
+        id_column: str = "patient_id",
+        encrypt: bool = True,
+        num_sites: int = 3,
+        min_cell: int = 10,
+        max_bins_percent: float | None = 10.0,
+        dp: dict | None = None,
+        job_label: str = "cohort_stats",
+    ):
+        """
+        Args:
+            spec: `StatsSpec.to_dict()`: features, public bounds, groups ("all" first), bins.
+            group_values: group name → the value of ``group_column`` that puts a row in it.
+            group_column: column of a site's own CSV that defines the groups (bundled data: the label).
+            cohort: "all" rows, or "intersect": only rows whose ``id_column`` is in the site's PSI result
+                (`local/psi/intersection.txt`, written by the `psi_linkage` job).
+            encrypt: CKKS ciphertexts (default) or plaintext vectors (comparison only).
+            num_sites: federation size, to pick this site's part of the bundled demo data and to bound
+                the encrypted sum.
+            min_cell / max_bins_percent: suppression thresholds applied if this site releases.
+            dp: None, or {"epsilon", "mechanism", "delta"} for output DP on the release.
+        """
+        super().__init__()
+        # FedJob serialises a component from the attributes named like its __init__ arguments.
+        self.spec, self.group_values = dict(spec or {}), dict(group_values or {})
+        self.group_column, self.cohort, self.id_column = group_column, cohort, id_column
+        self.encrypt, self.num_sites, self.min_cell = encrypt, num_sites, min_cell
+        self.max_bins_percent, self.dp, self.job_label = max_bins_percent, dp, job_label
+        self._spec = stats.StatsSpec.from_dict(self.spec) if self.spec else None
+        self._ready = False
+        self._ctx = None
+        self._fingerprint = ""
+        self._sent_pass1 = False
+
+    # --- state for the whole job at this site ------------------------------------------------------------
+    def _setup(self, fl_ctx: FLContext) -> None:
+        if self._ready:
+            return
+        if self._spec is None:
+            raise ValueError(f"{self.site}: job config carries no statistics spec")
+        if self.cohort not in COHORTS:
+            raise ValueError(f"{self.site}: unknown cohort '{self.cohort}' (known: {', '.join(COHORTS)})")
+        self.root = participant_root(fl_ctx)
+        self.policy = SitePolicy.load(self.root)
+        self.audit = AuditLog(self.root, self.site)
+        if self.policy.require_encryption and not self.encrypt:
+            raise SiteRefusal(
+                f"{self.site}: local privacy policy requires encrypted statistics; this job sends plaintext"
+            )
+        if self.encrypt:
+            from clinfed.he.context import context_fingerprint, load_site_context
+
+            path = find_context_file(self.root, SITE_CONTEXT_FILE)
+            if path is None:
+                raise SiteRefusal(f"{self.site}: no CKKS context ({SITE_CONTEXT_FILE}) in {self.root}/startup or local")
+            self._ctx = load_site_context(path)
+            self._fingerprint = context_fingerprint(self._ctx)
+        index = site_index(self.site)
+        if self.policy.data_dir is None and (index is None or index >= self.num_sites):
+            raise SiteRefusal(f"{self.site}: no data_dir in local/resources.json and no bundled split for this name")
+        x, labels, origin = self._load(index or 0)
+        if self.dp is not None:  # DP sums need complete rows: one noisy count then serves every feature
+            keep = ~np.isnan(x).any(axis=1)
+            x, labels = x[keep], [lab for lab, k in zip(labels, keep, strict=True) if k]
+        self.x, self.masks = x, group_masks(labels, self._spec, self.group_values)
+        self.log_info(fl_ctx, f"{self.site}: {origin}, {len(x)} rows")
+        self.audit.append("job_start", job=self.job_label, encrypted=self.encrypt, cohort=self.cohort)
+        self._ready = True
+
+    def _load(self, index: int) -> tuple[np.ndarray, list, str]:
+        from clinfed.analytics import psi
+        from clinfed.data import breast_cancer as bc  # imports torch (via tasks.base): sites with bundled data only
+
+        features = list(self._spec.features)
+        wanted = psi.read_intersection(self.root, self.site) if self.cohort == "intersect" else None
+        if self.policy.data_dir:
+            id_col = self.id_column if wanted is not None else None
+            x, labels, ids = read_cohort_csv(self.site, self.policy.data_dir, features, self.group_column, id_col)
+            origin = f"{self.policy.data_dir}"
+        else:
+            table = bc.load_bundled()
+            if self.group_column != bc.LABEL_COLUMN:
+                raise _data_error(f"{self.site}: the bundled data has no column '{self.group_column}'")
+            if wanted is None:
+                rows = bc.dirichlet_split(table.y, self.num_sites)[index]
+            else:
+                rows = np.asarray(psi.registry_rows(index, self.num_sites, len(table.y)))
+            unknown = [f for f in features if f not in table.features]
+            if unknown:
+                raise _data_error(f"{self.site}: the bundled data has no column '{unknown[0]}'")
+            cols = [table.features.index(f) for f in features]
+            x, labels, ids = table.x[np.ix_(rows, cols)], table.y[rows].tolist(), psi.patient_ids(rows)
+            origin = f"bundled rows, site {index + 1}/{self.num_sites}"
+        if wanted is not None:
+            keep = np.array([i in wanted for i in ids], dtype=bool).reshape(len(ids))
+            x, labels = x[keep], [lab for lab, k in zip(labels, keep, strict=True) if k]
+            origin += f", restricted to the {int(keep.sum())} rows linked by PSI"
+        return x, labels, origin
+
+    # --- vectors out and in ------------------------------------------------------------------------
+    def _pack(self, vec: np.ndarray) -> dict:
+        if not self.encrypt:
+            return {STATS_KEY: vec}
+        from clinfed.he.aggregation import weighted_encrypt
+        from clinfed.he.packing import layout_to_json
+
+        cts, layout = weighted_encrypt(self._ctx, {STATS_KEY: vec}, 1.0, sites=self.num_sites)
+        return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint)
+
+    def _unpack(self, params: dict, size: int) -> np.ndarray:
+        if payload.is_encrypted(params):
+            if self._ctx is None:
+                raise ValueError(f"{self.site}: received ciphertexts but this job runs without encryption")
+            if params.get(payload.FINGERPRINT_KEY) != self._fingerprint:
+                raise ValueError(f"{self.site}: the server's sum was made under another federation's key")
+            from clinfed.he.ckks import decrypt_vector
+
+            return decrypt_vector(self._ctx, params[payload.CKKS_KEY], size)
+        if self.encrypt:
+            raise ValueError(f"{self.site}: received a plaintext sum in an encrypted job")
+        vec = np.asarray(params.get(STATS_KEY), dtype=np.float64).reshape(-1)
+        if vec.size != size or not np.all(np.isfinite(vec)):
+            raise ValueError(f"{self.site}: the server's sum has {vec.size} values (expected {size}) or NaN")
+        return vec
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if task_name not in TASKS:
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        self.site = fl_ctx.get_identity_name()
+        round_num = TASKS.index(task_name)
+        try:
+            self._setup(fl_ctx)
+            incoming = FLModelUtils.from_shareable(shareable)
+            expected = settings_digest(self._spec, self.dp, self.cohort)
+            if (incoming.meta or {}).get("settings") != expected:
+                raise SiteRefusal(f"{self.site}: the server's statistics settings differ from this site's job config")
+            start = time.monotonic()
+            if task_name == PASS1_TASK:
+                vec = stats.local_sums(self.x, self.masks, self._spec, clip=self.dp is not None)
+                self._sent_pass1 = True
+                return self._send(self._pack(vec), round_num, start)
+            if not self._sent_pass1:
+                raise SiteRefusal(f"{self.site}: asked for {task_name} without having contributed to pass 1")
+            params = incoming.params or {}
+            if task_name == PASS2_TASK:
+                sums = stats.unpack_sums(self._unpack(params, self._spec.pass1_size), self._spec)
+                vec = stats.local_deviations(self.x, self.masks, sums.means(), self._spec, clip=self.dp is not None)
+                return self._send(self._pack(vec), round_num, start)
+            return self._release(params, incoming.meta or {}, round_num, start)
+        except SiteRefusal as exc:
+            return self._status_reply("refused", _one_line(self.site, exc), round_num)
+        except Exception as exc:  # a site-level failure is reported, never allowed to stall the job
+            reason = _one_line(self.site, exc).splitlines()[0]
+            self.log_error(fl_ctx, reason)
+            return self._status_reply("failed", reason, round_num)
+
+    def _send(self, params: dict, round_num: int, start: float) -> Shareable:
+        digest, size = payload.payload_sha256(params), payload.payload_size(params)
+        self.audit.append(
+            "update_sent",
+            job=self.job_label,
+            round=round_num,
+            site=self.site,
+            sha256=digest,
+            bytes=size,
+            encrypted=self.encrypt,
+        )
+        meta = {
+            "status": "ok",
+            "settings": settings_digest(self._spec, self.dp, self.cohort),
+            "bytes_sent": size,
+            "sha256": digest,
+            "metrics": {"seconds": round(time.monotonic() - start, 4)},
+            "min_cell_policy": _site_min_cell(self.root),
+        }
+        return FLModelUtils.to_shareable(FLModel(params=params, meta=meta, current_round=round_num))
+
+    def _release(self, params: dict, meta: dict, round_num: int, start: float) -> Shareable:
+        """Decrypt both sums, add noise, suppress: the only values that ever leave the key holders."""
+        spec = self._spec
+        sums = stats.unpack_sums(self._unpack(params.get("pass1") or {}, spec.pass1_size), spec)
+        m2 = stats.unpack_deviations(self._unpack(params.get("pass2") or {}, spec.pass2_size), spec)
+        floors = [self.min_cell, _site_min_cell(self.root), meta.get("min_cell")]
+        min_cell = max(int(v) for v in floors if v is not None)
+        dp = None
+        if self.dp is not None:
+            dp = stats.DPConfig(
+                epsilon=float(self.dp["epsilon"]),
+                mechanism=self.dp.get("mechanism", "laplace"),
+                delta=float(self.dp.get("delta") or 0.0),
+            )
+        result = stats.release(sums, m2, spec, min_cell=min_cell, dp=dp, max_bins_percent=self.max_bins_percent)
+        text = json.dumps(result, sort_keys=True)
+        digest = payload_digest(text.encode())
+        self.audit.append(
+            "update_sent",
+            job=self.job_label,
+            round=round_num,
+            site=self.site,
+            sha256=digest,
+            bytes=len(text),
+            encrypted=False,
+            kind="release",
+        )
+        meta_out = {
+            "status": "ok",
+            "settings": settings_digest(spec, self.dp, self.cohort),
+            "bytes_sent": len(text),
+            "sha256": digest,
+            "metrics": {"seconds": round(time.monotonic() - start, 4)},
+            "release_json": text,
+            "epsilon": float(self.dp["epsilon"]) if self.dp else 0.0,
+        }
+        return FLModelUtils.to_shareable(FLModel(params={}, meta=meta_out, current_round=round_num))
+
+    def _status_reply(self, status: str, reason: str, round_num: int) -> Shareable:
+        if getattr(self, "audit", None) is not None:
+            self.audit.append(status, job=self.job_label, round=round_num, site=self.site, reason=reason)
+        meta = {"status": status, "reason": reason}
+        return FLModelUtils.to_shareable(FLModel(params={}, meta=meta, current_round=round_num))
+
+
+# --- server side ------------------------------------------------------------------------------------------
+class _PlainSum:
+    """Plaintext twin of `EncryptedSum` for `--no-encrypt`: the server sees every site's vector."""
+
+    def __init__(self, size: int):
+        self.size, self.total = size, np.zeros(size)
+
+    def add(self, site: str, params: dict) -> None:
+        if set(params) != {STATS_KEY}:
+            raise ValueError(f"{site}: sent {sorted(params)}, expected one '{STATS_KEY}' vector")
+        try:
+            vec = np.asarray(params[STATS_KEY], dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise ValueError(f"{site}: its '{STATS_KEY}' vector is not numeric") from None
+        if vec.size != self.size:
+            raise ValueError(f"{site}: sent {vec.size} values, expected {self.size}")
+        if not np.all(np.isfinite(vec)):
+            raise ValueError(f"{site}: its vector holds {int((~np.isfinite(vec)).sum())} NaN/Inf values")
+        self.total = self.total + vec
+
+
+class CohortStatsController(ModelController):
+    """Server side of `cohort_stats`: dispatch the three tasks, add what comes back, write summary.json.
+
+    It holds only the public CKKS context (`load_server_context` refuses a secret one), never
+    decrypts, and keeps no per-site plaintext when encryption is on.
+    """
+
+    def __init__(
+        self,
+        spec: dict | None = None,
+        encrypted: bool = True,
+        min_sites: int = 2,
+        min_cell: int = 10,
+        dp: dict | None = None,
+        cohort: str = "all",
+        release_site: str | None = None,
+        job_label: str = "cohort_stats",
+        task_timeout: int = 0,
+    ):
+        super().__init__()
+        self.spec, self.encrypted, self.min_sites, self.min_cell = dict(spec or {}), encrypted, min_sites, min_cell
+        self.dp, self.cohort, self.release_site, self.job_label = dp, cohort, release_site, job_label
+        self.task_timeout = task_timeout
+
+    def _setup(self) -> None:
+        self._spec = stats.StatsSpec.from_dict(self.spec)
+        self.settings = settings_digest(self._spec, self.dp, self.cohort)
+        self.root = participant_root(self.fl_ctx, "server")
+        self.audit = AuditLog(self.root, "server")
+        self.ctx, self.fingerprint = None, ""
+        if self.encrypted:
+            from clinfed.he.context import context_fingerprint, load_server_context
+
+            path = find_context_file(self.root, SERVER_CONTEXT_FILE)
+            if path is None:
+                raise RuntimeError(f"server: no public CKKS context ({SERVER_CONTEXT_FILE}) in {self.root}")
+            self.ctx = load_server_context(path)  # raises if it holds a secret key
+            self.fingerprint = context_fingerprint(self.ctx)
+
+    def _entry(self, site: str, meta: dict) -> dict:
+        return {
+            "status": meta.get("status", "failed"),
+            "reason": meta.get("reason", ""),
+            "metrics": meta.get("metrics", {}),
+            "epsilon": float(meta.get("epsilon", 0.0) or 0.0),
+            "bytes_sent": int(meta.get("bytes_sent", 0) or 0),
+        }
+
+    def _sum_pass(self, round_num: int, task: str, data: FLModel, targets: list[str], size: int) -> tuple[dict, dict]:
+        """Send one pass, vet and add what comes back; (entries per site, aggregate params)."""
+        results = self.send_model_and_wait(
+            task_name=task, data=data, targets=targets, min_responses=len(targets), timeout=self.task_timeout
+        )
+        if self.encrypted:
+            from clinfed.he.aggregation import EncryptedSum
+
+            acc = EncryptedSum(self.ctx, self.fingerprint, size=size)
+        else:
+            acc = _PlainSum(size)
+        layout = _layout_json(size)
+        entries: dict[str, dict] = {}
+        for result in results:
+            meta = result.meta or {}
+            site = meta.get("client_name", "?")
+            entry = self._entry(site, meta)
+            params = result.params or {}
+            if entry["status"] == "ok":
+                self.audit.append(
+                    "update_received",
+                    job=self.job_label,
+                    round=round_num,
+                    site=site,
+                    sha256=payload.payload_sha256(params),
+                    bytes=payload.payload_size(params),
+                    encrypted=payload.is_encrypted(params),
+                )
+                try:
+                    self._accept(acc, site, params, meta, layout)
+                    if meta.get("min_cell_policy") is not None:
+                        self._policy_min_cell = max(self._policy_min_cell, int(meta["min_cell_policy"]))
+                except ValueError as exc:
+                    entry.update(status="failed", reason=_one_line(site, exc))
+            if entry["status"] != "ok":
+                self.warning(entry["reason"] or f"{site}: {entry['status']}")
+                self.audit.append(
+                    entry["status"], job=self.job_label, round=round_num, site=site, reason=entry["reason"]
+                )
+            entries[site] = entry
+        for site in targets:
+            entries.setdefault(
+                site,
+                {
+                    "status": "failed",
+                    "reason": f"{site}: no result (timed out or died)",
+                    "metrics": {},
+                    "epsilon": 0.0,
+                    "bytes_sent": 0,
+                },
+            )
+        ok = sorted(s for s, e in entries.items() if e["status"] == "ok")
+        if not ok:
+            return entries, {}
+        if self.encrypted:
+            cts, _, _ = acc.result()
+            agg = payload.encrypted_params(cts, layout, self.fingerprint)
+        else:
+            agg = {STATS_KEY: acc.total}
+        self.audit.append("aggregation", job=self.job_label, round=round_num, sites=ok, encrypted=self.encrypted)
+        return entries, agg
+
+    def _accept(self, acc, site: str, params: dict, meta: dict, layout: str) -> None:
+        if meta.get("settings") != self.settings:
+            raise ValueError(f"{site}: its statistics settings differ from the job's (another spec or cohort)")
+        if self.encrypted:
+            if not payload.is_encrypted(params):
+                raise ValueError(f"{site}: sent a plaintext vector to an encrypted job")
+            if params.get(payload.LAYOUT_KEY) != layout:
+                raise ValueError(f"{site}: packed layout differs from the job's")
+            acc.add(site, params[payload.CKKS_KEY], 1.0, params.get(payload.FINGERPRINT_KEY, ""))
+        else:
+            if payload.is_encrypted(params):
+                raise ValueError(f"{site}: sent ciphertexts to a plaintext job")
+            acc.add(site, params)
+
+    def run(self) -> None:
+        self._setup()
+        self._policy_min_cell = 0
+        targets = sorted(self.sample_clients())
+        self.audit.append("job_start", job=self.job_label, encrypted=self.encrypted, cohort=self.cohort)
+        rounds: list[dict] = []
+        outcome = {"status": "not released", "reason": "", "release_site": None, "contributors": [], "completed": 0}
+        release: dict = {}
+        spec = self._spec
+        try:
+            meta = {"settings": self.settings}
+            entries, agg1 = self._sum_pass(0, PASS1_TASK, FLModel(params={}, meta=meta), targets, spec.pass1_size)
+            rounds.append({"round": 0, "pass": PASS1_TASK, "sites": entries})
+            first = sorted(s for s, e in entries.items() if e["status"] == "ok")
+            need = min(self.min_sites, len(targets))
+            if len(first) < need:
+                raise _Stop(f"only {len(first)} site(s) contributed to pass 1 (min_sites {need})")
+            outcome["completed"], outcome["contributors"] = 1, first
+            entries, agg2 = self._sum_pass(
+                1, PASS2_TASK, FLModel(params=agg1, meta={**meta, "sites": first}), first, spec.pass2_size
+            )
+            rounds.append({"round": 1, "pass": PASS2_TASK, "sites": entries})
+            second = sorted(s for s, e in entries.items() if e["status"] == "ok")
+            if second != first:
+                lost = sorted(set(first) - set(second))
+                raise _Stop(f"{', '.join(lost)} failed in pass 2; their deviations would be missing from the sums")
+            outcome["completed"] = 2
+            chosen = self.release_site if self.release_site in first else first[0]
+            outcome["release_site"] = chosen
+            release, entry = self._release(chosen, agg1, agg2, first, meta)
+            rounds.append({"round": 2, "pass": RELEASE_TASK, "sites": {chosen: entry}})
+            if entry["status"] != "ok":
+                raise _Stop(f"the release site failed: {entry['reason']}")
+            outcome["status"], outcome["completed"] = "released", 3
+        except _Stop as stop:
+            outcome["reason"] = str(stop)
+            self.warning(f"cohort_stats: nothing released: {stop}")
+        self.audit.append(
+            "job_end", job=self.job_label, rounds_completed=outcome["completed"], outcome=outcome["status"]
+        )
+        self._write_summary(targets, rounds, outcome, release)
+
+    def _release(self, site: str, agg1: dict, agg2: dict, sites: list[str], meta: dict) -> tuple[dict, dict]:
+        floor = max(self.min_cell, self._policy_min_cell)
+        data = FLModel(params={"pass1": agg1, "pass2": agg2}, meta={**meta, "sites": sites, "min_cell": floor})
+        results = self.send_model_and_wait(
+            task_name=RELEASE_TASK, data=data, targets=[site], min_responses=1, timeout=self.task_timeout
+        )
+        if not results:
+            return {}, {
+                "status": "failed",
+                "reason": f"{site}: no release (timed out or died)",
+                "metrics": {},
+                "epsilon": 0.0,
+                "bytes_sent": 0,
+            }
+        result_meta = results[0].meta or {}
+        entry = self._entry(site, result_meta)
+        if entry["status"] != "ok":
+            return {}, entry
+        text = result_meta.get("release_json", "")
+        self.audit.append(
+            "update_received",
+            job=self.job_label,
+            round=2,
+            site=site,
+            sha256=payload_digest(text.encode()),
+            bytes=len(text),
+            encrypted=False,
+            kind="release",
+        )
+        try:
+            release = json.loads(text)
+            if not isinstance(release, dict) or not isinstance(release.get("statistics"), dict):
+                raise ValueError("no statistics in it")
+        except ValueError as exc:
+            entry.update(status="failed", reason=f"{site}: its release is not valid JSON statistics ({exc})")
+            return {}, entry
+        return release, entry
+
+    def _write_summary(self, sites: list[str], rounds: list[dict], outcome: dict, release: dict) -> None:
+        sup = release.get("suppression") or {}
+        statistics = release.get("statistics") or {}
+        contributors = set(outcome["contributors"])
+        summary = {
+            "job": self.job_label,
+            "sites": sites,
+            "rounds_completed": outcome["completed"],
+            "encrypted": self.encrypted,
+            "cohort": self.cohort,
+            "rounds": rounds,
+            "final": {
+                "status": outcome["status"],
+                "reason": outcome["reason"],
+                "release_site": outcome["release_site"],
+                "metrics": {
+                    "sites_contributing": len(contributors),
+                    "groups_released": len(statistics),
+                    "groups_withheld": len(sup.get("groups_withheld", {})),
+                    "cells_withheld": int(sup.get("cells_withheld_total", 0)),
+                },
+                "per_site": {s: {"contributed": s in contributors} for s in sites},
+                "primary_metric": "seconds",  # per-site metric shown by `clinfed simulate`'s table
+            },
+            "privacy": {},
+            "statistics": statistics,
+            "suppression": sup,
+            "dp": release.get("dp"),
+        }
+        path = Path(self.get_run_dir()) / SUMMARY_FILE
+        path.write_text(json.dumps(summary, indent=2))
+        self.info(f"summary written to {path}")
+
+
+class _Stop(Exception):
+    """The job ends without a release; the reason goes into summary.json."""
+
+
+# --- the recipe -------------------------------------------------------------------------------------------
+class CohortStatsRecipe(Recipe):
+    """`cohort_stats` as a FLARE job: `CohortStatsController` on the server, `CohortStatsExecutor` at sites.
+
+    Like `clinfed.fl.recipe.SecureFedAvgRecipe`, the exported job carries configuration only
+    (`set_app_packages(["clinfed"])`): every argument here is JSON and ends up in the job's config.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_sites: int,
+        spec: stats.StatsSpec,
+        group_values: dict,
+        group_column: str = "target",
+        encrypt: bool = True,
+        min_cell: int = 10,
+        max_bins_percent: float | None = 10.0,
+        dp: dict | None = None,
+        cohort: str = "all",
+        id_column: str = "patient_id",
+        min_sites: int = 2,
+        release_site: str | None = None,
+        task_timeout: int = 0,
+    ):
+        if cohort not in COHORTS:
+            raise ValueError(f"cohort must be one of {', '.join(COHORTS)}, got '{cohort}'")
+        missing = [g for g in spec.groups[1:] if g not in group_values]
+        if missing:
+            raise ValueError(f"no value of '{group_column}' given for group(s) {missing}")
+        if dp is not None:  # validate here, at submission, rather than at the release site
+            stats.DPConfig(
+                epsilon=dp["epsilon"], mechanism=dp.get("mechanism", "laplace"), delta=dp.get("delta") or 0.0
+            )
+        job = FedJob(name=name, min_clients=num_sites)
+        job.set_app_packages(["clinfed"])
+        spec_dict = spec.to_dict()
+        job.to_server(
+            CohortStatsController(
+                spec=spec_dict,
+                encrypted=encrypt,
+                min_sites=min_sites,
+                min_cell=min_cell,
+                dp=dp,
+                cohort=cohort,
+                release_site=release_site,
+                job_label=name,
+                task_timeout=task_timeout,
+            ),
+            id="controller",
+        )
+        job.to_clients(
+            CohortStatsExecutor(
+                spec=spec_dict,
+                group_values=dict(group_values),
+                group_column=group_column,
+                cohort=cohort,
+                id_column=id_column,
+                encrypt=encrypt,
+                num_sites=num_sites,
+                min_cell=min_cell,
+                max_bins_percent=max_bins_percent,
+                dp=dp,
+                job_label=name,
+            ),
+            id="executor",
+            tasks=list(TASKS),
+        )
+        self.num_sites, self.encrypt = num_sites, encrypt
+        super().__init__(job)

@@ -1,0 +1,220 @@
+"""Claims of cohort_stats and psi_linkage, checked on real FLARE simulator runs (no mocks).
+
+Six runs (~25-35 s each on two cores): cohort_stats encrypted at the defaults, at min_cell=300,
+in plaintext with output DP and two sites bringing their own CSVs (one benign-only, one lacking a
+column), psi_linkage and then cohort_stats on the linked cohort (one shared workspace), and
+psi_linkage on registries whose intersection is empty.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from clinfed.analytics import stats
+from clinfed.analytics.psi import expected_intersection_size, patient_ids, registry_rows
+from clinfed.data import breast_cancer as bc
+from clinfed.fl.participant import write_site_policy
+from clinfed.simulate import SimulationRequest, run_simulation
+
+pytestmark = pytest.mark.slow
+SITES = ["site-1", "site-2", "site-3"]
+
+
+def _masks(y):
+    return {stats.ALL: np.ones(len(y), bool), "malignant": y == 1, "benign": y == 0}
+
+
+def _spec(table):
+    return stats.StatsSpec(tuple(table.features), tuple(stats.reference_bounds(table.x)))
+
+
+def _worst_relative_error(released: dict, x: np.ndarray, y: np.ndarray) -> float:
+    """Counts must be exact; returns the worst relative error of mean and std over released cells."""
+    table = bc.load_bundled()
+    ref = stats.pooled_reference(x, _masks(y), _spec(table))
+    worst = 0.0
+    for group, feats in released.items():
+        assert set(feats) == set(table.features), group
+        for f, e in feats.items():
+            r = ref[group][f]
+            assert e["count"] == r["count"], (group, f)
+            worst = max(worst, abs(e["mean"] - r["mean"]) / abs(r["mean"]), abs(e["std"] - r["std"]) / r["std"])
+    return worst
+
+
+def _write_csv(folder, table, rows, drop=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    cols = [f for f in table.features if f != drop]
+    lines = [",".join([*cols, "target", "patient_id"])]
+    for r in rows:
+        values = [repr(float(v)) for f, v in zip(table.features, table.x[r], strict=True) if f != drop]
+        lines.append(",".join([*values, str(int(table.y[r])), f"csv-{r}"]))
+    (folder / "data.csv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def encrypted_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cohort_enc")
+    return out, run_simulation(SimulationRequest(job="cohort_stats", sites=3, out=out))
+
+
+def test_encrypted_statistics_equal_the_pooled_ones_over_all_569_rows(encrypted_run):
+    out, summary = encrypted_run
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["encrypted"] is True and summary["rounds_completed"] == 3
+    assert summary["final"]["status"] == "released"
+    assert all(e["status"] == "ok" for r in summary["rounds"] for e in r["sites"].values())
+    table = bc.load_bundled()
+    released = summary["statistics"]
+    assert {g: released[g]["mean radius"]["count"] for g in released} == {"all": 569, "malignant": 212, "benign": 357}
+    assert _worst_relative_error(released, table.x, table.y) < 1e-6
+
+
+def test_encrypted_uploads_are_one_ciphertext_and_the_server_holds_no_secret_key(encrypted_run):
+    out, summary = encrypted_run
+    for r in summary["rounds"][:2]:
+        for e in r["sites"].values():
+            assert 16_000 < e["bytes_sent"] < 40_000  # one seeded CKKS ciphertext of 2 048 slots
+    server_files = [p for p in (out / "workspace" / "server").rglob("*") if p.is_file()]
+    assert "client_context.tenseal" not in {p.name for p in server_files}
+
+
+def test_released_histograms_hide_every_cell_below_min_cell(encrypted_run):
+    _, summary = encrypted_run
+    hidden = 0
+    for feats in summary["statistics"].values():
+        for e in feats.values():
+            counts = e["histogram"]["counts"]
+            assert all(c is None or c >= 10 for c in counts)
+            hidden += counts.count(None)
+    assert hidden == summary["suppression"]["cells_withheld_total"] > 0
+    assert summary["dp"] is None
+
+
+def test_audit_logs_of_all_participants_verify_and_cross_check(encrypted_run):
+    from clinfed.audit import verify
+
+    out, _ = encrypted_run
+    report = verify(out / "workspace")
+    assert report.ok, report.problems
+
+
+def test_min_cell_300_withholds_malignant_and_releases_benign(tmp_path):
+    summary = run_simulation(SimulationRequest(job="cohort_stats", sites=3, out=tmp_path, min_cell=300))
+    assert set(summary["statistics"]) == {"benign"}
+    withheld = summary["suppression"]["groups_withheld"]
+    assert "fewer than 300 rows" in withheld["malignant"]
+    assert "complementary" in withheld["all"]  # all − benign would give malignant back
+    assert summary["statistics"]["benign"]["mean radius"]["count"] == 357
+    assert summary["final"]["metrics"]["groups_released"] == 1
+
+
+def test_plaintext_dp_run_with_a_benign_only_site_and_a_site_lacking_a_column(tmp_path):
+    """site-2 brings a CSV of benign rows only (an empty malignant group); site-3's CSV lacks a feature
+    column: site-3 is reported "failed" with a one-line reason, the release covers site-1 and site-2.
+    Output DP (ε=20, Laplace) on three features: noisy, but close to the truth."""
+    table = bc.load_bundled()
+    features = ["mean radius", "mean area", "worst concavity"]
+    ws = tmp_path / "ws"
+    benign = np.flatnonzero(table.y == 0)[:120]
+    _write_csv(tmp_path / "site2", table, benign)
+    _write_csv(tmp_path / "site3", table, range(50), drop="mean radius")
+    write_site_policy(ws / "site-2", data_dir=str(tmp_path / "site2"))
+    write_site_policy(ws / "site-3", data_dir=str(tmp_path / "site3"))
+    req = SimulationRequest(
+        job="cohort_stats",
+        sites=3,
+        out=tmp_path / "out",
+        workspace=ws,
+        encrypt=False,
+        epsilon=20.0,
+        extra={"features": features},
+    )
+    summary = run_simulation(req)
+    assert summary["encrypted"] is False
+    first = summary["rounds"][0]["sites"]
+    assert first["site-3"]["status"] == "failed"
+    reason = first["site-3"]["reason"]
+    assert reason.startswith("site-3: ") and reason.endswith("lacks column 'mean radius'") and "\n" not in reason
+    assert summary["final"]["per_site"] == {
+        "site-1": {"contributed": True},
+        "site-2": {"contributed": True},
+        "site-3": {"contributed": False},
+    }
+    dp = summary["dp"]
+    assert dp["mechanism"] == "laplace" and dp["epsilon"] == 20.0
+    assert dp["noise_scale"]["count"] == pytest.approx(2 / (20.0 * 0.1))
+    assert summary["rounds"][2]["sites"][summary["final"]["release_site"]]["epsilon"] == 20.0
+    site1 = bc.dirichlet_split(table.y, 3)[0]
+    rows = np.concatenate([site1, benign])
+    cols = [table.features.index(f) for f in features]
+    truth = stats.pooled_reference(
+        table.x[np.ix_(rows, cols)], _masks(table.y[rows]), stats.StatsSpec(features, [(0, 1)] * 3)
+    )
+    assert set(summary["statistics"]) == {"all", "malignant", "benign"}
+    for group, feats in summary["statistics"].items():
+        assert set(feats) == set(features)
+        for f, e in feats.items():
+            n = truth[group][f]["count"]
+            assert abs(e["count"] - n) <= 15 * dp["noise_scale"]["count"], (group, f)
+            assert abs(e["mean"] - truth[group][f]["mean"]) <= 15 * dp["noise_scale"]["sum"][f] / n, (group, f)
+
+
+@pytest.fixture(scope="module")
+def linked(tmp_path_factory):
+    root = tmp_path_factory.mktemp("psi")
+    psi = run_simulation(SimulationRequest(job="psi_linkage", sites=3, out=root / "psi", workspace=root / "ws"))
+    cohort = run_simulation(
+        SimulationRequest(
+            job="cohort_stats", sites=3, out=root / "cohort", workspace=root / "ws", extra={"cohort": "intersect"}
+        )
+    )
+    return root, psi, cohort
+
+
+def test_psi_every_site_finds_the_same_intersection_of_the_expected_size(linked):
+    root, psi, _ = linked
+    expected = expected_intersection_size(3)
+    assert psi["psi"] == {
+        "intersection_size": expected,
+        "expected_intersection_size": expected,
+        "per_site": dict.fromkeys(SITES, expected),
+    }
+    core = set.intersection(*(set(patient_ids(registry_rows(i, 3))) for i in range(3)))
+    for site in SITES:
+        folder = root / "ws" / site / "local" / "psi"
+        assert set((folder / "intersection.txt").read_text().split()) == core
+        assert (folder / "intersection.txt").stat().st_mode & 0o077 == 0
+        assert not list(folder.glob("*.pending"))
+    server_text = " ".join(p.read_text(errors="ignore") for p in (root / "ws" / "server").rglob("*") if p.is_file())
+    assert "bc-0200" not in server_text and "bc-0200" not in json.dumps(psi)
+
+
+def test_cohort_stats_on_the_linked_cohort_counts_only_linked_rows(linked):
+    _, _, cohort = linked
+    table = bc.load_bundled()
+    assert cohort["cohort"] == "intersect" and cohort["final"]["status"] == "released"
+    core = np.asarray(registry_rows(2, 3))[: expected_intersection_size(3)]  # the last site's range starts at the core
+    rows = np.tile(core, 3)  # every site holds its own record of each linked patient
+    assert cohort["statistics"]["all"]["mean radius"]["count"] == 3 * 193
+    assert _worst_relative_error(cohort["statistics"], table.x[rows], table.y[rows]) < 1e-6
+
+
+def test_psi_reports_an_empty_intersection_as_zero_not_as_a_failure(tmp_path):
+    """FLARE's DhPSITaskHandler treats an empty pairwise result as "none yet" and goes on with the
+    site's full set (its own check then fails); an empty pairwise intersection must end as 0."""
+    ws = tmp_path / "ws"
+    for i, ids in enumerate([["a", "b"], ["c", "d", "e"], ["c", "d", "x", "y"]], start=1):
+        folder = tmp_path / f"csv{i}"
+        folder.mkdir()
+        (folder / "data.csv").write_text("patient_id,age\n" + "".join(f"{p},50\n" for p in ids))
+        write_site_policy(ws / f"site-{i}", data_dir=str(folder))
+    summary = run_simulation(SimulationRequest(job="psi_linkage", sites=3, out=tmp_path / "out", workspace=ws))
+    assert summary["psi"] == {
+        "intersection_size": 0,
+        "expected_intersection_size": None,  # own CSVs: no known truth
+        "per_site": dict.fromkeys(SITES, 0),
+    }
+    for site in SITES:
+        assert (ws / site / "local" / "psi" / "intersection.txt").read_text() == ""

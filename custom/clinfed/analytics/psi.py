@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 from pathlib import Path
 
 from nvflare.apis.dxo import DXO, DataKind
@@ -46,7 +45,8 @@ from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
 from clinfed.audit import AuditLog
-from clinfed.fl.participant import SitePolicy, participant_root
+from clinfed.errors import SiteDataError
+from clinfed.fl.participant import SitePolicy, participant_root, site_index
 
 BUNDLED_ROWS = 569
 PSI_FOLDER = ("local", "psi")
@@ -57,22 +57,6 @@ EMPTY_KEY = "intersection_is_empty"
 COMMIT_KEY = "commit"
 PSI_TASK = "PSI"  # FLARE's PSIConst.TASK
 SUMMARY_FILE = "summary.json"
-
-
-def _data_error(message: str) -> ValueError:
-    """`clinfed.tasks.base.SiteDataError`, imported only when raised (that module imports torch)."""
-    from clinfed.tasks.base import SiteDataError
-
-    return SiteDataError(message)
-
-
-def site_index(site: str) -> int | None:
-    """0-based index from a trailing number ("site-3" → 2), naming a site's part of the bundled demo.
-
-    Same rule as `clinfed.fl.executor.site_index`, without importing the training stack.
-    """
-    match = re.search(r"(\d+)$", site)
-    return int(match.group(1)) - 1 if match else None
 
 
 # --- identifiers --------------------------------------------------------------------------------------------
@@ -117,17 +101,17 @@ def read_registry_csv(site: str, data_dir: str | Path, id_column: str) -> list[s
     csvs = sorted(folder.glob("*.csv")) if folder.is_dir() else []
     path = folder / "data.csv" if (folder / "data.csv").exists() else (csvs[0] if len(csvs) == 1 else None)
     if path is None:
-        raise _data_error(f"{site}: no data.csv in {folder}")
+        raise SiteDataError(f"{site}: no data.csv in {folder}")
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         if id_column not in (reader.fieldnames or []):
-            raise _data_error(f"{site}: {path} lacks column '{id_column}'")
+            raise SiteDataError(f"{site}: {path} lacks column '{id_column}'")
         ids = [(row[id_column] or "").strip() for row in reader]
     empty = sum(1 for i in ids if not i)
     if empty:
-        raise _data_error(f"{site}: {path} has {empty} row(s) with an empty '{id_column}'")
+        raise SiteDataError(f"{site}: {path} has {empty} row(s) with an empty '{id_column}'")
     if len(set(ids)) != len(ids):
-        raise _data_error(f"{site}: {path} has {len(ids) - len(set(ids))} duplicate '{id_column}' value(s)")
+        raise SiteDataError(f"{site}: {path} has {len(ids) - len(set(ids))} duplicate '{id_column}' value(s)")
     return ids
 
 
@@ -138,7 +122,7 @@ def site_identifiers(
     if data_dir:
         return read_registry_csv(site, data_dir, id_column), "csv"
     if index is None or not 0 <= index < num_sites:
-        raise _data_error(f"{site}: no data_dir in local/resources.json and no bundled registry for this name")
+        raise SiteDataError(f"{site}: no data_dir in local/resources.json and no bundled registry for this name")
     return patient_ids(registry_rows(index, num_sites)), "bundled"
 
 
@@ -161,7 +145,7 @@ def read_intersection(root: Path, site: str) -> set[str]:
     """The identifiers this site shares with all others, from its last completed `psi_linkage` run."""
     path = psi_folder(root) / INTERSECTION_FILE
     if not path.exists():
-        raise _data_error(f"{site}: no PSI result at {path}; run the psi_linkage job first")
+        raise SiteDataError(f"{site}: no PSI result at {path}; run the psi_linkage job first")
     return {line.strip() for line in path.read_text().splitlines() if line.strip()}
 
 

@@ -61,8 +61,8 @@ from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
 from clinfed.analytics import stats
-from clinfed.analytics.psi import site_index
 from clinfed.audit import AuditLog, payload_digest
+from clinfed.errors import SiteDataError
 from clinfed.fl import payload
 from clinfed.fl.participant import (
     RESOURCES_FILE,
@@ -71,6 +71,7 @@ from clinfed.fl.participant import (
     SitePolicy,
     find_context_file,
     participant_root,
+    site_index,
 )
 
 PASS1_TASK = "cohort_sums"
@@ -103,14 +104,6 @@ class SiteRefusal(RuntimeError):
     """The site declines (its policy says no, or the server asks for something out of order)."""
 
 
-def _data_error(message: str) -> ValueError:
-    """`clinfed.tasks.base.SiteDataError`, imported only when raised: that module imports torch,
-    which a statistics site (and the server) would otherwise load for nothing."""
-    from clinfed.tasks.base import SiteDataError
-
-    return SiteDataError(message)
-
-
 def _site_min_cell(root: Path) -> int | None:
     """The hospital's own floor for small cells (`local/resources.json` → clinfed.min_cell): a job can
     raise the threshold, never lower it below the site's."""
@@ -128,7 +121,7 @@ def _cell_float(site: str, path: Path, line: int, column: str, text: str) -> flo
     try:
         return float(text)
     except ValueError:
-        raise _data_error(f"{site}: {path} line {line}, column '{column}': '{text}' is not a number") from None
+        raise SiteDataError(f"{site}: {path} line {line}, column '{column}': '{text}' is not a number") from None
 
 
 def read_cohort_csv(
@@ -141,18 +134,18 @@ def read_cohort_csv(
     """
     folder = Path(data_dir)
     if not folder.is_dir():
-        raise _data_error(f"{site}: data folder {folder} does not exist")
+        raise SiteDataError(f"{site}: data folder {folder} does not exist")
     csvs = sorted(folder.glob("*.csv"))
     path = folder / "data.csv" if (folder / "data.csv").exists() else (csvs[0] if len(csvs) == 1 else None)
     if path is None:
-        raise _data_error(f"{site}: no data.csv in {folder}")
+        raise SiteDataError(f"{site}: no data.csv in {folder}")
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         needed = [*features, group_column, *([id_column] if id_column else [])]
         for col in needed:
             if col not in header:
-                raise _data_error(f"{site}: {path} lacks column '{col}'")
+                raise SiteDataError(f"{site}: {path} lacks column '{col}'")
         rows = list(reader)
     x = np.array(
         [[_cell_float(site, path, i, f, r[f]) for f in features] for i, r in enumerate(rows, start=2)],
@@ -274,14 +267,14 @@ class CohortStatsExecutor(Executor):
         else:
             table = bc.load_bundled()
             if self.group_column != bc.LABEL_COLUMN:
-                raise _data_error(f"{self.site}: the bundled data has no column '{self.group_column}'")
+                raise SiteDataError(f"{self.site}: the bundled data has no column '{self.group_column}'")
             if wanted is None:
                 rows = bc.dirichlet_split(table.y, self.num_sites)[index]
             else:
                 rows = np.asarray(psi.registry_rows(index, self.num_sites, len(table.y)))
             unknown = [f for f in features if f not in table.features]
             if unknown:
-                raise _data_error(f"{self.site}: the bundled data has no column '{unknown[0]}'")
+                raise SiteDataError(f"{self.site}: the bundled data has no column '{unknown[0]}'")
             cols = [table.features.index(f) for f in features]
             x, labels, ids = table.x[np.ix_(rows, cols)], table.y[rows].tolist(), psi.patient_ids(rows)
             origin = f"bundled rows, site {index + 1}/{self.num_sites}"

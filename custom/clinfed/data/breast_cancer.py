@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
-from clinfed.tasks.base import SiteDataError
+from clinfed.errors import SiteDataError
 
 LABEL_COLUMN = "target"
 #: scikit-learn codes malignant as 0; we flip it so that 1 = malignant, the positive clinical finding.

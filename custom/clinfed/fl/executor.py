@@ -9,7 +9,6 @@ reason naming the site, so the server can report it and the round can go on with
 
 from __future__ import annotations
 
-import re
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from clinfed import faults
 from clinfed.audit import AuditLog
 from clinfed.fl import payload
-from clinfed.fl.participant import SITE_CONTEXT_FILE, SitePolicy, find_context_file, participant_root
+from clinfed.fl.participant import SITE_CONTEXT_FILE, SitePolicy, find_context_file, participant_root, site_index
 from clinfed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
 from clinfed.sysinfo import current_rss_mb
 from clinfed.tasks import build_task
@@ -37,12 +36,6 @@ VALIDATE_TASK = "validate"
 
 class SiteRefusal(RuntimeError):
     """The site declines to take part in this round (its policy or budget says no)."""
-
-
-def site_index(site: str) -> int | None:
-    """0-based index from a trailing number ("site-3" → 2), used to pick the bundled demo split."""
-    match = re.search(r"(\d+)$", site)
-    return int(match.group(1)) - 1 if match else None
 
 
 class DPTrainExecutor(Executor):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,12 @@ def participant_root(fl_ctx: FLContext, name: str | None = None) -> Path:
     if sim_root:
         return Path(sim_root) / name
     return Path(fl_ctx.get_engine().get_workspace().get_root_dir())
+
+
+def site_index(site: str) -> int | None:
+    """0-based index from a trailing number ("site-3" → 2), naming a site's part of the bundled demo data."""
+    match = re.search(r"(\d+)$", site)
+    return int(match.group(1)) - 1 if match else None
 
 
 def find_context_file(root: Path, filename: str) -> Path | None:

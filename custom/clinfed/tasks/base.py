@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from clinfed.errors import SiteDataError
 
-class SiteDataError(ValueError):
-    """A site's data is missing or malformed; the message names the site and the path or column."""
+__all__ = ["SiteData", "SiteDataError", "Task"]
 
 
 @dataclass

@@ -110,6 +110,8 @@ def run_simulation(req: SimulationRequest) -> dict:
     flare_root = root / "flare"
     flare_ws = flare_root / recipe.name
     allow_clinfed_components(flare_ws)
+    # One process per site, each with its own torch thread pool: more threads than cores only thrash.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // req.sites)))
     previous = os.environ.get(SIM_ROOT_ENV)
     os.environ[SIM_ROOT_ENV] = str(root)
     try:
@@ -127,4 +129,8 @@ def run_simulation(req: SimulationRequest) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for png in sorted(root.glob(f"site-*/reports/{recipe.name}-*.png")):
         shutil.copyfile(png, out / png.name)
+    if summary.get("rounds") and summary["rounds"][0]["sites"]:
+        from clinfed.plots import plot_rounds
+
+        plot_rounds(summary, out / "rounds.png", summary.get("final", {}).get("primary_metric", "auc"))
     return summary

@@ -162,7 +162,10 @@ class DPTrainExecutor(Executor):
             self._load_global(incoming)
             if task_name == VALIDATE_TASK:
                 metrics = self._trainer.evaluate()
-                self._save_report()
+                try:
+                    self._save_report()
+                except Exception as exc:  # a figure must never turn a good validation into a failure
+                    self.log_warning(fl_ctx, f"{site}: example figure not written: {exc}")
                 return FLModelUtils.to_shareable(
                     FLModel(metrics=metrics, meta={"status": "ok", "epsilon": self.ledger.epsilon()})
                 )

@@ -1,0 +1,53 @@
+"""segmentation_dp: 2-D lesion segmentation with a small MONAI UNet, DP-SGD at every site, federated
+averaging under CKKS encryption.
+
+Defaults: target ε = 8.0 per site for the whole job (δ = 1e-5, RDP accountant), clip norm 0.1,
+one local epoch of batch-32 Adam (lr 0.03) per round, 5 rounds; 512 train + 64 held-out synthetic
+128 × 128 images per site (non-IID: disc count, size and noise differ by site), trained at 128 px.
+Small clip and Adam are what keep utility at ε = 8: clipping to 0.1 keeps most per-sample gradients
+near their own direction, and Adam's per-coordinate scaling makes the step size insensitive to it.
+Run it: `clinfed simulate segmentation_dp --sites 3 --out out/seg`.
+"""
+
+from clinfed.fl.recipe import SecureFedAvgRecipe
+
+DEFAULTS = {
+    "rounds": 5,
+    "sites": 3,
+    "epsilon": 8.0,  # target ε per site for this job (δ below); the site's own budget may be lower
+    "delta": 1e-5,
+}
+
+
+def make_recipe(
+    sites: int,
+    rounds: int,
+    encrypt: bool = True,
+    epsilon: float | None = 8.0,
+    image_size: int = 128,
+    n_train: int = 512,
+    n_test: int = 64,
+    local_epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 0.03,
+    max_grad_norm: float = 0.1,
+    **_: object,
+) -> SecureFedAvgRecipe:
+    """`epsilon=None` trains without DP (the utility reference); the other arguments shrink it for tests."""
+    return SecureFedAvgRecipe(
+        name="segmentation_dp",
+        task="segmentation",
+        num_rounds=rounds,
+        num_sites=sites,
+        encrypt=encrypt,
+        task_args={"image_size": image_size, "n_train": n_train, "n_test": n_test, "channels": [8, 16, 32]},
+        train_args={"local_epochs": local_epochs, "batch_size": batch_size, "lr": lr, "optimizer": "adam"},
+        dp_args={
+            "enabled": epsilon is not None,
+            "target_epsilon": epsilon or 0.0,
+            "delta": DEFAULTS["delta"],
+            "max_grad_norm": max_grad_norm,
+            "grad_sample_mode": "hooks",
+        },
+        primary_metric="dice",
+    )

@@ -62,15 +62,14 @@ from nvflare.recipe.spec import Recipe
 
 from clinfed.analytics import stats
 from clinfed.audit import AuditLog, payload_digest
-from clinfed.errors import SiteDataError
+from clinfed.errors import SiteDataError, SiteRefusal
 from clinfed.fl import payload
 from clinfed.fl.participant import (
     RESOURCES_FILE,
-    SERVER_CONTEXT_FILE,
-    SITE_CONTEXT_FILE,
     SitePolicy,
-    find_context_file,
     participant_root,
+    server_context,
+    site_context,
     site_index,
 )
 
@@ -98,10 +97,6 @@ def _layout_json(size: int) -> str:
 def _one_line(site: str, exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if text.startswith(site) else f"{site}: {type(exc).__name__}: {text}"
-
-
-class SiteRefusal(RuntimeError):
-    """The site declines (its policy says no, or the server asks for something out of order)."""
 
 
 def _site_min_cell(root: Path) -> int | None:
@@ -235,13 +230,7 @@ class CohortStatsExecutor(Executor):
                 f"{self.site}: local privacy policy requires encrypted statistics; this job sends plaintext"
             )
         if self.encrypt:
-            from clinfed.he.context import context_fingerprint, load_site_context
-
-            path = find_context_file(self.root, SITE_CONTEXT_FILE)
-            if path is None:
-                raise SiteRefusal(f"{self.site}: no CKKS context ({SITE_CONTEXT_FILE}) in {self.root}/startup or local")
-            self._ctx = load_site_context(path)
-            self._fingerprint = context_fingerprint(self._ctx)
+            self._ctx, self._fingerprint = site_context(self.root, self.site)
         index = site_index(self.site)
         if self.policy.data_dir is None and (index is None or index >= self.num_sites):
             raise SiteRefusal(f"{self.site}: no data_dir in local/resources.json and no bundled split for this name")
@@ -459,13 +448,7 @@ class CohortStatsController(ModelController):
         self.audit = AuditLog(self.root, "server")
         self.ctx, self.fingerprint = None, ""
         if self.encrypted:
-            from clinfed.he.context import context_fingerprint, load_server_context
-
-            path = find_context_file(self.root, SERVER_CONTEXT_FILE)
-            if path is None:
-                raise RuntimeError(f"server: no public CKKS context ({SERVER_CONTEXT_FILE}) in {self.root}")
-            self.ctx = load_server_context(path)  # raises if it holds a secret key
-            self.fingerprint = context_fingerprint(self.ctx)
+            self.ctx, self.fingerprint = server_context(self.root)
 
     def _entry(self, site: str, meta: dict) -> dict:
         return {

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from clinfed.argtypes import positive_float, positive_int
 from clinfed.deploy.federation import DeployError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -58,28 +59,6 @@ def _first_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-# --- handlers ------------------------------------------------------------------------------------
-@_one_line_errors("provision")
 def cmd_provision(args: argparse.Namespace) -> int:
     from clinfed.deploy.federation import find_kits, is_loopback, service_address
     from clinfed.deploy.provision import add_site, provision
@@ -194,7 +173,7 @@ def add_parsers(subparsers) -> dict[str, Handler]:
 
     up = subparsers.add_parser("up", help="start the server and sites from their kits on this host")
     up.add_argument("--kits", type=Path, required=True, help="kits folder (or the provisioning folder)")
-    up.add_argument("--timeout", type=_positive_float, default=180.0, help="seconds to wait for the sites to connect")
+    up.add_argument("--timeout", type=positive_float, default=180.0, help="seconds to wait for the sites to connect")
 
     down = subparsers.add_parser("down", help="stop what `clinfed up` started from these kits")
     down.add_argument("--kits", type=Path, required=True)
@@ -204,11 +183,11 @@ def add_parsers(subparsers) -> dict[str, Handler]:
     sub.add_argument("--kit", type=Path, required=True, help="the submitting admin's startup kit")
     sub.add_argument("--wait", action="store_true", help="wait for the job to finish")
     sub.add_argument("--out", type=Path, default=None, help="download the result here (implies --wait)")
-    sub.add_argument("--sites", type=_positive_int, default=None, help="default: the sites connected now")
-    sub.add_argument("--rounds", type=_positive_int, default=None)
+    sub.add_argument("--sites", type=positive_int, default=None, help="default: the sites connected now")
+    sub.add_argument("--rounds", type=positive_int, default=None)
     sub.add_argument("--no-encrypt", action="store_true", help="plaintext updates (for comparison)")
-    sub.add_argument("--epsilon", type=_positive_float, default=None, help="target ε per site for this job")
-    sub.add_argument("--timeout", type=_positive_float, default=3600.0, help="seconds to wait for the job")
+    sub.add_argument("--epsilon", type=positive_float, default=None, help="target ε per site for this job")
+    sub.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds to wait for the job")
 
     poc = subparsers.add_parser("poc", help="FLARE's POC mode with clinfed's kits (nvflare poc)")
     poc_sub = poc.add_subparsers(dest="poc_command", required=True)
@@ -216,9 +195,9 @@ def add_parsers(subparsers) -> dict[str, Handler]:
         p = poc_sub.add_parser(name, help=f"nvflare poc {name}")
         p.add_argument("--workspace", type=Path, default=Path("poc"), help="POC workspace (default ./poc)")
         if name == "prepare":
-            p.add_argument("--sites", type=_positive_int, default=3)
+            p.add_argument("--sites", type=positive_int, default=3)
         if name == "start":
-            p.add_argument("--timeout", type=_positive_int, default=120)
+            p.add_argument("--timeout", type=positive_int, default=120)
 
     handlers = {"provision": cmd_provision, "up": cmd_up, "down": cmd_down, "submit": cmd_submit, "poc": cmd_poc}
     for parser, handler in zip((prov, up, down, sub, poc), handlers.values(), strict=True):

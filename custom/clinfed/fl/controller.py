@@ -28,7 +28,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from clinfed.audit import AuditLog
 from clinfed.fl import payload
-from clinfed.fl.participant import SERVER_CONTEXT_FILE, find_context_file, participant_root
+from clinfed.fl.participant import participant_root, server_context
 from clinfed.sysinfo import current_rss_mb
 
 SUMMARY_FILE = "summary.json"
@@ -76,13 +76,7 @@ class SecureFedAvg(ModelController):
         self.job = self.job_label or self.fl_ctx.get_job_id()
         self.ctx, self.fingerprint = None, ""
         if self.encrypted:
-            from clinfed.he.context import context_fingerprint, load_server_context
-
-            path = find_context_file(self.root, SERVER_CONTEXT_FILE)
-            if path is None:
-                raise RuntimeError(f"server: no public CKKS context ({SERVER_CONTEXT_FILE}) in {self.root}")
-            self.ctx = load_server_context(path)  # raises if it holds a secret key
-            self.fingerprint = context_fingerprint(self.ctx)
+            self.ctx, self.fingerprint = server_context(self.root)
 
     def _new_sum(self, layout_json: str | None):
         """A fresh accumulator that holds every site to the federation's model layout."""

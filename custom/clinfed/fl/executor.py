@@ -23,8 +23,9 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from clinfed import faults
 from clinfed.audit import AuditLog
+from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
-from clinfed.fl.participant import SITE_CONTEXT_FILE, SitePolicy, find_context_file, participant_root, site_index
+from clinfed.fl.participant import SitePolicy, participant_root, site_context, site_index
 from clinfed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
 from clinfed.sysinfo import current_rss_mb
 from clinfed.tasks import build_task
@@ -32,10 +33,6 @@ from clinfed.training import DPConfig, SiteTrainer, TrainConfig
 
 TRAIN_TASK = "train"
 VALIDATE_TASK = "validate"
-
-
-class SiteRefusal(RuntimeError):
-    """The site declines to take part in this round (its policy or budget says no)."""
 
 
 class DPTrainExecutor(Executor):
@@ -89,13 +86,7 @@ class DPTrainExecutor(Executor):
         if self.policy.require_encryption and not self.encrypt:
             raise SiteRefusal(f"{self.site}: local privacy policy requires encrypted updates; this job sends plaintext")
         if self.encrypt:
-            from clinfed.he.context import context_fingerprint, load_site_context
-
-            path = find_context_file(self.root, SITE_CONTEXT_FILE)
-            if path is None:
-                raise SiteRefusal(f"{self.site}: no CKKS context ({SITE_CONTEXT_FILE}) in {self.root}/startup or local")
-            self._ctx = load_site_context(path)
-            self._fingerprint = context_fingerprint(self._ctx)
+            self._ctx, self._fingerprint = site_context(self.root, self.site)
         task = build_task(self.task, **self.task_args)
         index = site_index(self.site)
         data_dir = self.policy.data_dir

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from nvflare.apis.fl_context import FLContext
 
+from clinfed.errors import SiteRefusal
+
 SIM_ROOT_ENV = "CLINFED_SIM_ROOT"
 SITE_CONTEXT_FILE = "client_context.tenseal"  # same names as FLARE's HEBuilder
 SERVER_CONTEXT_FILE = "server_context.tenseal"
@@ -43,6 +45,28 @@ def site_index(site: str) -> int | None:
     """0-based index from a trailing number ("site-3" → 2), naming a site's part of the bundled demo data."""
     match = re.search(r"(\d+)$", site)
     return int(match.group(1)) - 1 if match else None
+
+
+def site_context(root: Path, site: str):
+    """The federation's secret-key context at a site, and its fingerprint; refuses when the kit has none."""
+    from clinfed.he.context import context_fingerprint, load_site_context
+
+    path = find_context_file(root, SITE_CONTEXT_FILE)
+    if path is None:
+        raise SiteRefusal(f"{site}: no CKKS context ({SITE_CONTEXT_FILE}) in {root}/startup or local")
+    ctx = load_site_context(path)
+    return ctx, context_fingerprint(ctx)
+
+
+def server_context(root: Path):
+    """The server's public context (no secret key: `load_server_context` refuses one) and its fingerprint."""
+    from clinfed.he.context import context_fingerprint, load_server_context
+
+    path = find_context_file(root, SERVER_CONTEXT_FILE)
+    if path is None:
+        raise RuntimeError(f"server: no public CKKS context ({SERVER_CONTEXT_FILE}) in {root}")
+    ctx = load_server_context(path)
+    return ctx, context_fingerprint(ctx)
 
 
 def find_context_file(root: Path, filename: str) -> Path | None:

@@ -8,5 +8,6 @@ start=$(date +%s)
 . .venv/bin/activate
 OUT=${OUT:-out/quickstart}
 rm -rf "$OUT"
+mkdir -p "$(dirname "$OUT")"
 clinfed simulate breast_cancer_dp --sites 3 --out "$OUT" "$@" 2> "$OUT.log" || { tail -20 "$OUT.log"; exit 1; }
 echo "quickstart finished in $(( $(date +%s) - start )) s (simulator log: $OUT.log)"

@@ -9,5 +9,10 @@ start=$(date +%s)
 OUT=${OUT:-out/quickstart}
 rm -rf "$OUT"
 mkdir -p "$(dirname "$OUT")"
-clinfed simulate breast_cancer_dp --sites 3 --out "$OUT" "$@" 2> "$OUT.log" || { tail -20 "$OUT.log"; exit 1; }
+# FLARE's own log lines go to the log file; the terminal shows the round table and the summary path.
+if ! clinfed simulate breast_cancer_dp --sites 3 --out "$OUT" "$@" > "$OUT.log" 2>&1; then
+  tail -20 "$OUT.log"
+  exit 1
+fi
+sed -n '/^round  site/,$p' "$OUT.log"
 echo "quickstart finished in $(( $(date +%s) - start )) s (simulator log: $OUT.log)"

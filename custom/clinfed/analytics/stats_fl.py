@@ -62,6 +62,7 @@ from nvflare.recipe.spec import Recipe
 
 from clinfed.analytics import stats
 from clinfed.audit import AuditLog, payload_digest
+from clinfed.data import breast_cancer as bc
 from clinfed.errors import SiteDataError, SiteRefusal
 from clinfed.fl import payload
 from clinfed.fl.participant import (
@@ -127,13 +128,7 @@ def read_cohort_csv(
     Empty or NA cells are missing values (skipped per feature); a missing *column* is an error that
     names the site and the column, since every site must summarise the same features.
     """
-    folder = Path(data_dir)
-    if not folder.is_dir():
-        raise SiteDataError(f"{site}: data folder {folder} does not exist")
-    csvs = sorted(folder.glob("*.csv"))
-    path = folder / "data.csv" if (folder / "data.csv").exists() else (csvs[0] if len(csvs) == 1 else None)
-    if path is None:
-        raise SiteDataError(f"{site}: no data.csv in {folder}")
+    path = bc.find_site_csv(site, data_dir)
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
@@ -245,7 +240,6 @@ class CohortStatsExecutor(Executor):
 
     def _load(self, index: int) -> tuple[np.ndarray, list, str]:
         from clinfed.analytics import psi
-        from clinfed.data import breast_cancer as bc  # imports torch (via tasks.base): sites with bundled data only
 
         features = list(self._spec.features)
         wanted = psi.read_intersection(self.root, self.site) if self.cohort == "intersect" else None

@@ -11,6 +11,7 @@ test set. A site's own CSV (``--data-dir``) replaces the bundled rows for that s
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,17 +66,21 @@ def dirichlet_split(
     raise ValueError(f"cannot split {len(y)} rows across {num_sites} sites with ≥{min_per_class} rows per class each")
 
 
-def read_site_csv(site_name: str, data_dir: str | Path, features: list[str]) -> Table:
-    """A site's own rows from `<data_dir>/data.csv` (or the only CSV there): the features + `target`."""
+def find_site_csv(site: str, data_dir: str | Path) -> Path:
+    """A site's table: `<data_dir>/data.csv`, or the only CSV there; errors name the site and folder."""
     folder = Path(data_dir)
     if not folder.is_dir():
-        raise SiteDataError(f"{site_name}: data folder {folder} does not exist")
+        raise SiteDataError(f"{site}: data folder {folder} does not exist")
     csvs = sorted(folder.glob("*.csv"))
     path = folder / "data.csv" if (folder / "data.csv").exists() else (csvs[0] if len(csvs) == 1 else None)
     if path is None:
-        raise SiteDataError(f"{site_name}: no data.csv in {folder}")
-    import csv
+        raise SiteDataError(f"{site}: no data.csv in {folder}")
+    return path
 
+
+def read_site_csv(site_name: str, data_dir: str | Path, features: list[str]) -> Table:
+    """A site's own rows from `<data_dir>/data.csv` (or the only CSV there): the features + `target`."""
+    path = find_site_csv(site_name, data_dir)
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows:

@@ -38,7 +38,22 @@ def _check_weight(site: str, weight: float) -> float:
     return w
 
 
-class EncryptedSum:
+class _RunningSum:
+    """What both sums expose besides their result: who contributed, and with how much weight."""
+
+    _sites: list[str]
+    _weight: float
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    @property
+    def total_weight(self) -> float:
+        return self._weight
+
+
+class EncryptedSum(_RunningSum):
     """Server-side running sum of the sites' encrypted, pre-weighted updates.
 
     ``size`` (values in the flat model) fixes the expected ciphertext count; without it the first
@@ -92,16 +107,8 @@ class EncryptedSum:
                 raise ValueError("no site contributed to the sum")
             return ckks._dump_all(self._total), self._weight, list(self._sites)
 
-    @property
-    def sites(self) -> list[str]:
-        return list(self._sites)
 
-    @property
-    def total_weight(self) -> float:
-        return self._weight
-
-
-class PlainWeightedSum:
+class PlainWeightedSum(_RunningSum):
     """Plaintext twin of :class:`EncryptedSum` for ``--no-encrypt`` runs (the FedAvg baseline).
 
     Sites send unweighted arrays; the server weights, sums and averages, as FLARE's FedAvg does.
@@ -149,14 +156,6 @@ class PlainWeightedSum:
             if self._sum is None or self._layout is None:
                 raise ValueError("no site contributed to the sum")
             return unflatten(self._sum / self._weight, self._layout), self._weight, list(self._sites)
-
-    @property
-    def sites(self) -> list[str]:
-        return list(self._sites)
-
-    @property
-    def total_weight(self) -> float:
-        return self._weight
 
 
 def _same_layout(site: str, got: Layout, want: Layout) -> None:

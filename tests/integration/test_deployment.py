@@ -198,6 +198,21 @@ def test_lead_submits_an_encrypted_dp_job_that_completes_with_auc_095(fed, tmp_p
 
 
 @pytest.mark.slow
+def test_cohort_analytics_run_as_deployed_jobs(fed, tmp_path):
+    """cohort_stats (encrypted sums the server only adds) and psi_linkage (FLARE's DH-PSI) as jobs."""
+    lead = fed / "lead@clinfed.local"
+    stats = submit("cohort_stats", lead, wait=True, out=tmp_path / "stats", timeout=600)
+    assert stats.status == "FINISHED:COMPLETED"
+    assert stats.summary["encrypted"] is True
+    counts = {group: next(iter(features.values()))["count"] for group, features in stats.summary["statistics"].items()}
+    assert counts == {"all": 569, "malignant": 212, "benign": 357}
+    psi = submit("psi_linkage", lead, wait=True, out=tmp_path / "psi", timeout=600)
+    assert psi.status == "FINISHED:COMPLETED"
+    assert psi.summary["psi"]["intersection_size"] == psi.summary["psi"]["expected_intersection_size"] == 193
+    assert set(psi.summary["psi"]["per_site"].values()) == {193}
+
+
+@pytest.mark.slow
 def test_a_member_cannot_submit(fed):
     with pytest.raises(SubmitRefused, match=r"member@clinfed.local may not submit jobs here: .*submit_job"):
         submit("breast_cancer_dp", fed / "member@clinfed.local", rounds=1)

@@ -13,6 +13,8 @@ CASES = [
     (["simulate", "breast_cancer_dp", "--epsilon", "-1"], "--epsilon"),
     (["simulate", "breast_cancer_dp", "--inject", "site-2=meteor"], "--inject"),
     (["export", "breast_cancer_dp"], "--out"),
+    (["simulate", "breast_cancer_dp", "--data-dir", "/nonexistent/site-data"], "/nonexistent/site-data"),
+    (["submit", "breast_cancer_dp", "--kit", "/nonexistent/kit"], "/nonexistent/kit: not an admin startup kit"),
 ]
 
 

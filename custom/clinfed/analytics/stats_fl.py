@@ -325,15 +325,8 @@ class CohortStatsExecutor(Executor):
             return self._status_reply("failed", reason, round_num)
 
     def _send(self, params: dict, round_num: int, start: float) -> Shareable:
-        digest, size = payload.payload_sha256(params), payload.payload_size(params)
-        self.audit.append(
-            "update_sent",
-            job=self.job_label,
-            round=round_num,
-            site=self.site,
-            sha256=digest,
-            bytes=size,
-            encrypted=self.encrypt,
+        digest, size = payload.log_update(
+            self.audit, "update_sent", params, job=self.job_label, round_num=round_num, site=self.site
         )
         meta = {
             "status": "ok",
@@ -472,14 +465,8 @@ class CohortStatsController(ModelController):
             entry = self._entry(site, meta)
             params = result.params or {}
             if entry["status"] == "ok":
-                self.audit.append(
-                    "update_received",
-                    job=self.job_label,
-                    round=round_num,
-                    site=site,
-                    sha256=payload.payload_sha256(params),
-                    bytes=payload.payload_size(params),
-                    encrypted=payload.is_encrypted(params),
+                payload.log_update(
+                    self.audit, "update_received", params, job=self.job_label, round_num=round_num, site=site
                 )
                 try:
                     self._accept(acc, site, params, meta, layout)

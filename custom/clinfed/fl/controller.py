@@ -126,16 +126,7 @@ class SecureFedAvg(ModelController):
             } or self._privacy.get(site, {})
             if status == "ok":
                 params = result.params or {}
-                digest, size = payload.payload_sha256(params), payload.payload_size(params)
-                self.audit.append(
-                    "update_received",
-                    job=self.job,
-                    round=round_num,
-                    site=site,
-                    sha256=digest,
-                    bytes=size,
-                    encrypted=payload.is_encrypted(params),
-                )
+                payload.log_update(self.audit, "update_received", params, job=self.job, round_num=round_num, site=site)
                 try:
                     if layout_json(params) != layout:
                         raise ValueError(f"{site}: model layout differs from the federation's (another model version?)")
@@ -296,14 +287,7 @@ class SecureFedAvg(ModelController):
             outgoing.current_round, outgoing.total_rounds = round_num, self.num_rounds
             outgoing.meta["run_key"] = self._run_key
             self.info(f"round {round_num}: sending to {targets}")
-            results = self.broadcast_model(
-                task_name="train",
-                data=outgoing,
-                targets=targets,
-                min_responses=min(self.min_clients, len(targets)),
-                timeout=self.task_timeout,
-                wait_time_after_min_received=self.straggler_wait,
-            )
+            results = self._collect("train", outgoing, targets)
             entries, new_global = self._aggregate(round_num, results, targets)
             self._rounds.append({"round": round_num, "sites": entries, "server_rss_mb": current_rss_mb()})
             if new_global is not None:
@@ -315,19 +299,24 @@ class SecureFedAvg(ModelController):
         self._write_summary(sorted(self._sites), self._completed, self._rounds, final, resumed_at=start)
         self._checkpoint_path.unlink(missing_ok=True)
 
+    def _collect(self, task_name: str, model: FLModel, targets: list[str]) -> list[FLModel]:
+        """Send a task and wait for `min_clients` answers, then `straggler_wait` more for the rest:
+        a dead or slow site must not stall the federation."""
+        return self.broadcast_model(
+            task_name=task_name,
+            data=model,
+            targets=targets,
+            min_responses=min(self.min_clients, len(targets)),
+            timeout=self.task_timeout,
+            wait_time_after_min_received=self.straggler_wait,
+        )
+
     def _final_validation(self, targets: list[str]) -> dict:
         per_site: dict[str, dict] = {}
         if self._global is not None:
             outgoing = self._global
             outgoing.current_round = self.num_rounds
-            results = self.broadcast_model(
-                task_name="validate",
-                data=outgoing,
-                targets=targets,
-                min_responses=min(self.min_clients, len(targets)),
-                timeout=self.task_timeout,
-                wait_time_after_min_received=self.straggler_wait,
-            )
+            results = self._collect("validate", outgoing, targets)
             for result in results:
                 site = result.meta.get("client_name", "?")
                 if result.metrics:

@@ -199,15 +199,8 @@ class DPTrainExecutor(Executor):
         params, weight = self._encode_update(weights, len(trainer.data.train))
         if fault in ("corrupt", "wrongshape"):
             params = faults.damage_payload(fault, params, seed=round_num)
-        digest, size = payload.payload_sha256(params), payload.payload_size(params)
-        self.audit.append(
-            "update_sent",
-            job=self.job,
-            round=round_num,
-            site=self.site,
-            sha256=digest,
-            bytes=size,
-            encrypted=self.encrypt,
+        digest, size = payload.log_update(
+            self.audit, "update_sent", params, job=self.job, round_num=round_num, site=self.site
         )
         metrics = {
             **{f"global_{k}": v for k, v in global_metrics.items()},

@@ -44,5 +44,13 @@ def payload_sha256(params: dict) -> str:
     return payload_digest_chunks(payload_chunks(params))
 
 
+def log_update(audit, event: str, params: dict, *, job: str, round_num: int, site: str) -> tuple[str, int]:
+    """Append `update_sent` / `update_received` for `params` (its digest and size, never its bytes);
+    the site and the server log the same digest, which `clinfed audit verify` cross-checks."""
+    digest, size = payload_sha256(params), payload_size(params)
+    audit.append(event, job=job, round=round_num, site=site, sha256=digest, bytes=size, encrypted=is_encrypted(params))
+    return digest, size
+
+
 def encrypted_params(cts: list[bytes], layout_json: str, fingerprint: str) -> dict:
     return {CKKS_KEY: list(cts), LAYOUT_KEY: layout_json, FINGERPRINT_KEY: fingerprint}

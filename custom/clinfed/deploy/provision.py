@@ -7,14 +7,17 @@ site's `local/` before FLARE signs the kits. The kits land where FLARE puts them
 `<out>/<project name>/prod_00/<participant>/`; that folder is what `clinfed up --kits` takes and
 what the operator hands out, one participant folder each.
 
+No kit holds a CKKS key. A project with FLARE's HEBuilder is refused: it generates the federation's
+secret key here, at the operator, who keeps every kit until they are handed out. The hospitals make
+and share the key themselves once their kits run (`clinfed.keys`, the key_exchange job that
+`clinfed up` submits; docs/keys.md).
+
 `add_site` is FLARE's dynamic provisioning (`nvflare provision --add_client`): same project, same
 provisioning state (root CA and issued certificates in `<out>/<project>/state/`), one more client.
-FLARE would then re-issue the whole federation into a new `prod_NN` with a *new* HE key pair from
-HEBuilder, which would leave the new site unable to decrypt the running federation's model. So the
-federation's existing client context goes into the run (ClinfedKitBuilder replaces HEBuilder's new
-key before signing), the new site's kit is moved next to the kits already handed out, and the new
-`prod_NN` (copies of kits that were already issued, same certificates) is removed after checking
-that no existing certificate changed.
+FLARE re-issues the whole federation into a new `prod_NN`; the new site's kit is moved next to the
+kits already handed out, and the new `prod_NN` (copies of kits that were already issued, same
+certificates) is removed after checking that no existing certificate changed. The new site gets the
+federation's key from a hospital, through the federation, the next time the key exchange runs.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import yaml
 BUILDER_PATH = "clinfed.deploy.builder.ClinfedKitBuilder"
 HE_BUILDER_PATH = "nvflare.lighter.impl.he.HEBuilder"
 SIGNATURE_BUILDER_PATH = "nvflare.lighter.impl.signature.SignatureBuilder"
-CLIENT_CONTEXT = "client_context.tenseal"
 
 
 class _Log:
@@ -68,8 +70,11 @@ def load_project(project: Path) -> dict:
         raise ValueError(f"{project}: builders must include {BUILDER_PATH} (before SignatureBuilder)")
     if SIGNATURE_BUILDER_PATH in paths and paths.index(BUILDER_PATH) > paths.index(SIGNATURE_BUILDER_PATH):
         raise ValueError(f"{project}: {BUILDER_PATH} must come before SignatureBuilder, or the kits' signatures break")
-    if HE_BUILDER_PATH in paths and paths.index(BUILDER_PATH) < paths.index(HE_BUILDER_PATH):
-        raise ValueError(f"{project}: {BUILDER_PATH} must come after HEBuilder")
+    if HE_BUILDER_PATH in paths:
+        raise ValueError(
+            f"{project}: remove {HE_BUILDER_PATH}: it would generate every hospital's CKKS secret key "
+            "at the operator (the hospitals exchange the key themselves, see docs/keys.md)"
+        )
     return data
 
 
@@ -115,8 +120,8 @@ def _run_flare(project_dict: dict, out: Path, add_client: dict | None = None) ->
 def provision(project: Path, out: Path) -> Path:
     """Issue every participant's signed kit; returns the folder holding them (`<out>/<name>/prod_00`).
 
-    Refuses an `out` that already holds this federation: provisioning again would issue a new HE key
-    pair and new kits while the old ones may be running; `add_site` grows a federation instead.
+    Refuses an `out` that already holds this federation: provisioning again would issue new kits
+    (a new root CA) while the old ones may be running; `add_site` grows a federation instead.
     """
     project_dict = load_project(project)
     existing = kits_dir(project_dict, out)
@@ -132,7 +137,8 @@ def add_site(name: str, project: Path, out: Path, org: str | None = None) -> Pat
     """Issue a signed kit for one more site of a provisioned federation; returns the new kit's folder.
 
     Existing kits are not re-issued: the new kit goes next to them in the federation's kits folder,
-    with a certificate from the same root CA and the federation's existing CKKS key. `org` defaults
+    with a certificate from the same root CA and no CKKS key (it receives the federation's key from
+    a hospital through the key exchange, `clinfed up` runs it). `org` defaults
     to the site's name with FLARE's org alphabet (`site-4` → `site_4`): each hospital its own organisation.
     """
     from nvflare.apis.utils.format_check import name_check
@@ -147,17 +153,6 @@ def add_site(name: str, project: Path, out: Path, org: str | None = None) -> Pat
     taken = {p.get("name") for p in project_dict["participants"]} | {p.name for p in kits.iterdir()}
     if name in taken:
         raise ValueError(f"'{name}' already has a kit in {kits}")
-
-    project_dict = copy.deepcopy(project_dict)
-    builder = next(b for b in project_dict["builders"] if b.get("path") == BUILDER_PATH)
-    contexts = sorted(kits.glob(f"*/startup/{CLIENT_CONTEXT}"))
-    uses_he = any(b.get("path") == HE_BUILDER_PATH for b in project_dict["builders"])
-    if uses_he:
-        if not contexts:
-            raise ValueError(
-                f"{kits}: no site kit holds {CLIENT_CONTEXT}; cannot give the new site the federation's key"
-            )
-        builder["args"] = {**(builder.get("args") or {}), "he_client_context": str(contexts[0])}
 
     new_prod = _run_flare(project_dict, out, add_client={"name": name, "org": org or re.sub(r"\W", "_", name)})
     try:

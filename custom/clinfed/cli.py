@@ -215,6 +215,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"clinfed simulate: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
     print(_round_table(summary))
+    if summary.get("policy_override"):
+        print("policy override: DP switched off at every simulated site by --no-dp (simulator only)")
+    for admission in summary.get("admission", {}).values():
+        if admission.get("status") == "refused":
+            print(f"refused the job: {admission.get('reason')}")
     print(f"encrypted: {summary.get('encrypted')}  rounds completed: {summary.get('rounds_completed')}")
     print(f"summary: {Path(out).resolve() / 'summary.json'}")
     return 0

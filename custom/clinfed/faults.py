@@ -1,4 +1,8 @@
-"""Fault injection for tests and demos (`clinfed simulate --inject SITE=KIND`); off unless a job asks.
+"""Fault injection for tests and demos (`clinfed simulate --inject SITE=KIND`), simulator only.
+
+A job is untrusted input, so no job argument can switch a fault on: the switch is the environment
+variable ``CLINFED_INJECT`` ("site-2=nan,site-3=crash") of the site process itself, which
+`clinfed simulate` sets for its own simulated sites and a deployed site's kit never does.
 
 Each kind imitates a real failure a consortium meets, applied at the site after local training:
 
@@ -18,6 +22,20 @@ import numpy as np
 from clinfed.fl import payload
 
 FAULT_KINDS = ("nan", "corrupt", "wrongshape", "crash")
+INJECT_ENV = "CLINFED_INJECT"
+
+
+def encode_faults(faults: dict[str, str]) -> str:
+    return ",".join(f"{site}={kind}" for site, kind in sorted(faults.items()))
+
+
+def injected_fault(site: str) -> str | None:
+    """The fault this site process was started with (simulator only), or None."""
+    for item in os.environ.get(INJECT_ENV, "").split(","):
+        name, _, kind = item.partition("=")
+        if name == site and kind in FAULT_KINDS:
+            return kind
+    return None
 
 
 def poison_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clinfed.faults import INJECT_ENV, encode_faults
 from clinfed.fl.participant import SERVER_CONTEXT_FILE, SIM_ROOT_ENV, SITE_CONTEXT_FILE, write_site_policy
 from clinfed.jobs import load_job
 
@@ -44,21 +45,24 @@ class SimulationRequest:
 
 
 def ensure_contexts(root: Path, sites: list[str]) -> None:
-    """One CKKS key pair per federation: generated once, reused by every later run on this workspace."""
+    """One CKKS key pair per federation, generated once *at the first site* (a hospital, as in a
+    deployment) and reused by every later run on this workspace; the server gets the public context.
+
+    Copying the first site's key to the others stands in for what a deployment does through the
+    federation (`clinfed.keys`: the key travels encrypted to each site's kit certificate); there is no
+    operator copy.
+    """
     from clinfed.he.context import write_context_pair
 
+    holder = root / sites[0] / "local" / SITE_CONTEXT_FILE
     server_ctx = root / "server" / "local" / SERVER_CONTEXT_FILE
-    master = root / ".keys" / SITE_CONTEXT_FILE  # the operator's copy, never given to the server
-    if not master.exists() or not server_ctx.exists():
-        master.parent.mkdir(parents=True, exist_ok=True)
-        server_ctx.parent.mkdir(parents=True, exist_ok=True)
-        write_context_pair(master, server_ctx)
-        os.chmod(master, 0o600)
-    for site in sites:
+    if not holder.exists() or not server_ctx.exists():
+        write_context_pair(holder, server_ctx)
+    for site in sites[1:]:
         target = root / site / "local" / SITE_CONTEXT_FILE
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(master, target)
+            shutil.copyfile(holder, target)
             os.chmod(target, 0o600)
 
 
@@ -80,7 +84,15 @@ def prepare_participants(req: SimulationRequest, root: Path) -> None:
         ensure_contexts(root, req.site_names)
     (root / "server").mkdir(parents=True, exist_ok=True)
     for site in req.site_names:
-        write_site_policy(root / site, epsilon_budget=req.site_budget, data_dir=req.data_dir)
+        # `--no-dp` is a simulator-only *policy* override (the job alone cannot switch DP off); it is
+        # written to the simulated sites' own policy and stated in summary.json and the output.
+        write_site_policy(
+            root / site,
+            epsilon_budget=req.site_budget,
+            data_dir=req.data_dir,
+            require_dp=not req.no_dp,
+            simulated_override=req.no_dp,
+        )
 
 
 def run_simulation(req: SimulationRequest) -> dict:
@@ -104,7 +116,6 @@ def run_simulation(req: SimulationRequest) -> dict:
         encrypt=req.encrypt,
         epsilon=epsilon,
         min_cell=req.min_cell,
-        inject=req.inject,
         **req.extra,
     )
     flare_root = root / "flare"
@@ -112,20 +123,25 @@ def run_simulation(req: SimulationRequest) -> dict:
     allow_clinfed_components(flare_ws)
     # One process per site, each with its own torch thread pool: more threads than cores only thrash.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // req.sites)))
-    previous = os.environ.get(SIM_ROOT_ENV)
-    os.environ[SIM_ROOT_ENV] = str(root)
+    # Faults are a property of the simulated site processes, never of the job (see clinfed.faults).
+    overrides = {SIM_ROOT_ENV: str(root), INJECT_ENV: encode_faults(req.inject)}
+    previous = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
     try:
         env = SimEnv(clients=req.site_names, num_threads=req.sites, workspace_root=str(flare_root))
         recipe.run(env)
     finally:
-        if previous is None:
-            os.environ.pop(SIM_ROOT_ENV, None)
-        else:
-            os.environ[SIM_ROOT_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     produced = flare_ws / "server" / "simulate_job" / "summary.json"
     if not produced.exists():
         raise RuntimeError(f"the simulation wrote no summary (see logs under {flare_ws})")
     summary = json.loads(produced.read_text())
+    if req.no_dp:
+        summary["policy_override"] = {"require_dp": False, "by": "clinfed simulate --no-dp (simulator only)"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for png in sorted(root.glob(f"site-*/reports/{recipe.name}-*.png")):
         shutil.copyfile(png, out / png.name)

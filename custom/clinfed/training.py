@@ -6,17 +6,27 @@ rounds); each round the global weights are loaded into the wrapped module (`mode
 
 The noise multiplier is fixed once per job from the site's target ε over the *planned* number of
 steps (rounds × local epochs × batches per epoch), with Opacus' own `get_noise_multiplier`.
+
+Randomness: the job's `seed` fixes only the model initialisation (all sites must start from the same
+weights) and nothing a privacy proof relies on. DP-SGD's Gaussian noise and the Poisson sampling of
+batches draw from two `torch.Generator`s seeded with 64 bits of fresh OS entropy (`secrets`) in each
+site process, so nobody holding the job config can regenerate the noise and subtract it, and a second
+run (or a resumed one) never replays the first run's noise. Opacus' `secure_mode` would use
+torchcsprng's /dev/urandom generator instead, but torchcsprng has no build for our torch (2.13):
+the OS-seeded Mersenne Twister is the best available; its state stays inside the site process.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
@@ -34,7 +44,12 @@ class TrainConfig:
     lr: float = 0.1
     optimizer: str = "sgd"  # "sgd" | "adam"
     momentum: float = 0.0
-    seed: int = 0
+    seed: int = 0  # model initialisation only; never the DP noise or the batch sampling
+
+
+def os_seeded_generator() -> torch.Generator:
+    """A generator seeded from the OS's entropy pool: private to this process, new for every job and restart."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 @dataclass
@@ -123,8 +138,10 @@ class SiteTrainer:
         """`rounds_left` and `prior_history` serve a job resumed mid-way: the noise is set so that what
         this run already spent (prior_history) plus the remaining rounds meets the job's target ε."""
         self.task, self.data, self.train_cfg, self.dp = task, data, train, dp
-        torch.manual_seed(train.seed)
-        model = task.build_model()
+        with torch.random.fork_rng():  # the job seed fixes the initial weights (equal at every site), nothing else
+            torch.manual_seed(int(train.seed))
+            model = task.build_model()
+        torch.seed()  # whatever else draws from torch's global RNG starts from OS entropy, not a default seed
         if dp.enabled:
             errors = ModuleValidator.validate(model, strict=False)
             if errors:
@@ -134,28 +151,32 @@ class SiteTrainer:
             optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=train.lr)
         else:
             optimizer = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum)
-        generator = torch.Generator().manual_seed(train.seed)
-        loader = DataLoader(data.train, batch_size=train.batch_size, shuffle=True, generator=generator)
+        loader = DataLoader(data.train, batch_size=train.batch_size, shuffle=True, generator=os_seeded_generator())
         self.batches_per_epoch = len(loader)
         self.sample_rate = 1.0 / len(loader)
         self.noise_multiplier = 0.0
         self.engine: PrivacyEngine | None = None
         if dp.enabled:
             rounds = train.rounds if rounds_left is None else max(1, rounds_left)
-            planned_steps = rounds * train.local_epochs * len(loader)
+            self.planned_steps = rounds * train.local_epochs * len(loader)
             self.noise_multiplier = noise_for_target(
-                dp.target_epsilon, dp.delta, self.sample_rate, planned_steps, prior_history or [], dp.accountant
+                dp.target_epsilon, dp.delta, self.sample_rate, self.planned_steps, prior_history or [], dp.accountant
             )
             self.engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
-            model, optimizer, loader = self.engine.make_private(
+            model, optimizer, _ = self.engine.make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=True,
+                poisson_sampling=False,  # Poisson sampling is set up below, on a generator of our own
                 grad_sample_mode=dp.grad_sample_mode,
+                noise_generator=os_seeded_generator(),
             )
+            # make_private would hand Poisson sampling torch's *global* RNG (seeded by the job) unless
+            # secure_mode is on; the same DPDataLoader with an OS-seeded generator samples at the same
+            # rate (1 / batches per epoch), which is what the accountant is told.
+            loader = DPDataLoader.from_data_loader(loader, generator=os_seeded_generator())
         self.model, self.optimizer, self.loader = model, optimizer, loader
 
     @property
@@ -172,6 +193,12 @@ class SiteTrainer:
     def planned_spend(self) -> tuple[float, float, int]:
         """(noise multiplier, sample rate, steps) the next round will consume, for the budget check."""
         return self.noise_multiplier, self.sample_rate, self.train_cfg.local_epochs * self.batches_per_epoch
+
+    def planned_job(self) -> list[tuple[float, float, int]]:
+        """The whole remaining job's spends, for admission: every round this run still plans."""
+        if self.engine is None:
+            return []
+        return [(self.noise_multiplier, self.sample_rate, self.planned_steps)]
 
     def train_round(self) -> dict[str, float]:
         """Local epochs of DP-SGD; returns the mean training loss and the accountant steps consumed."""

@@ -21,7 +21,6 @@ def make_recipe(
     rounds: int,
     encrypt: bool = True,
     epsilon: float | None = 3.0,
-    inject: dict | None = None,
     straggler_wait: int = 60,
     **_: object,
 ) -> SecureFedAvgRecipe:
@@ -31,10 +30,10 @@ def make_recipe(
         task="breast_cancer",
         num_rounds=rounds,
         num_sites=sites,
-        # a round needs a majority of the sites; the others may fail or refuse without stopping it
+        # a round needs a majority of the sites (and never fewer than 3: the recipe and the server
+        # enforce that floor); the others may fail or refuse without stopping it
         min_clients=sites // 2 + 1,
         encrypt=encrypt,
-        inject=inject,
         straggler_wait=straggler_wait,
         task_args={"hidden": 16},
         train_args={"local_epochs": 1, "batch_size": 32, "lr": 0.5, "optimizer": "sgd"},

@@ -20,7 +20,7 @@ from clinfed.he import (
     weighted_encrypt,
 )
 
-WEIGHTS = {"site-1": 120.0, "site-2": 45.0, "site-3": 300.0}
+WEIGHTS = {"site-1": 120.0, "site-2": 45.0, "site-3": 300.0, "site-4": 80.0}
 
 
 def _model(seed: int) -> dict[str, np.ndarray]:
@@ -80,9 +80,9 @@ def test_decrypted_aggregate_equals_plaintext_fedavg(fed):
 
 def test_a_dropped_site_leaves_the_average_of_the_rest(fed):
     secret, public, models, payloads = fed
-    acc, _ = _round(public, payloads, ["site-1", "site-3"])
+    acc, _ = _round(public, payloads, ["site-1", "site-3", "site-4"])
     cts, total, sites = acc.result()
-    assert sites == ["site-1", "site-3"]
+    assert sites == ["site-1", "site-3", "site-4"]
     rest = {s: models[s] for s in sites}
     _assert_close(decrypt_average(secret, cts, total, payloads["site-1"][1]), _fedavg(rest, WEIGHTS))
 
@@ -94,7 +94,8 @@ def _assert_refused_and_rest_intact(fed, bad: dict, pattern: str) -> None:
     assert errors[0].startswith("site-2: ")
     assert pattern in errors[0], errors[0]
     cts, total, sites = acc.result()
-    assert sites == ["site-1", "site-3"] and total == WEIGHTS["site-1"] + WEIGHTS["site-3"]
+    assert sites == ["site-1", "site-3", "site-4"]
+    assert total == WEIGHTS["site-1"] + WEIGHTS["site-3"] + WEIGHTS["site-4"]
     rest = {s: models[s] for s in sites}
     _assert_close(decrypt_average(secret, cts, total, payloads["site-1"][1]), _fedavg(rest, WEIGHTS))
 
@@ -178,7 +179,8 @@ def test_ciphertexts_are_packed_across_layers(fed):
     """FLARE pays one ciphertext per layer; we pay ⌈parameters / slots⌉ for the whole model."""
     payloads = fed[3]
     cts, layout = payloads["site-1"]
-    assert len(layout.names) == 6 and layout.size == 432 + 16 + 4608 + 32 + 64 + 2
+    # six layers and the contributor count (one value that is 1 after weighting)
+    assert len(layout.names) == 7 and layout.size == 432 + 16 + 4608 + 32 + 64 + 2 + 1
     assert len(cts) == -(-layout.size // 2048) == 3
 
 

@@ -23,14 +23,14 @@ KEYS = {
 
 @pytest.fixture(scope="module")
 def result():
-    return run_he_bench(params=20_000, sites=2, seed=1)
+    return run_he_bench(params=20_000, sites=3, seed=1)
 
 
 def test_every_contender_reports_the_same_fields(result):
     assert set(result) == {"plaintext", "flare_he", "ours"}
     for name, row in result.items():
         assert set(row) >= KEYS, name
-        assert row["params"] == 20_000 and row["sites"] == 2
+        assert row["params"] == 20_000 and row["sites"] == 3
         parts = row["encrypt_seconds"] + row["aggregate_seconds"] + row["decrypt_seconds"]
         assert row["round_seconds"] == pytest.approx(parts)
     assert result["plaintext"]["bytes_per_param"] == 4.0

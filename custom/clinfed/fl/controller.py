@@ -11,15 +11,21 @@ only that. Each round every site's outcome ("ok", "refused", "failed" with a rea
 an invalid update is excluded before it touches the sum, and the round completes if at least
 `min_clients` valid updates arrived, otherwise the previous global model is kept.
 At the end a `validate` task scores the final global model on each site's held-out data and the
-server writes `summary.json` into its run folder.
+server writes `summary.json` into its run folder (`clinfed.fl.summary`).
+
+Privacy floors in code, not in the job: a round's sum replaces the global model only with at least
+`MIN_CONTRIBUTORS` (3) valid updates, whatever `min_clients` a job config says (the sites also
+refuse to decrypt a smaller sum: the count is inside the ciphertexts). Before round 0 every site is
+asked to admit the job as a whole (`admit` task: its own policy and remaining budget decide); only
+sites that accept are sent training tasks, and summary.json records `admission`. Every message to a
+site carries the server's audit-chain head and every reply the site's; each side records the other's
+(`anchor`), so no single party can rewrite its own audit history unnoticed.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 from nvflare.apis.fl_constant import ReturnCode
@@ -27,12 +33,11 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from clinfed.audit import AuditLog
-from clinfed.fl import payload
+from clinfed.fl import checkpoint, payload
 from clinfed.fl.participant import participant_root, server_context
+from clinfed.fl.summary import training_summary, write_summary
+from clinfed.he.aggregation import MIN_CONTRIBUTORS
 from clinfed.sysinfo import current_rss_mb
-
-SUMMARY_FILE = "summary.json"
-GLOBAL_MODEL_FILE = {True: "global_model.ckks.json", False: "global_model.npz"}
 
 
 class SecureFedAvg(ModelController):
@@ -47,6 +52,7 @@ class SecureFedAvg(ModelController):
         straggler_wait: int = 60,
         resume: bool = True,
         extra_summary: dict | None = None,
+        submission: str = "",
     ):
         """
         Args:
@@ -58,13 +64,18 @@ class SecureFedAvg(ModelController):
             task_timeout: seconds a round may take at all (0: no limit).
             straggler_wait: once `min_clients` answered, seconds to wait for the others before the
                 round closes without them (a dead site must not stall the federation).
-            resume: continue an unfinished earlier run of this job from its last round (see _save_state).
+            resume: continue an unfinished earlier run of this same submission from its last round
+                (see `clinfed.fl.checkpoint`).
             extra_summary: fixed fields added to summary.json.
+            submission: random id of this submission (drawn by the recipe); keys the resume point.
+                Without one, the FLARE job id is used, so nothing resumes across submissions.
         """
         super().__init__()
         self._error_codes: dict[str, str] = {}
-        self.resume = resume
+        self.resume, self.submission = resume, submission
         self.straggler_wait = straggler_wait
+        # FedJob serialises attributes named like the arguments: keep min_clients as given; the floor
+        # is applied where it is used (_floor), so an edited job config cannot lower it either.
         self.num_rounds, self.min_clients, self.encrypted = num_rounds, min_clients, encrypted
         self.job_label, self.primary_metric, self.task_timeout = job_label, primary_metric, task_timeout
         self.extra_summary = dict(extra_summary or {})
@@ -74,6 +85,7 @@ class SecureFedAvg(ModelController):
         self.root = participant_root(self.fl_ctx, "server")
         self.audit = AuditLog(self.root, "server")
         self.job = self.job_label or self.fl_ctx.get_job_id()
+        self._submission = self.submission or self.fl_ctx.get_job_id()
         self.ctx, self.fingerprint = None, ""
         if self.encrypted:
             self.ctx, self.fingerprint = server_context(self.root)
@@ -113,6 +125,7 @@ class SecureFedAvg(ModelController):
         for result in results:
             site = result.meta.get("client_name", "?")
             meta = result.meta or {}
+            self._anchor(site, meta, round_num)
             status = meta.get("status", "failed")
             entry = {
                 "status": status,
@@ -121,9 +134,7 @@ class SecureFedAvg(ModelController):
                 "epsilon": float(meta.get("epsilon", 0.0) or 0.0),
                 "bytes_sent": int(meta.get("bytes_sent", 0) or 0),
             }
-            self._privacy[site] = {
-                k: meta[k] for k in ("epsilon", "delta", "accountant", "budget", "history") if k in meta
-            } or self._privacy.get(site, {})
+            self._record_privacy(site, meta)
             if status == "ok":
                 params = result.params or {}
                 payload.log_update(self.audit, "update_received", params, job=self.job, round_num=round_num, site=site)
@@ -156,11 +167,12 @@ class SecureFedAvg(ModelController):
                 )
         self._error_codes.clear()
         accepted = [s for s, e in entries.items() if e["status"] == "ok"]
-        if len(accepted) < self.min_clients:
+        if len(accepted) < self._floor:
             self.warning(
-                f"round {round_num}: only {len(accepted)} valid updates (< min_clients {self.min_clients}); "
-                "keeping the previous global model"
+                f"round {round_num}: only {len(accepted)} valid updates (< {self._floor}, and never fewer than "
+                f"{MIN_CONTRIBUTORS}); keeping the previous global model"
             )
+            self.audit.append("round_withheld", job=self.job, round=round_num, valid=len(accepted), needed=self._floor)
             return entries, None
         new_global = self._global_from(acc, layout)
         self._layout = layout
@@ -189,136 +201,168 @@ class SecureFedAvg(ModelController):
         avg, total, _ = acc.result()
         return FLModel(params=avg, meta={"total_weight": total})
 
-    # --- persistence: the global model as the server holds it, and the round to resume from ---------
-    @property
-    def _checkpoint_path(self) -> Path:
-        return self.root / "checkpoints" / f"{self.job}.json"
+    def _record_privacy(self, site: str, meta: dict) -> None:
+        keys = ("epsilon", "delta", "accountant", "budget", "history", "site_total_epsilon", "policy_override")
+        self._privacy[site] = {k: meta[k] for k in keys if k in meta} or self._privacy.get(site, {})
 
-    def _model_doc(self) -> dict:
-        """The global model as it may be written to the server's disk: ciphertexts, or (only with
-        --no-encrypt) plaintext lists."""
-        model = self._global
-        if self.encrypted:
-            params = model.params
-            return {
-                "total_weight": model.meta["total_weight"],
-                "layout": params[payload.LAYOUT_KEY],
-                "fingerprint": params[payload.FINGERPRINT_KEY],
-                "ckks": [c.hex() for c in params[payload.CKKS_KEY]],
-            }
-        return {
-            "total_weight": model.meta["total_weight"],
-            "arrays": {k: np.asarray(v).tolist() for k, v in model.params.items()},
-        }
-
-    def _model_from_doc(self, doc: dict) -> FLModel:
-        if "ckks" in doc:
-            params = payload.encrypted_params(
-                [bytes.fromhex(c) for c in doc["ckks"]], doc["layout"], doc["fingerprint"]
+    def _anchor(self, site: str, meta: dict, round_num: int) -> None:
+        """Record the site's audit-chain head as it reported it (anchoring, see the module docstring)."""
+        head = meta.get(payload.AUDIT_HEAD_KEY)
+        if isinstance(head, list | tuple) and len(head) == 2:
+            self.audit.append(
+                "anchor", job=self.job, round=round_num, peer=site, peer_seq=int(head[0]), peer_hash=str(head[1])
             )
-        else:
-            params = {k: np.asarray(v, dtype=np.float32) for k, v in doc["arrays"].items()}
-        return FLModel(params=params, meta={"total_weight": doc["total_weight"]})
 
+    @property
+    def _floor(self) -> int:
+        return max(int(self.min_clients or 0), MIN_CONTRIBUTORS)
+
+    # --- persistence (clinfed.fl.checkpoint) -------------------------------------------------------
     def _save_state(self, next_round: int) -> None:
-        """After every round: the global model (run folder) and a resume point (the server's own folder).
-
-        FLARE 2.9 no longer snapshots components (ServerEngine.persist_components is a no-op and a
-        restarted server marks running jobs ABANDONED), so the resume point is ours: if the server
-        dies, the next run of the same job on this server continues from here instead of round 0.
-        """
-        model_doc = self._model_doc() if self._global is not None else None
-        if model_doc is not None:
-            path = Path(self.get_run_dir()) / GLOBAL_MODEL_FILE[self.encrypted]
-            if self.encrypted:
-                path.write_text(json.dumps({"round": next_round - 1, **model_doc}))
-            else:
-                np.savez(path, **self._global.params)
+        """After every round: the global model (run folder) and this submission's resume point."""
+        doc = checkpoint.model_doc(self._global, self.encrypted) if self._global is not None else None
+        if self._global is not None:
+            checkpoint.save_global_model(self.get_run_dir(), self._global, self.encrypted, next_round - 1)
         state = {
             "job": self.job,
+            "submission": self._submission,
             "next_round": next_round,
             "completed": self._completed,
             "rounds": self._rounds,
             "privacy": self._privacy,
+            "admission": self._admission,
             "sites": sorted(self._sites),
             "layout": self._layout,
             "encrypted": self.encrypted,
-            "global": model_doc,
+            "global": doc,
             "run_key": self._run_key,
         }
-        self._checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._checkpoint_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, default=_json_default))
-        tmp.replace(self._checkpoint_path)
+        checkpoint.save_state(self._checkpoint_path, state)
 
     def _load_state(self) -> int:
-        """Resume point of an unfinished earlier run of this job, if any; returns the round to start at."""
-        if not self.resume or not self._checkpoint_path.exists():
-            return 0
-        state = json.loads(self._checkpoint_path.read_text())
-        if state.get("encrypted") != self.encrypted or state.get("next_round", 0) >= self.num_rounds:
+        """Resume point of this submission's unfinished earlier run, if any; returns the round to start at."""
+        state = checkpoint.load_state(self._checkpoint_path, self.encrypted, self.num_rounds) if self.resume else None
+        if state is None:
             return 0
         self._completed, self._rounds = state["completed"], state["rounds"]
         self._privacy, self._sites, self._layout = state["privacy"], set(state["sites"]), state["layout"]
-        self._global = self._model_from_doc(state["global"]) if state.get("global") else None
+        self._global = checkpoint.model_from_doc(state["global"]) if state.get("global") else None
         self._run_key = state.get("run_key", self._run_key)
         self.info(f"resuming {self.job} at round {state['next_round']} from {self._checkpoint_path}")
-        self.audit.append("job_resumed", job=self.job, round=state["next_round"])
+        self.audit.append("job_resumed", job=self.job, round=state["next_round"], submission=self._submission)
         return int(state["next_round"])
 
     # --- the workflow --------------------------------------------------------------------------
     def run(self) -> None:
         self._setup()
         self._privacy: dict[str, dict] = {}
+        self._admission: dict[str, dict] = {}
         self._global: FLModel | None = None
         self._layout: str | None = None
         self._rounds: list[dict] = []
         self._completed = 0
         self._sites: set[str] = set()
-        self.audit.append("job_start", job=self.job, encrypted=self.encrypted, rounds=self.num_rounds)
+        self._checkpoint_path = checkpoint.checkpoint_path(self.root, self.job, self._submission)
+        self.audit.append(
+            "job_start", job=self.job, encrypted=self.encrypted, rounds=self.num_rounds, submission=self._submission
+        )
         self._run_key = self.fl_ctx.get_job_id()
         start = self._load_state()
-        for round_num in range(start, self.num_rounds):
-            if self.abort_signal.triggered:
-                break
-            targets = self.sample_clients()
-            self._sites.update(targets)
-            outgoing = self._global or FLModel(params={})
-            outgoing.current_round, outgoing.total_rounds = round_num, self.num_rounds
-            outgoing.meta["run_key"] = self._run_key
-            self.info(f"round {round_num}: sending to {targets}")
-            results = self._collect("train", outgoing, targets)
-            entries, new_global = self._aggregate(round_num, results, targets)
-            self._rounds.append({"round": round_num, "sites": entries, "server_rss_mb": current_rss_mb()})
-            if new_global is not None:
-                self._global = new_global
-                self._completed += 1
-            self._save_state(round_num + 1)
+        admitted = self._admit(self.sample_clients(), start)
+        if len(admitted) < self._floor:
+            self.warning(
+                f"only {len(admitted)} site(s) admitted the job (< {self._floor}); no round can be aggregated"
+            )
+            self.audit.append("job_not_admitted", job=self.job, admitted=sorted(admitted), needed=self._floor)
+        else:
+            for round_num in range(start, self.num_rounds):
+                if self.abort_signal.triggered:
+                    break
+                self._sites.update(admitted)
+                outgoing = self._global or FLModel(params={})
+                outgoing.current_round, outgoing.total_rounds = round_num, self.num_rounds
+                self.info(f"round {round_num}: sending to {admitted}")
+                results = self._collect("train", self._stamped(outgoing), admitted)
+                entries, new_global = self._aggregate(round_num, results, admitted)
+                self._rounds.append({"round": round_num, "sites": entries, "server_rss_mb": current_rss_mb()})
+                if new_global is not None:
+                    self._global = new_global
+                    self._completed += 1
+                self._save_state(round_num + 1)
         final = self._final_validation(sorted(self._sites))
         self.audit.append("job_end", job=self.job, rounds_completed=self._completed)
-        self._write_summary(sorted(self._sites), self._completed, self._rounds, final, resumed_at=start)
+        summary = training_summary(
+            job=self.job,
+            sites=sorted(self._sites | set(self._admission)),
+            completed=self._completed,
+            encrypted=self.encrypted,
+            rounds=self._rounds,
+            final=final,
+            privacy=self._privacy,
+            admission=self._admission,
+            resumed_at=start,
+            submission=self._submission,
+            extra=self.extra_summary,
+        )
+        path = write_summary(self.get_run_dir(), summary)
+        self.info(f"summary written to {path}")
         self._checkpoint_path.unlink(missing_ok=True)
 
+    def _stamped(self, model: FLModel) -> FLModel:
+        """The outgoing message with the run key and the server's audit-chain head."""
+        model.meta["run_key"] = self._run_key
+        model.meta[payload.AUDIT_HEAD_KEY] = list(self.audit.head)
+        return model
+
+    def _admit(self, targets: list[str], start: int) -> list[str]:
+        """Ask every site to accept or refuse the whole job (its policy and remaining budget decide)."""
+        request = self._stamped(FLModel(params={}, current_round=start, total_rounds=self.num_rounds))
+        results = self.broadcast_model(
+            task_name=payload.ADMIT_TASK,
+            data=request,
+            targets=targets,
+            min_responses=len(targets),
+            timeout=self.task_timeout,
+            wait_time_after_min_received=0,
+        )
+        for result in results:
+            site = result.meta.get("client_name", "?")
+            meta = result.meta or {}
+            self._anchor(site, meta, start)
+            if meta.get("status") == "accepted":
+                entry = {"status": "accepted", "reason": "", "planned_epsilon": meta.get("planned_epsilon")}
+            else:
+                reason = meta.get("reason") or f"{site}: {meta.get('status', 'no answer')}"
+                entry = {"status": "refused", "reason": reason}
+            self._admission[site] = entry
+            self._record_privacy(site, meta)
+            self.audit.append("admission", job=self.job, site=site, status=entry["status"], reason=entry["reason"])
+        for site in targets:
+            if site not in self._admission:
+                self._admission[site] = {"status": "refused", "reason": f"{site}: no answer to the admission request"}
+        return [s for s in targets if self._admission[s]["status"] == "accepted"]
+
     def _collect(self, task_name: str, model: FLModel, targets: list[str]) -> list[FLModel]:
-        """Send a task and wait for `min_clients` answers, then `straggler_wait` more for the rest:
+        """Send a task and wait for the floor's answers, then `straggler_wait` more for the rest:
         a dead or slow site must not stall the federation."""
         return self.broadcast_model(
             task_name=task_name,
             data=model,
             targets=targets,
-            min_responses=min(self.min_clients, len(targets)),
+            min_responses=min(self._floor, len(targets)),
             timeout=self.task_timeout,
             wait_time_after_min_received=self.straggler_wait,
         )
 
     def _final_validation(self, targets: list[str]) -> dict:
         per_site: dict[str, dict] = {}
-        if self._global is not None:
+        if self._global is not None and targets:
             outgoing = self._global
             outgoing.current_round = self.num_rounds
-            results = self._collect("validate", outgoing, targets)
+            results = self._collect("validate", self._stamped(outgoing), targets)
             for result in results:
                 site = result.meta.get("client_name", "?")
+                self._anchor(site, result.meta or {}, self.num_rounds)
                 if result.metrics:
                     per_site[site] = dict(result.metrics)
         metrics: dict[str, float] = {}
@@ -326,24 +370,6 @@ class SecureFedAvg(ModelController):
             keys = set.intersection(*(set(m) for m in per_site.values()))
             metrics = {k: float(np.nanmean([m[k] for m in per_site.values()])) for k in sorted(keys)}
         return {"metrics": metrics, "per_site": per_site, "primary_metric": self.primary_metric}
-
-    def _write_summary(
-        self, sites: list[str], completed: int, rounds: list[dict], final: dict, resumed_at: int = 0
-    ) -> None:
-        summary = {
-            "job": self.job,
-            "sites": sites,
-            "rounds_completed": completed,
-            "encrypted": self.encrypted,
-            "rounds": rounds,
-            "final": final,
-            "privacy": self._privacy,
-            "resumed_at_round": resumed_at,
-            **self.extra_summary,
-        }
-        path = Path(self.get_run_dir()) / SUMMARY_FILE
-        path.write_text(json.dumps(summary, indent=2, default=_json_default))
-        self.info(f"summary written to {path}")
 
 
 def layout_json(params: dict) -> str | None:
@@ -356,11 +382,3 @@ def layout_json(params: dict) -> str | None:
         return layout_to_json(flatten({k: np.asarray(v) for k, v in params.items()})[1])
     except (TypeError, ValueError, KeyError):
         return None
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

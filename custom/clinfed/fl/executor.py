@@ -5,11 +5,21 @@ and DP settings); the learning itself lives in `clinfed.training` and `clinfed.t
 cryptography in `clinfed.he`. It never raises into FLARE for a site-level problem: a refusal (budget
 spent, policy) or a failure (bad data, NaN update) is returned as a result with a status and a one-line
 reason naming the site, so the server can report it and the round can go on with the others.
+
+A job is untrusted input. The site's own policy (`local/resources.json` → "clinfed", see
+`SitePolicy`) decides whether DP is required, the δ and accountant every spend is composed at, the
+largest ε one job may plan, the lifetime budget, and which metrics leave the site. At job start
+(`admit` task) the site checks the job's settings and its *whole* planned spend against what is left
+of its budget and accepts or refuses the job as a whole, so no ε is spent on a job the site would
+drop half-way. Each round's spend is then reserved in the ledger (file-locked, cross-checked with
+the audit log) before training.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import fields, replace
 
 import numpy as np
 from nvflare.apis.executor import Executor
@@ -26,13 +36,49 @@ from clinfed.audit import AuditLog
 from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
 from clinfed.fl.participant import SitePolicy, participant_root, site_context, site_index
+from clinfed.he.aggregation import TooFewContributors
 from clinfed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
 from clinfed.sysinfo import current_rss_mb
 from clinfed.tasks import build_task
+from clinfed.textio import one_line
 from clinfed.training import DPConfig, SiteTrainer, TrainConfig
 
-TRAIN_TASK = "train"
-VALIDATE_TASK = "validate"
+ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK = payload.ADMIT_TASK, payload.TRAIN_TASK, payload.VALIDATE_TASK
+AUDIT_HEAD_KEY = payload.AUDIT_HEAD_KEY
+
+
+def site_dp_config(site: str, dp_args: dict, policy: SitePolicy) -> DPConfig:
+    """The DP settings this site will train with: the job's, checked against the site's policy.
+
+    Refuses (SiteRefusal, one line naming the setting) a job that asks for less privacy than the
+    policy allows; the δ and accountant are always the site's own, never the job's.
+    """
+    known = {f.name for f in fields(DPConfig)}
+    unknown = sorted(set(dp_args) - known)
+    if unknown:
+        raise SiteRefusal(f"{site}: job setting dp_args.{unknown[0]} is not a DP setting this site knows; refusing")
+    job = DPConfig(**dp_args)
+    if not job.enabled:
+        if policy.require_dp:
+            raise SiteRefusal(f"{site}: job setting dp_args.enabled=false refused: this site's policy requires DP")
+        return job
+    eps = job.target_epsilon
+    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
+        raise SiteRefusal(f"{site}: job setting dp_args.target_epsilon={eps!r} is not a positive number; refusing")
+    if eps > policy.max_job_epsilon:
+        raise SiteRefusal(
+            f"{site}: job setting dp_args.target_epsilon={eps:g} exceeds this site's max_job_epsilon "
+            f"{policy.max_job_epsilon:g}; refusing"
+        )
+    delta = job.delta
+    if not (isinstance(delta, int | float) and 0 < delta <= policy.delta):
+        raise SiteRefusal(
+            f"{site}: job setting dp_args.delta={delta!r} exceeds this site's δ {policy.delta:g}; refusing"
+        )
+    clip = job.max_grad_norm
+    if not (isinstance(clip, int | float) and math.isfinite(clip) and clip > 0):
+        raise SiteRefusal(f"{site}: job setting dp_args.max_grad_norm={clip!r} is not a positive number; refusing")
+    return replace(job, delta=policy.delta, accountant=policy.accountant)
 
 
 class DPTrainExecutor(Executor):
@@ -46,18 +92,17 @@ class DPTrainExecutor(Executor):
         num_sites: int = 3,
         weight_unit: float = 1000.0,
         job_label: str = "",
-        inject: dict | None = None,
     ):
         """
         Args:
             task: name in `clinfed.tasks.TASKS`.
-            task_args / train_args / dp_args: keyword arguments of the task, `TrainConfig`, `DPConfig`.
+            task_args / train_args / dp_args: keyword arguments of the task, `TrainConfig`, `DPConfig`
+                (`dp_args` is a request: the site's policy checks it, see `site_dp_config`).
             encrypt: send CKKS ciphertexts (default) rather than plaintext weights.
             num_sites: federation size, used only to pick this site's part of the bundled demo data.
             weight_unit: aggregation weights are sample counts divided by this, keeping packed values
                 small enough for the CKKS precision headroom (see `clinfed.he.params`).
             job_label: the job name recorded in the ledger and audit log.
-            inject: {site: fault kind} for tests and demos only (see `clinfed.faults`).
         """
         super().__init__()
         # FedJob serialises a component from the attributes named like its __init__ arguments:
@@ -65,11 +110,10 @@ class DPTrainExecutor(Executor):
         self.task, self.task_args = task, dict(task_args or {})
         self.train_args, self.dp_args = dict(train_args or {}), dict(dp_args or {})
         self.train_cfg = TrainConfig(**self.train_args)
-        self.dp_cfg = DPConfig(**self.dp_args)
         self.encrypt, self.num_sites, self.weight_unit = encrypt, num_sites, weight_unit
         self.job_label = job_label
-        self.inject = dict(inject or {})
         self._trainer: SiteTrainer | None = None
+        self._admission: dict | None = None
         self._ctx = None
         self._fingerprint = ""
 
@@ -79,10 +123,19 @@ class DPTrainExecutor(Executor):
             return
         self.site = fl_ctx.get_identity_name()
         self.root = participant_root(fl_ctx)
-        self.policy = SitePolicy.load(self.root)
-        self.audit = AuditLog(self.root, self.site)
-        self.ledger = PrivacyLedger(self.root / "local" / LEDGER_FILE, self.site, delta=self.dp_cfg.delta)
         self.job = self.job_label or fl_ctx.get_job_id()
+        self.audit = AuditLog(self.root, self.site)
+        self.policy = SitePolicy.load(self.root)
+        # The job's DP request is checked before anything else: a refused job costs nothing.
+        self.dp_cfg = site_dp_config(self.site, self.dp_args, self.policy)
+        # Opening the ledger cross-checks it with the audit log: a deleted or rolled-back ledger refuses.
+        self.ledger = PrivacyLedger(
+            self.root / "local" / LEDGER_FILE,
+            self.site,
+            delta=self.policy.delta,
+            accountant=self.policy.accountant,
+            audit=self.audit,
+        )
         if self.policy.require_encryption and not self.encrypt:
             raise SiteRefusal(f"{self.site}: local privacy policy requires encrypted updates; this job sends plaintext")
         if self.encrypt:
@@ -94,7 +147,7 @@ class DPTrainExecutor(Executor):
             raise SiteRefusal(f"{self.site}: no data_dir in local/resources.json and no bundled split for this name")
         data = task.load_site_data(self.site, index or 0, self.num_sites, data_dir)
         self.log_info(fl_ctx, f"{self.site}: data {data.description}")
-        # A job resumed after a server restart continues its first run: count what that run spent.
+        # Only a resubmission of the same job (same run key, after a server restart) continues a run.
         self.run_key = str(incoming.meta.get("run_key", "")) or fl_ctx.get_job_id()
         start = int(incoming.current_round or 0)
         self._trainer = SiteTrainer(
@@ -105,7 +158,36 @@ class DPTrainExecutor(Executor):
             rounds_left=self.train_cfg.rounds - start,
             prior_history=self.ledger.history_of_run(self.run_key) if start > 0 else [],
         )
-        self.audit.append("job_start", job=self.job, encrypted=self.encrypt, dp=self.dp_cfg.enabled)
+        self.audit.append(
+            "job_start",
+            job=self.job,
+            run=self.run_key,
+            encrypted=self.encrypt,
+            dp=self.dp_cfg.enabled,
+            policy_override=self.policy.simulated_override,
+        )
+
+    def _admit(self) -> dict:
+        """Accept or refuse the whole job once: its planned spend against what is left of the budget."""
+        if self._admission is None:
+            planned = self._trainer.planned_job() if self.dp_cfg.enabled else []
+            projected = self.ledger.admit(self.policy.epsilon_budget, planned)
+            self._admission = {
+                "status": "accepted",
+                "reason": "",
+                "planned_epsilon": self.ledger.epsilon_of_run(self.run_key) + self._planned_job_epsilon(planned),
+                "projected_site_epsilon": projected,
+            }
+            self.audit.append("job_admitted", job=self.job, run=self.run_key, projected_epsilon=projected)
+        if self._admission["status"] != "accepted":
+            raise SiteRefusal(self._admission["reason"])
+        return self._admission
+
+    def _planned_job_epsilon(self, planned: list) -> float:
+        from clinfed.privacy.ledger import epsilon_of
+
+        history = [*self.ledger.history_of_run(self.run_key), *[list(p) for p in planned]]
+        return epsilon_of(history, self.ledger.delta, self.ledger.accountant) - self.ledger.epsilon_of_run(self.run_key)
 
     # --- the global model in ---------------------------------------------------------------------
     def _load_global(self, model: FLModel) -> None:
@@ -118,6 +200,12 @@ class DPTrainExecutor(Executor):
             from clinfed.he.aggregation import decrypt_average
             from clinfed.he.packing import layout_from_json
 
+            fingerprint = str(params.get(payload.FINGERPRINT_KEY, ""))
+            if fingerprint != self._fingerprint:
+                raise ValueError(
+                    f"{self.site}: the global model was encrypted under another key (fingerprint "
+                    f"{fingerprint[:12]}…, this site's {self._fingerprint[:12]}…); refusing it"
+                )
             total = float(model.meta.get("total_weight", 0.0))
             if total <= 0:
                 raise ValueError(f"{self.site}: encrypted global model carries no total weight")
@@ -142,55 +230,74 @@ class DPTrainExecutor(Executor):
         cts, layout = weighted_encrypt(self._ctx, weights, weight, sites=self.num_sites)
         return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint), weight
 
+    def _anchor(self, incoming: FLModel, round_num: int) -> None:
+        """Record the server's audit-chain head (so the server cannot later rewrite its log unnoticed)."""
+        head = (incoming.meta or {}).get(AUDIT_HEAD_KEY)
+        if isinstance(head, list | tuple) and len(head) == 2:
+            self.audit.append(
+                "anchor", job=self.job, round=round_num, peer="server", peer_seq=int(head[0]), peer_hash=str(head[1])
+            )
+
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if task_name not in (TRAIN_TASK, VALIDATE_TASK):
+        if task_name not in (ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         round_num = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0)
         site = self.site = fl_ctx.get_identity_name()
         try:
             incoming = FLModelUtils.from_shareable(shareable)
             self._setup(fl_ctx, incoming)
+            self._anchor(incoming, round_num)
+            if task_name == ADMIT_TASK:
+                return self._reply(FLModel(params={}, meta=dict(self._admit())))
             self._load_global(incoming)
             if task_name == VALIDATE_TASK:
-                metrics = self._trainer.evaluate()
+                metrics = self.policy.release_metrics(self._trainer.evaluate())
                 try:
                     self._save_report()
                 except Exception as exc:  # a figure must never turn a good validation into a failure
-                    self.log_warning(fl_ctx, f"{site}: example figure not written: {exc}")
-                return FLModelUtils.to_shareable(
-                    FLModel(metrics=metrics, meta={"status": "ok", "epsilon": self.ledger.epsilon()})
-                )
-            return FLModelUtils.to_shareable(self._train(round_num, fl_ctx, abort_signal))
-        except (SiteRefusal, BudgetExceeded) as exc:
-            return self._status_reply("refused", str(exc), round_num)
+                    self.log_warning(fl_ctx, f"{site}: example figure not written: {one_line(exc)}")
+                return self._reply(FLModel(metrics=metrics, meta={"status": "ok", **self._privacy_meta()}))
+            return self._reply(self._train(round_num, fl_ctx, abort_signal))
+        except (SiteRefusal, BudgetExceeded, TooFewContributors) as exc:
+            return self._status_reply("refused", one_line(exc, site), round_num, admission=task_name == ADMIT_TASK)
         except Exception as exc:  # a site-level failure is reported, never allowed to stall the round
-            reason = str(exc) if str(exc).startswith(site) else f"{site}: {type(exc).__name__}: {exc}"
+            reason = one_line(exc, site)
             self.log_error(fl_ctx, reason)
-            return self._status_reply("failed", reason.splitlines()[0], round_num)
+            return self._status_reply("failed", reason, round_num, admission=task_name == ADMIT_TASK)
+
+    def _reply(self, model: FLModel) -> Shareable:
+        """Every reply carries this site's audit-chain head, which the server records (anchoring)."""
+        audit = getattr(self, "audit", None)
+        if audit is not None:
+            model.meta = {**(model.meta or {}), AUDIT_HEAD_KEY: list(audit.head)}
+        return FLModelUtils.to_shareable(model)
 
     def _train(self, round_num: int, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
         trainer = self._trainer
+        if round_num >= self.train_cfg.rounds:
+            raise SiteRefusal(
+                f"{self.site}: round {round_num} is beyond the {self.train_cfg.rounds} rounds this job planned "
+                "(and calibrated its noise for); refusing"
+            )
+        self._admit()  # a controller that skipped admission gets it here; a refusal raises
         global_metrics = trainer.evaluate()
         nm, sr, planned_steps = trainer.planned_spend()
         if self.dp_cfg.enabled:
-            self.ledger.check(self.policy.epsilon_budget, nm, sr, planned_steps)
+            # reserved before training: a concurrent job cannot spend the same budget meanwhile
+            self.ledger.reserve(
+                self.job,
+                round_num,
+                noise_multiplier=nm,
+                sample_rate=sr,
+                steps=planned_steps,
+                run=self.run_key,
+                budget=self.policy.epsilon_budget,
+            )
         start = time.monotonic()
         stats = trainer.train_round()
         train_seconds = time.monotonic() - start
-        if self.dp_cfg.enabled:
-            spend = self.ledger.record(self.job, round_num, nm, sr, int(stats["steps"]), run=self.run_key)
-            self.audit.append(
-                "epsilon_spent",
-                job=self.job,
-                round=round_num,
-                epsilon=spend.epsilon_after,
-                delta=self.ledger.delta,
-                noise_multiplier=nm,
-                sample_rate=sr,
-                steps=int(stats["steps"]),
-            )
         local_metrics = trainer.evaluate()
-        fault = self.inject.get(self.site)
+        fault = faults.injected_fault(self.site)
         weights = trainer.get_weights()
         if fault == "crash":
             faults.crash_now()
@@ -202,13 +309,15 @@ class DPTrainExecutor(Executor):
         digest, size = payload.log_update(
             self.audit, "update_sent", params, job=self.job, round_num=round_num, site=self.site
         )
-        metrics = {
-            **{f"global_{k}": v for k, v in global_metrics.items()},
-            **local_metrics,
-            "train_loss": stats["train_loss"],
-            "train_seconds": train_seconds,
-            "rss_mb": current_rss_mb(),
-        }
+        metrics = self.policy.release_metrics(
+            {
+                **{f"global_{k}": v for k, v in global_metrics.items()},
+                **local_metrics,
+                "train_loss": stats["train_loss"],
+                "train_seconds": train_seconds,
+                "rss_mb": current_rss_mb(),
+            }
+        )
         meta = {
             "status": "ok",
             "weight": weight,
@@ -229,22 +338,30 @@ class DPTrainExecutor(Executor):
             save(self._trainer.network, self._trainer.data.test, folder / f"{self.job}-{self.site}-examples.png")
 
     def _privacy_meta(self) -> dict:
+        """This job's spends only (its ε and the history that gives it) and the site's total: the
+        site's other jobs' spends stay in its ledger."""
         ledger = getattr(self, "ledger", None)
         if ledger is None:  # the site failed before it could open its ledger
             return {}
+        dp = getattr(self, "dp_cfg", None)
+        run = getattr(self, "run_key", "")
         return {
-            "epsilon": ledger.epsilon() if self.dp_cfg.enabled else 0.0,
+            "epsilon": ledger.epsilon_of_run(run) if dp is not None and dp.enabled else 0.0,
             "delta": ledger.delta,
             "accountant": ledger.accountant,
             "budget": self.policy.epsilon_budget,
-            "history": ledger.history,
-            "dp": self.dp_cfg.enabled,
+            "history": ledger.history_of_run(run),
+            "site_total_epsilon": ledger.epsilon(),
+            "dp": bool(dp is not None and dp.enabled),
+            "policy_override": self.policy.simulated_override,
             "noise_multiplier": self._trainer.noise_multiplier if self._trainer else None,
         }
 
-    def _status_reply(self, status: str, reason: str, round_num: int) -> Shareable:
+    def _status_reply(self, status: str, reason: str, round_num: int, admission: bool = False) -> Shareable:
         meta = {"status": status, "reason": reason}
+        if admission and status == "refused":
+            self._admission = meta
         if getattr(self, "audit", None) is not None:
             self.audit.append(status, job=getattr(self, "job", ""), round=round_num, site=self.site, reason=reason)
             meta.update(self._privacy_meta())
-        return FLModelUtils.to_shareable(FLModel(params={}, meta=meta, current_round=round_num))
+        return self._reply(FLModel(params={}, meta=meta, current_round=round_num))

@@ -78,13 +78,28 @@ def find_context_file(root: Path, filename: str) -> Path | None:
     return None
 
 
+METRIC_POLICIES = ("full", "round", "withhold")
+
+
 @dataclass
 class SitePolicy:
-    """The hospital's own settings, from `local/resources.json` → "clinfed" (jobs cannot override them)."""
+    """The hospital's own settings, from `local/resources.json` → "clinfed". A job is untrusted input:
+    it cannot switch DP off, raise ε or δ above these, pick the accountant, or widen what leaves the site.
 
-    epsilon_budget: float | None = None
+    Defaults are the safe ones, so a site without the section (or a kit from an older template) still
+    refuses a job without DP.
+    """
+
+    epsilon_budget: float | None = None  # lifetime ε of the site across jobs and mechanisms
     data_dir: str | None = None
     require_encryption: bool = False
+    require_dp: bool = True  # a job with DP disabled is refused before training
+    delta: float = 1e-5  # the site's δ: every spend is accounted at it; a job may ask for a smaller δ only
+    accountant: str = "rdp"  # Opacus accountant the site composes its spends with
+    max_job_epsilon: float = 10.0  # no single job may plan more than this, whatever the budget left
+    metrics: str = "round"  # what metrics leave the site: "full", "round" (to metric_digits), "withhold"
+    metric_digits: int = 3
+    simulated_override: bool = False  # set only by `clinfed simulate --no-dp`; stated in the output
 
     @classmethod
     def load(cls, root: Path) -> SitePolicy:
@@ -92,12 +107,34 @@ class SitePolicy:
         if not path.exists():
             return cls()
         section = json.loads(path.read_text()).get(CLINFED_SECTION, {})
+        defaults = cls()
         budget = section.get("epsilon_budget")
-        return cls(
+        policy = cls(
             epsilon_budget=float(budget) if budget is not None else None,
             data_dir=section.get("data_dir"),
-            require_encryption=bool(section.get("require_encryption", False)),
+            require_encryption=bool(section.get("require_encryption", defaults.require_encryption)),
+            require_dp=bool(section.get("require_dp", defaults.require_dp)),
+            delta=float(section.get("delta", defaults.delta)),
+            accountant=str(section.get("accountant", defaults.accountant)),
+            max_job_epsilon=float(section.get("max_job_epsilon", defaults.max_job_epsilon)),
+            metrics=str(section.get("metrics", defaults.metrics)),
+            metric_digits=int(section.get("metric_digits", defaults.metric_digits)),
+            simulated_override=bool(section.get("simulated_override", False)),
         )
+        if not 0 < policy.delta < 1:
+            raise SiteRefusal(f"{root.name}: local policy delta {policy.delta!r} is not in (0, 1)")
+        if policy.metrics not in METRIC_POLICIES:
+            raise SiteRefusal(f"{root.name}: local policy metrics {policy.metrics!r} is not one of {METRIC_POLICIES}")
+        return policy
+
+    def release_metrics(self, metrics: dict) -> dict:
+        """The metrics this site lets out: all, rounded to `metric_digits`, or none."""
+        if self.metrics == "withhold":
+            return {}
+        if self.metrics == "round":
+            digits = self.metric_digits
+            return {k: round(float(v), digits) if isinstance(v, int | float) else v for k, v in metrics.items()}
+        return dict(metrics)
 
 
 def write_site_policy(root: Path, **settings) -> Path:

@@ -19,6 +19,11 @@ import numpy as np
 
 from clinfed.audit import payload_digest_chunks
 
+ADMIT_TASK = "admit"  # job start: each site accepts or refuses the whole job
+TRAIN_TASK = "train"
+VALIDATE_TASK = "validate"
+AUDIT_HEAD_KEY = "audit_head"  # meta key: the sender's audit-chain head (anchoring)
+
 CKKS_KEY = "ckks"
 LAYOUT_KEY = "layout"
 FINGERPRINT_KEY = "fingerprint"

@@ -8,11 +8,14 @@ the sites' class allow-list only needs to admit `clinfed.`.
 
 from __future__ import annotations
 
+import secrets
+
 from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
 from clinfed.fl.controller import SecureFedAvg
-from clinfed.fl.executor import TRAIN_TASK, VALIDATE_TASK, DPTrainExecutor
+from clinfed.fl.executor import ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK, DPTrainExecutor
+from clinfed.he.aggregation import MIN_CONTRIBUTORS
 
 
 class SecureFedAvgRecipe(Recipe):
@@ -30,10 +33,14 @@ class SecureFedAvgRecipe(Recipe):
         primary_metric: str = "auc",
         task_timeout: int = 0,
         straggler_wait: int = 60,
-        inject: dict | None = None,
     ):
+        """Each recipe is one *submission*: it draws a random `submission` id that the server keys its
+        resume point by, so only a resubmission of this very job folder (after a server restart) resumes
+        it; a new export of the same job starts at round 0 with a fresh run key.
+
+        There is no fault-injection argument: faults are a simulator-only switch (`clinfed.faults`)."""
         _validate(name, task, num_rounds, num_sites, min_clients, dp_args or {})
-        min_clients = min_clients or num_sites
+        min_clients = max(min_clients or num_sites, MIN_CONTRIBUTORS)  # the controller enforces it again
         job = FedJob(name=name, min_clients=min_clients)
         job.set_app_packages(["clinfed"])
         train_args = {**(train_args or {}), "rounds": num_rounds}
@@ -45,6 +52,7 @@ class SecureFedAvgRecipe(Recipe):
             primary_metric=primary_metric,
             task_timeout=task_timeout,
             straggler_wait=straggler_wait,
+            submission=secrets.token_hex(8),
         )
         job.to_server(controller, id="controller")
         executor = DPTrainExecutor(
@@ -55,9 +63,8 @@ class SecureFedAvgRecipe(Recipe):
             encrypt=encrypt,
             num_sites=num_sites,
             job_label=name,
-            inject=inject or {},
         )
-        job.to_clients(executor, id="executor", tasks=[TRAIN_TASK, VALIDATE_TASK])
+        job.to_clients(executor, id="executor", tasks=[ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK])
         self.num_sites, self.encrypt = num_sites, encrypt
         super().__init__(job)
 
@@ -70,8 +77,11 @@ def _validate(name: str, task: str, num_rounds: int, num_sites: int, min_clients
         raise ValueError(f"{name}: unknown task/model '{task}' (known: {', '.join(sorted(TASKS))})")
     if not isinstance(num_rounds, int) or num_rounds < 1:
         raise ValueError(f"{name}: rounds must be a positive integer, got {num_rounds!r}")
-    if not isinstance(num_sites, int) or num_sites < 1:
-        raise ValueError(f"{name}: sites must be a positive integer, got {num_sites!r}")
+    if not isinstance(num_sites, int) or num_sites < MIN_CONTRIBUTORS:
+        raise ValueError(
+            f"{name}: needs at least {MIN_CONTRIBUTORS} sites (in a sum of two, each site can subtract its own "
+            f"update and read the other's), got {num_sites!r}"
+        )
     if min_clients is not None and not 1 <= min_clients <= num_sites:
         raise ValueError(f"{name}: min_clients must be between 1 and {num_sites}, got {min_clients!r}")
     if dp_args.get("enabled", True):

@@ -9,11 +9,28 @@ classes here only validate and accumulate.
 Validation happens *before* a payload touches the running sum: one bad site (garbage bytes, a
 wrong count, another federation's key, NaN in plaintext) is refused with a one-line reason naming
 it, and the sum of the others stays exactly what it was.
+
+Two protections live on the sites' side, because the server that builds a sum cannot be trusted to
+report on it:
+
+* **Contributor floor.** Every site packs one extra value, ``1/weight`` in the pseudo-layer
+  ``COUNT_LAYER``, which its weighting turns into exactly 1. The decrypted slot is therefore the true
+  number of updates in the sum, whatever the server claims, and a site refuses to decrypt a sum of
+  fewer than ``MIN_CONTRIBUTORS`` (3): with two, each site would subtract its own update and read the
+  other's in the clear.
+* **No full-precision decryptions.** CKKS decryption returns the message plus the scheme's error,
+  and that error is a linear function of the secret key: whoever holds a ciphertext and learns its
+  decryption at full precision can recover the key (Li and Micciancio, EUROCRYPT 2021). So every
+  decrypted value is noise-flooded with Gaussian noise of σ = ``FLOOD_SIGMA`` (2^-20, ~100x the CKKS
+  error measured at our parameters) drawn from OS entropy, then rounded to a grid of ``FLOOD_SIGMA``,
+  before anything computed from it can leave the site. At 2^-20 absolute the model is unchanged for
+  training purposes; the flood is fresh on every decryption, so decrypting twice does not average it out.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,11 +38,27 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from clinfed.he import ckks
-from clinfed.he.ckks import InvalidCiphertext, context_params, decrypt_vector, encrypt_vector
+from clinfed.he.ckks import (
+    InvalidCiphertext,
+    add_ciphertexts,
+    context_params,
+    decrypt_vector,
+    encrypt_vector,
+    expected_ciphertext_count,
+    parse_ciphertexts,
+    serialize_ciphertexts,
+)
 from clinfed.he.context import HEContextError, context_fingerprint
 from clinfed.he.packing import Layout, flatten, unflatten
 from clinfed.he.params import max_abs_value
+
+COUNT_LAYER = "__contributors__"
+MIN_CONTRIBUTORS = 3  # a floor in code: no job argument can lower it
+FLOOD_SIGMA = 2.0**-20
+
+
+class TooFewContributors(ValueError):
+    """A sum of fewer than MIN_CONTRIBUTORS updates: decrypting it would expose the others' updates."""
 
 
 def _check_weight(site: str, weight: float) -> float:
@@ -67,9 +100,9 @@ class EncryptedSum(_RunningSum):
                 "EncryptedSum runs on the server, whose context must not hold the secret key "
                 "(load it with load_server_context)"
             )
-        self._seal = ckks._seal(ctx)
+        self._ctx = ctx
         self.fingerprint = fingerprint or context_fingerprint(ctx)
-        self._expected = None if size is None else ckks.expected_ciphertext_count(ctx, size)
+        self._expected = None if size is None else expected_ciphertext_count(ctx, size)
         self._total: list[Any] | None = None
         self._weight = 0.0
         self._sites: list[str] = []
@@ -94,8 +127,8 @@ class EncryptedSum(_RunningSum):
                 expected = len(cts) if isinstance(cts, list | tuple) else 0
             if expected == 0:
                 raise InvalidCiphertext(site, "sent no ciphertexts")
-            parsed = ckks._parse(self._seal, cts, expected, site)
-            self._total = ckks._add_parsed(self._seal, self._total, parsed)
+            parsed = parse_ciphertexts(self._ctx, cts, expected, site)
+            self._total = add_ciphertexts(self._ctx, self._total, parsed)
             self._expected = expected
             self._weight += w
             self._sites.append(site)
@@ -105,7 +138,7 @@ class EncryptedSum(_RunningSum):
         with self._lock:
             if self._total is None:
                 raise ValueError("no site contributed to the sum")
-            return ckks._dump_all(self._total), self._weight, list(self._sites)
+            return serialize_ciphertexts(self._total), self._weight, list(self._sites)
 
 
 class PlainWeightedSum(_RunningSum):
@@ -174,6 +207,8 @@ def weighted_encrypt(
 ) -> tuple[list[bytes], Layout]:
     """Multiply a site's arrays by its weight, pack them into one vector and encrypt it.
 
+    The vector carries one more value, ``COUNT_LAYER``, that is exactly 1 after weighting, so the
+    decrypted sum tells every site how many updates it holds (see the module docstring).
     Refuses (ValueError) values the CKKS parameters could not sum without silent wraparound:
     |weight·x| must stay under :func:`max_abs_value` divided by the number of ``sites`` that will
     be summed (the bound holds for the sum, and the server cannot check a sum it cannot read).
@@ -181,7 +216,9 @@ def weighted_encrypt(
     w = float(weight)
     if not math.isfinite(w) or w <= 0:
         raise ValueError(f"aggregation weight {weight!r} is not a positive finite number")
-    vec, layout = flatten(arrays)
+    if COUNT_LAYER in arrays:
+        raise ValueError(f"layer name {COUNT_LAYER!r} is reserved for the contributor count")
+    vec, layout = flatten({**arrays, COUNT_LAYER: np.array([1.0 / w])})
     vec *= w
     bad = ~np.isfinite(vec)
     if bad.any():
@@ -201,11 +238,46 @@ def weighted_encrypt(
     return encrypt_vector(ctx, vec), layout
 
 
+def flood(values: np.ndarray, sigma: float = FLOOD_SIGMA) -> np.ndarray:
+    """Decrypted values made safe to build on and release: fresh Gaussian noise of ``sigma`` from OS
+    entropy, then rounding to a grid of ``sigma`` (the CKKS error, and with it the key, stays hidden)."""
+    rng = np.random.default_rng(secrets.randbits(128))
+    noisy = np.asarray(values, dtype=np.float64) + rng.normal(0.0, sigma, size=np.shape(values))
+    return np.round(noisy / sigma) * sigma
+
+
+def decrypt_sum(
+    ctx: ts.Context, cts: Sequence[bytes], layout: Layout, source: str = "server"
+) -> tuple[dict[str, np.ndarray], int]:
+    """Decrypt an encrypted sum at a site: (the summed arrays, noise-flooded; the true contributor count).
+
+    Refuses (TooFewContributors) a sum of fewer than MIN_CONTRIBUTORS updates, and (ValueError) one
+    without a count, whatever the server says about it.
+    """
+    if COUNT_LAYER not in layout.names:
+        raise ValueError(f"{source}: the encrypted sum carries no contributor count; refusing to decrypt it")
+    vec = decrypt_vector(ctx, cts, layout.size, source)
+    start, _ = layout.offsets()[COUNT_LAYER]
+    count = float(vec[start])
+    contributors = round(count)
+    if abs(count - contributors) > 0.05:
+        raise ValueError(f"{source}: contributor count {count:.3f} is not a whole number; refusing the sum")
+    if contributors < MIN_CONTRIBUTORS:
+        raise TooFewContributors(
+            f"{source}: the encrypted sum holds {contributors} update(s), fewer than {MIN_CONTRIBUTORS}: "
+            "decrypting it would let a contributor read another's update; refusing"
+        )
+    arrays = unflatten(flood(vec), layout)
+    arrays.pop(COUNT_LAYER)
+    return arrays, contributors
+
+
 def decrypt_average(
     ctx: ts.Context, cts: Sequence[bytes], total_weight: float, layout: Layout
 ) -> dict[str, np.ndarray]:
-    """Decrypt the server's encrypted sum and divide by the total weight: the FedAvg model."""
+    """Decrypt the server's encrypted sum and divide by the total weight: the FedAvg model (flooded)."""
     total = float(total_weight)
     if not math.isfinite(total) or total <= 0:
         raise ValueError(f"total weight {total_weight!r} is not a positive finite number")
-    return unflatten(decrypt_vector(ctx, cts, layout.size) / total, layout)
+    sums, _ = decrypt_sum(ctx, cts, layout)
+    return {name: (value / total).astype(value.dtype) for name, value in sums.items()}

@@ -38,8 +38,9 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sa
 
-from clinfed.he.context import HEContextError, _one_line, context_parts, context_scheme
+from clinfed.he.context import HEContextError, context_parts, context_scheme
 from clinfed.he.params import CKKSParams, ciphertexts_for
+from clinfed.textio import one_line
 
 # SEAL raises std::logic_error / std::invalid_argument / std::runtime_error, which pybind11 maps to
 # these Python types; anything else is a bug, not a bad ciphertext.
@@ -228,7 +229,7 @@ def encrypt_vector(ctx: ts.Context, vec: np.ndarray | Sequence[float]) -> list[b
         try:
             seal.encoder.encode(flat[start : start + seal.slots].tolist(), seal.scale, plain)
         except _SEAL_ERRORS as exc:  # "encoded values are too large" past the modulus
-            raise ValueError(f"values {start}..{start + seal.slots - 1} cannot be encoded: {_one_line(exc)}") from exc
+            raise ValueError(f"values {start}..{start + seal.slots - 1} cannot be encoded: {one_line(exc)}") from exc
         out.append(_seal_dump(seal.encryptor.encrypt_symmetric(plain).save))
     return out
 
@@ -267,7 +268,7 @@ def _parse(seal: _Seal, cts: Sequence[bytes], expected_count: int, site: str) ->
             _seal_restore(lambda path, ct=ct: ct.load(seal.context, path), bytes(data))
         except _SEAL_ERRORS as exc:
             raise InvalidCiphertext(
-                site, f"ciphertext {i} of {n} does not parse under the federation's context ({_one_line(exc)})"
+                site, f"ciphertext {i} of {n} does not parse under the federation's context ({one_line(exc)})"
             ) from exc
         if list(ct.parms_id()) != seal.first_parms_id or not ct.is_ntt_form():
             raise InvalidCiphertext(
@@ -284,37 +285,43 @@ def _parse(seal: _Seal, cts: Sequence[bytes], expected_count: int, site: str) ->
     return parsed
 
 
-def check_ciphertexts(ctx: ts.Context, cts: Sequence[bytes], expected_count: int, site: str) -> None:
-    """Raise :class:`InvalidCiphertext` unless ``cts`` are ``expected_count`` fresh ciphertexts of ``ctx``.
+def parse_ciphertexts(ctx: ts.Context, cts: Sequence[bytes], expected_count: int, site: str) -> list[Any]:
+    """``site``'s payload as SEAL ciphertexts of ``ctx``, every one vetted before any is used.
 
-    Catches garbage bytes, truncation, another parameter set, another scale and a wrong count.
-    It cannot catch another federation's *key* under the same parameters: such a ciphertext is
-    well formed (compare :func:`clinfed.he.context.context_fingerprint` for that).
+    Raises :class:`InvalidCiphertext` (one line naming the site) for garbage bytes, truncation,
+    another parameter set, another scale or a wrong count. It cannot catch another federation's
+    *key* under the same parameters: such a ciphertext is well formed (compare
+    :func:`clinfed.he.context.context_fingerprint` for that).
     """
-    _parse(_seal(ctx), cts, expected_count, site)
+    return _parse(_seal(ctx), cts, expected_count, site)
+
+
+def check_ciphertexts(ctx: ts.Context, cts: Sequence[bytes], expected_count: int, site: str) -> None:
+    """Raise :class:`InvalidCiphertext` unless ``cts`` are ``expected_count`` fresh ciphertexts of ``ctx``."""
+    parse_ciphertexts(ctx, cts, expected_count, site)
+
+
+def add_ciphertexts(ctx: ts.Context, total: list[Any] | None, parsed: list[Any]) -> list[Any]:
+    """Chunk-wise ``total += parsed`` on parsed ciphertexts (no secret key needed); ``total`` None starts a sum."""
+    if total is None:
+        return parsed
+    evaluator = _seal(ctx).evaluator
+    for acc, ct in zip(total, parsed, strict=True):
+        evaluator.add_inplace(acc, ct)
+    return total
+
+
+def serialize_ciphertexts(cts: Sequence[Any]) -> list[bytes]:
+    """Parsed ciphertexts back to SEAL's wire format."""
+    return [_seal_dump(ct.save) for ct in cts]
 
 
 def sum_ciphertexts(ctx: ts.Context, payloads: Sequence[Sequence[bytes]]) -> list[bytes]:
     """Chunk-wise sum of several sites' payloads; needs no secret key. Payloads are vetted first."""
     if not payloads:
         raise ValueError("nothing to sum: no payloads")
-    seal = _seal(ctx)
     expected = len(payloads[0])
-    total = _parse(seal, payloads[0], expected, "payload 1")
-    for j, payload in enumerate(payloads[1:], start=2):
-        for acc, ct in zip(total, _parse(seal, payload, expected, f"payload {j}"), strict=True):
-            seal.evaluator.add_inplace(acc, ct)
-    return [_seal_dump(ct.save) for ct in total]
-
-
-def _add_parsed(seal: _Seal, total: list[Any] | None, parsed: list[Any]) -> list[Any]:
-    """Running sum for :class:`clinfed.he.aggregation.EncryptedSum` (operands already vetted)."""
-    if total is None:
-        return parsed
-    for acc, ct in zip(total, parsed, strict=True):
-        seal.evaluator.add_inplace(acc, ct)
-    return total
-
-
-def _dump_all(cts: list[Any]) -> list[bytes]:
-    return [_seal_dump(ct.save) for ct in cts]
+    total = None
+    for j, payload in enumerate(payloads, start=1):
+        total = add_ciphertexts(ctx, total, parse_ciphertexts(ctx, payload, expected, f"payload {j}"))
+    return serialize_ciphertexts(total)

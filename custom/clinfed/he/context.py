@@ -22,6 +22,7 @@ from pathlib import Path
 import tenseal as ts
 
 from clinfed.he.params import DEFAULT_PARAMS, CKKSParams
+from clinfed.textio import one_line, write_private
 
 _FINGERPRINT_DOMAIN = b"clinfed.he.context_fingerprint.v1\x00"
 
@@ -60,18 +61,6 @@ def create_context_pair(params: CKKSParams = DEFAULT_PARAMS) -> tuple[ts.Context
     return secret, public_context(secret)
 
 
-def _write_private(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-
-
 def write_context_pair(
     site_path: str | os.PathLike, server_path: str | os.PathLike, params: CKKSParams = DEFAULT_PARAMS
 ) -> str:
@@ -80,8 +69,8 @@ def write_context_pair(
     Returns the federation's :func:`context_fingerprint`, which both files reproduce.
     """
     secret, public = create_context_pair(params)
-    _write_private(Path(site_path), secret.serialize(save_secret_key=True), 0o600)
-    _write_private(
+    write_private(Path(site_path), secret.serialize(save_secret_key=True), 0o600)
+    write_private(
         Path(server_path),
         public.serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=False),
         0o644,
@@ -98,7 +87,7 @@ def _read_context(path: str | os.PathLike, role: str) -> ts.Context:
     try:
         ctx = ts.context_from(data)
     except Exception as exc:  # TenSEAL raises bare ValueError/RuntimeError with protobuf or SEAL text
-        raise HEContextError(f"{p}: not a TenSEAL context ({_one_line(exc)})") from exc
+        raise HEContextError(f"{p}: not a TenSEAL context ({one_line(exc)})") from exc
     scheme = context_scheme(ctx)
     if scheme != "CKKS":
         raise HEContextError(f"{p}: a {scheme} context; clinfed aggregates with CKKS")
@@ -222,8 +211,3 @@ def context_fingerprint(ctx: ts.Context) -> str:
         digest.update(len(piece).to_bytes(8, "big"))
         digest.update(piece)
     return digest.hexdigest() if parts.public_key else "params-only:" + digest.hexdigest()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

@@ -11,6 +11,11 @@ own session (`setsid`), so stopping a process group is not enough: the process t
 process left orphaned with one of these kits as its workspace) is collected before anything is
 signalled, and `down` checks that none of it survives.
 
+Kits carry no CKKS key (the operator who provisions must never hold one): once every site is
+connected, `up` has the hospitals make and share it (the key_exchange job, `clinfed.keys.exchange`)
+whenever a site or the server lacks its context, as the operator of a real federation would with
+`clinfed submit key_exchange` (docs/keys.md).
+
 What `up` started is recorded in `<kits_dir>/federation.pids.json` (pid and start time, so a
 recycled pid is never mistaken for ours). `up` is idempotent: it starts only participants not
 already running, which is how a site issued by `clinfed provision --add-site` joins a running
@@ -260,11 +265,15 @@ def _wait_connected(admin: Kit, sites: list[Kit], timeout: float, watch: dict[st
         session.close()
 
 
-def up(kits_dir: Path, timeout: float = 180.0) -> dict[str, int]:
+def up(kits_dir: Path, timeout: float = 180.0, exchange_keys: bool = True) -> dict[str, int]:
     """Start the server, then every site, from the kits in `kits_dir`; returns participant → pid.
 
     Waits until the server listens and (through an admin kit found in `kits_dir`) until every site is
-    connected. Participants already running from an earlier `up` are left as they are.
+    connected. Participants already running from an earlier `up` are left as they are. Then, with
+    `exchange_keys`, if a site lacks the federation's CKKS key or the server its public context (new
+    kits carry none; a site added with `clinfed provision --add-site` neither), it runs the
+    key_exchange job as the project admin: sites that hold the key keep it, the others receive it
+    from a hospital encrypted to their kit certificates (`clinfed.keys`).
     """
     kits_dir = Path(kits_dir).resolve()
     kits = find_kits(kits_dir)
@@ -309,15 +318,81 @@ def up(kits_dir: Path, timeout: float = 180.0) -> dict[str, int]:
                 records[kit.name] = started[kit.name][1]
         _write_pids(kits_dir, records)
         if admins:  # any admin may "view"; prefer the project admin's kit
-            admin = next((a for a in admins if a.name.startswith("admin")), admins[0])
-            _wait_connected(admin, sites, timeout, started)
+            _wait_connected(project_admin(admins), sites, timeout, started)
     except BaseException:
         _stop_records(kits_dir, {name: rec for name, (_, rec) in started.items()})
         for name in started:
             records.pop(name, None)
         _write_pids(kits_dir, records)
         raise
+    if exchange_keys and admins and missing_keys(server, sites):
+        # The federation stays up if this fails: the message names the site and why.
+        run_key_exchange(project_admin(admins), len(sites), timeout)
     return {name: int(rec["pid"]) for name, rec in records.items()}
+
+
+# --- the CKKS key ----------------------------------------------------------------------------------
+def project_admin(admins: list[Kit]) -> Kit:
+    """The admin kit whose certificate carries the project_admin role (FLARE writes the role there)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    for admin in admins:
+        cert = x509.load_pem_x509_certificate((admin.path / "startup" / "client.crt").read_bytes())
+        roles = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.UNSTRUCTURED_NAME)]
+        if "project_admin" in roles:
+            return admin
+    return next((a for a in admins if a.name.startswith("admin")), admins[0])
+
+
+def missing_keys(server: Kit, sites: list[Kit]) -> list[str]:
+    """Participants without their CKKS context: sites without the secret one, a server without the public one.
+
+    Only whether the files exist: `clinfed up` runs every kit on this host, but the key itself is
+    made and checked by the sites (`clinfed.keys`), never read here.
+    """
+    from clinfed.fl.participant import SERVER_CONTEXT_FILE, SITE_CONTEXT_FILE, find_context_file
+
+    missing = [k.name for k in sites if find_context_file(k.path, SITE_CONTEXT_FILE) is None]
+    if find_context_file(server.path, SERVER_CONTEXT_FILE) is None:
+        missing.append(server.name)
+    return missing
+
+
+def run_key_exchange(admin: Kit, sites: int, timeout: float = 300.0) -> dict:
+    """Submit the key_exchange job as `admin` and wait for it; returns its summary (DeployError if it failed).
+
+    A hospital generates the key pair (or the one that holds it already hands it on) and every other
+    site receives it encrypted to its kit certificate; the server keeps only the public context.
+    """
+    import tempfile
+
+    from clinfed.deploy.submit import submit
+
+    with tempfile.TemporaryDirectory(prefix="clinfed-keys-") as tmp:
+        result = submit("key_exchange", admin.path, wait=True, out=Path(tmp), sites=sites, timeout=timeout)
+    summary = result.summary or {}
+    if not result.completed or summary.get("status") != "ok":
+        reason = summary.get("reason") or f"no summary (job {result.job_id} ended {result.status})"
+        raise DeployError(f"key exchange failed (the federation is up; job {result.job_id}): {reason}")
+    return summary
+
+
+def ensure_keys(kits_dir: Path, timeout: float = 300.0) -> dict | None:
+    """Run the key exchange for the kits in `kits_dir` if a site or the server lacks its context.
+
+    For a federation started by other means than `up` (FLARE's POC mode). Returns the exchange's
+    summary, or None when every participant already held its context.
+    """
+    kits = find_kits(Path(kits_dir))
+    server = next((k for k in kits if k.role == "server"), None)
+    sites = [k for k in kits if k.role == "client"]
+    admins = [k for k in kits if k.role == "admin"]
+    if server is None or not sites or not admins:
+        raise ValueError(f"{kits_dir}: needs a server, site and admin kits for the key exchange")
+    if not missing_keys(server, sites):
+        return None
+    return run_key_exchange(project_admin(admins), len(sites), timeout)
 
 
 # --- stop ------------------------------------------------------------------------------------------

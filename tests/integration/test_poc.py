@@ -1,8 +1,10 @@
 """Claim: FLARE's POC mode runs the bundled jobs encrypted, exactly like a provisioned deployment.
 
 `clinfed poc prepare/start/stop` wrap `nvflare poc`; a job goes in through FLARE's API as the POC
-project admin. Real FLARE processes on loopback; HOME points at a scratch folder because
-`nvflare poc` registers its admin kits in ~/.nvflare.
+project admin. The kits carry no CKKS key: `poc start` runs the key exchange (site-1 makes the key,
+site-2 receives it sealed to its kit certificate, the server the public context). Real FLARE
+processes on loopback; HOME points at a scratch folder because `nvflare poc` registers its admin
+kits in ~/.nvflare.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import json
 import socket
 
 import pytest
+import tenseal as ts
 
 from clinfed.deploy import poc
 from clinfed.deploy.submit import submit
+from clinfed.he.context import context_fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +31,16 @@ def test_poc_runs_breast_cancer_dp_encrypted(tmp_path, monkeypatch):
     workspace = tmp_path / "poc"
     kits = poc.prepare(workspace, sites=2)
     server = next(p for p in kits.iterdir() if (p / "startup" / "fed_server.json").is_file())
-    assert not list(server.rglob("client_context.tenseal")), "the POC server holds no secret key"
-    assert all((kits / s / "startup" / "client_context.tenseal").is_file() for s in ("site-1", "site-2"))
-    poc.start(workspace, timeout=120)
+    assert not list(workspace.rglob("*.tenseal")), "no CKKS key is made at provisioning"
+    poc.start(workspace, timeout=120)  # then site-1 makes the key and seals it to site-2's kit certificate
     try:
+        assert not list(server.rglob("client_context.tenseal")), "the POC server holds no secret key"
+        public = ts.context_from((server / "local" / "server_context.tenseal").read_bytes())
+        assert not public.is_private()
+        for site in ("site-1", "site-2"):
+            secret = kits / site / "local" / "client_context.tenseal"
+            assert secret.stat().st_mode & 0o777 == 0o600
+            assert context_fingerprint(ts.context_from(secret.read_bytes())) == context_fingerprint(public)
         out = tmp_path / "result"
         result = submit("breast_cancer_dp", kits / "admin@clinfed.local", wait=True, out=out, rounds=2, timeout=600)
         assert result.status == "FINISHED:COMPLETED"

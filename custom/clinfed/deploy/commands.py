@@ -67,19 +67,25 @@ def cmd_provision(args: argparse.Namespace) -> int:
         raise ValueError("--org goes with --add-site")
     if args.add_site:
         kit = add_site(args.add_site, args.project, args.out, org=args.org)
-        print(f"issued a kit for {args.add_site}: {kit}")
-        print(f"hand that folder to the site; to join it here: clinfed up --kits {kit.parent}")
+        print(f"issued a kit for {args.add_site}: {kit} (no CKKS key: a hospital hands it over once the site runs)")
+        print(
+            f"hand that folder to the site; to join it here: clinfed up --kits {kit.parent} "
+            "(runs the key exchange for the new site)"
+        )
         return 0
     kits = provision(args.project, args.out)
     found = find_kits(kits)
     for kit in found:
         print(f"{kit.role:<7} {kit.name:<28} {kit.path}")
-    print(f"kits: {kits}")
+    print(f"kits: {kits} (no CKKS key in any of them: the hospitals make and share it, docs/keys.md)")
     server = next(k for k in found if k.role == "server")
     if is_loopback(service_address(server)[0]):
         print(f"next: clinfed up --kits {kits}")
     else:
-        print("next: hand each participant its own folder; each starts it with startup/start.sh")
+        print(
+            "next: hand each participant its own folder; each starts it with startup/start.sh; "
+            "then, as the project admin: clinfed submit key_exchange --kit <admin kit> --wait"
+        )
     return 0
 
 
@@ -91,8 +97,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     pids = up(kits, timeout=args.timeout)
     for name, pid in sorted(pids.items()):
         print(f"{name:<28} pid {pid}")
+    fingerprint = _key_fingerprint(kits)
+    if fingerprint:
+        print(f"CKKS key {fingerprint} (the server holds its public context only)")
     print(f"federation up from {kits} (stop it with: clinfed down --kits {kits})")
     return 0
+
+
+def _key_fingerprint(kits: Path) -> str | None:
+    """The federation's key fingerprint, from the server's public context (never from a site's key)."""
+    from clinfed.deploy.federation import find_kits
+    from clinfed.fl.participant import SERVER_CONTEXT_FILE, find_context_file
+    from clinfed.he.context import context_fingerprint, load_server_context
+
+    server = next((k for k in find_kits(kits) if k.role == "server"), None)
+    path = find_context_file(server.path, SERVER_CONTEXT_FILE) if server else None
+    return context_fingerprint(load_server_context(path)) if path else None
 
 
 @_one_line_errors("down")

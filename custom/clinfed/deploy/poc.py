@@ -1,11 +1,14 @@
 """`nvflare poc` for the bundled jobs: FLARE's proof-of-concept mode with clinfed's kits.
 
 A thin wrapper. `prepare` hands FLARE a project file derived from `provisioning/localhost.yml`
-(`nvflare poc prepare -i`), so FLARE's HEBuilder places the CKKS contexts (secret key at the
-sites, public context at the server) and clinfed's builder the sites' local policy, exactly as in a
-provisioned deployment; `start` / `stop` are `nvflare poc start` / `stop` with this Python first on
-PATH (the kits' scripts run `python3`, and jobs carry no code, so it must be the one with clinfed).
-Jobs are then submitted with `clinfed submit JOB --kit <admin kit>` like in any deployment.
+(`nvflare poc prepare -i`), so clinfed's builder places the sites' local policy and signs the kits
+exactly as in a provisioned deployment, and no kit holds a CKKS key; `start` / `stop` are
+`nvflare poc start` / `stop` with this Python first on PATH (the kits' scripts run `python3`, and
+jobs carry no code, so it must be the one with clinfed). After starting, `start` runs the
+key_exchange job as the POC project admin when a site or the server lacks its context, as
+`clinfed up` does: a site generates the key pair, the others receive it sealed to their kit
+certificates, the server the public context (`clinfed.keys`). Jobs are then submitted with
+`clinfed submit JOB --kit <admin kit>` like in any deployment.
 
 FLARE keeps the POC workspace location in NVFLARE_POC_WORKSPACE (set here from `workspace`) and
 registers the POC admin kits in ~/.nvflare, as `nvflare poc` always does.
@@ -68,11 +71,17 @@ def prepare(workspace: Path, sites: int = 3, project: Path = DEFAULT_PROJECT) ->
     return kits
 
 
-def start(workspace: Path, timeout: int = 120) -> str:
-    """`nvflare poc start` (server and sites; waits until they are ready)."""
+def start(workspace: Path, timeout: int = 120, project: Path = DEFAULT_PROJECT) -> str:
+    """`nvflare poc start` (server and sites; waits until they are ready), then the key exchange if needed."""
+    from clinfed.deploy.federation import ensure_keys
+
     if not Path(workspace).is_dir():
         raise ValueError(f"POC workspace not found: {workspace} (run clinfed poc prepare first)")
-    return _nvflare(["start", "--timeout", str(timeout)], workspace, timeout=timeout + 60)
+    output = _nvflare(["start", "--timeout", str(timeout)], workspace, timeout=timeout + 60)
+    summary = ensure_keys(kits_dir(workspace, project), timeout=max(timeout, 180))
+    if summary is not None:
+        output += f"\nCKKS key {summary['fingerprint']} made at {summary['holder']}, sent to the other sites sealed\n"
+    return output
 
 
 def stop(workspace: Path) -> str:

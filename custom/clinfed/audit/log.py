@@ -1,4 +1,8 @@
-"""Tamper-evident audit trail: one hash-chained JSON-lines log per participant.
+"""Tamper-evident audit trail, the writer: one hash-chained JSON-lines log per participant.
+
+This module is the log's format and its writer (:class:`AuditLog`, record hashing, payload digests,
+checking one chain, which the writer needs before it may extend a log); :mod:`clinfed.audit.verify`
+checks many logs against each other, against their anchors and against the sites' privacy ledgers.
 
 Why: a hospital (or a regulator acting for it) must be able to show afterwards what left the site,
 what the server received and aggregated, and how much privacy budget each round spent, without
@@ -17,8 +21,11 @@ What a chain can and cannot show:
   machines under different administrators: every ``update_sent`` in one log must match an
   ``update_received`` (same job, round, peer and payload SHA-256) in the peer's log. A site that
   cuts its log, or a server that claims to have received something a site never sent, is caught
-  as long as the other party's log is verified alongside. Publishing :attr:`AuditLog.head` (for
-  example in ``summary.json``) anchors a chain further.
+  as long as the other party's log is verified alongside.
+* *Anchors* close the rest: every round, sites and server append an ``anchor`` record holding the
+  peer's :attr:`AuditLog.head` (record count and hash of its last line) as they saw it. A party that
+  later rewrites its own log consistently (fresh hashes from the edit on) or cuts its tail no longer
+  matches the head that the other party's log vouched for, and :func:`clinfed.audit.verify` says so.
 
 Nothing secret is logged: records carry digests (:func:`payload_digest`,
 :func:`payload_digest_chunks`) and sizes of payloads, never the payloads, weights, data or keys.
@@ -31,7 +38,9 @@ Events used by clinfed components (free-form: any other event name is accepted):
     update_sent      {job, round, site, sha256, bytes, encrypted}
     update_received  {job, round, site, sha256, bytes, encrypted}
     aggregation      {job, round, sites, encrypted}
-    epsilon_spent    {job, round, epsilon, delta, noise_multiplier, sample_rate, steps}
+    epsilon_spent    {job, round, run, mechanism, epsilon, delta, noise_multiplier, sample_rate, steps,
+                      spend_epsilon (laplace only)}   written by the privacy ledger, under its lock
+    anchor           {peer, peer_seq, peer_hash}   the peer's AuditLog.head as this participant saw it
     refused          {job, round, site, reason}
     failed           {job, round, site, reason}
 
@@ -55,14 +64,14 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import threading
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+
+from clinfed.textio import json_default
 
 try:  # POSIX advisory locks make appends from several processes safe; elsewhere threads only.
     import fcntl
@@ -75,11 +84,9 @@ __all__ = [
     "SERVER",
     "AuditLog",
     "AuditTamperedError",
-    "VerifyReport",
-    "main_verify",
     "payload_digest",
     "payload_digest_chunks",
-    "verify",
+    "read_records",
 ]
 
 SERVER = "server"
@@ -94,7 +101,18 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "update_sent": ("job", "round", "site", "sha256", "bytes", "encrypted"),
     "update_received": ("job", "round", "site", "sha256", "bytes", "encrypted"),
     "aggregation": ("job", "round", "sites", "encrypted"),
-    "epsilon_spent": ("job", "round", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps"),
+    "epsilon_spent": (
+        "job",
+        "round",
+        "run",
+        "mechanism",
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+    ),
+    "anchor": ("peer", "peer_seq", "peer_hash"),
     "refused": ("job", "round", "site", "reason"),
     "failed": ("job", "round", "site", "reason"),
 }
@@ -109,7 +127,6 @@ _REQUIRED_TYPES: dict[str, type] = {
     "prev": str,
     "hash": str,
 }
-_SHORT = 16  # hex digits of a digest shown in messages: enough to tell two apart, short enough to read
 
 
 class AuditTamperedError(RuntimeError):
@@ -157,19 +174,14 @@ def _encode_line(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray | memoryview):
-        raise TypeError(
-            "audit records never carry payloads: log payload_digest(data) and len(data) instead of the bytes"
-        )
-    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
-        return value.item()  # numpy / torch scalars, e.g. an epsilon from an accountant
-    raise TypeError(f"audit field of type {type(value).__name__} is not JSON-serialisable")
-
-
 def _normalise(fields: dict[str, Any]) -> dict[str, Any]:
     """Round-trip fields through JSON so what is hashed is exactly what a reader will parse back."""
-    return json.loads(json.dumps(fields, default=_json_default))
+    try:
+        return json.loads(json.dumps(fields, default=json_default))
+    except TypeError as exc:
+        raise TypeError(
+            f"{exc} (audit records never carry payloads: log payload_digest(data) and len(data) instead)"
+        ) from None
 
 
 def _check_participant(participant: str) -> str:
@@ -434,158 +446,18 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-# --------------------------------------------------------------------------------------------------
-# verifier
+def read_records(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
+    """The records of one log that parse (optionally only one event), read under a shared lock.
 
-
-@dataclass
-class VerifyReport:
-    """Outcome of :func:`verify`. Problems are evidence of tampering (or of a broken writer);
-    warnings are gaps a chain cannot decide on its own (e.g. an update sent but never received)."""
-
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    files: int = 0
-    records: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def _find_logs(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.name == "audit":
-        return sorted(p for p in path.glob("*.jsonl") if p.is_file())
-    return sorted(p for p in path.rglob("*.jsonl") if p.parent.name == "audit" and p.is_file())
-
-
-def verify(path: str | Path) -> VerifyReport:
-    """Check every audit chain under ``path`` and cross-check the participants against each other.
-
-    ``path`` is one ``.jsonl`` log, an ``audit/`` folder, or any folder (searched recursively for
-    ``audit/*.jsonl``). Per log: every line parses, ``seq`` runs on from 0, ``prev`` is the SHA-256
-    of the previous line's bytes and ``hash`` matches the record; failures name ``file:line``.
-
-    A cut tail is invisible to a chain, so exchanges are then cross-checked: an ``update_sent`` in
-    one log against the ``update_received`` of the same job, round and site in the peer's log (the
-    server's for a site, the site's for the server). A problem is reported when the receiver logged
-    a *different* SHA-256 from every one the sender logged (naming both lines), or when the receiver
-    logged something the sender's log -- verified alongside -- never sent. Sent but not received is
-    only a warning: the server may legitimately exclude or never get a site's update (a refusal, a
-    crash, a timeout). Logs of a peer not among the verified files cannot be cross-checked: warning.
+    For consumers that need a log's *content* (the privacy ledger's cross-check); it does not judge
+    the chain: :func:`clinfed.audit.verify` does. A missing log reads as no records.
     """
-    root = Path(path)
-    report = VerifyReport()
-    if not root.exists():
-        report.problems.append(f"{root}: no such file or folder")
-        return report
-    logs = _find_logs(root)
-    if not logs:
-        report.problems.append(f"{root}: no audit logs found (expected audit/<participant>.jsonl)")
-        return report
-    entries: list[_Entry] = []
-    for log in logs:
-        problems, found = _check_file(log, _read_locked(log))
-        report.problems.extend(problems)
-        entries.extend(found)
-        report.files += 1
-        report.records += len(found)
-    _cross_check(entries, {log.stem for log in logs}, report)
-    return report
-
-
-@dataclass(frozen=True)
-class _Exchange:
-    job: str
-    round: str
-    sender: str
-    receiver: str
-
-
-def _exchange(entry: _Entry) -> tuple[_Exchange, str] | None:
-    """The exchange an update record is one end of, and the digest it logged; None if not one."""
-    r = entry.record
-    event, me = r["event"], r["participant"]
-    if event not in ("update_sent", "update_received"):
-        return None
-    if me == SERVER:
-        peer = r.get("site")
-        if not isinstance(peer, str):
-            return None
-    else:
-        peer = SERVER
-    sender, receiver = (me, peer) if event == "update_sent" else (peer, me)
-    # json.dumps keys: a round logged as 3 and one logged as "3" are different claims.
-    return _Exchange(json.dumps(r.get("job")), json.dumps(r.get("round")), sender, receiver), str(r.get("sha256"))
-
-
-def _cross_check(entries: list[_Entry], participants: set[str], report: VerifyReport) -> None:
-    sent: dict[_Exchange, list[tuple[str, _Entry]]] = defaultdict(list)
-    received: dict[_Exchange, list[tuple[str, _Entry]]] = defaultdict(list)
-    for entry in entries:
-        found = _exchange(entry)
-        if found is None:
-            if entry.record["event"] in ("update_sent", "update_received"):
-                report.warnings.append(f"{entry.where}: {entry.record['event']} without a site; not cross-checked")
-            continue
-        key, digest = found
-        (sent if entry.record["event"] == "update_sent" else received)[key].append((digest, entry))
-
-    def what(key: _Exchange) -> str:
-        return f"{key.sender}'s update to {key.receiver} for job {key.job} round {key.round}"
-
-    missing_peer: set[str] = set()
-    for key, receipts in received.items():
-        sends = sent.get(key, [])
-        for digest, entry in receipts:
-            if any(d == digest for d, _ in sends):
-                continue
-            if sends:
-                other_digest, other = sends[0]
-                report.problems.append(
-                    f"{entry.where}: {key.receiver} logged receiving {what(key)} with sha256 {digest[:_SHORT]}, "
-                    f"but {other.where}: {key.sender} logged sending it with sha256 {other_digest[:_SHORT]} "
-                    "(altered in transit, or one of the logs edited)"
-                )
-            elif key.sender in participants:
-                report.problems.append(
-                    f"{entry.where}: {key.receiver} logged receiving {what(key)} (sha256 {digest[:_SHORT]}), "
-                    f"but {key.sender}'s log has no such update_sent (its log cut or edited, or the update forged)"
-                )
-            else:
-                missing_peer.add(key.sender)
-    for key, sends in sent.items():
-        receipts = received.get(key, [])
-        for digest, entry in sends:
-            if any(d == digest for d, _ in receipts):
-                continue
-            if receipts:
-                continue  # a differing receipt is already reported from the receiver's side
-            if key.receiver in participants:
-                report.warnings.append(
-                    f"{entry.where}: {what(key)} was logged as sent but {key.receiver} logged no receipt "
-                    "(excluded, lost in transit, or the receiver's log cut)"
-                )
-            else:
-                missing_peer.add(key.receiver)
-    for peer in sorted(missing_peer):
-        report.warnings.append(f"no audit log of {peer} among the verified files: its exchanges are not cross-checked")
-
-
-def main_verify(path: str) -> int:
-    """``clinfed audit verify PATH``: 0 intact, 1 tampered (each problem on its own line, file:line
-    first), 2 when PATH does not exist."""
-    if not Path(path).exists():
-        print(f"audit verify: {path}: no such file or folder", file=sys.stderr)
-        return 2
-    report = verify(path)
-    for warning in report.warnings:
-        print(f"warning: {warning}")
-    if not report.ok:
-        for problem in report.problems:
-            print(problem)
-        return 1
-    print(f"audit intact: {report.records} records in {report.files} files")
-    return 0
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in _read_locked(path).split(b"\n"):
+        record, _ = _parse(line) if line else (None, None)
+        if record is not None and (event is None or record["event"] == event):
+            records.append(record)
+    return records

@@ -347,3 +347,50 @@ def test_main_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main_verify(str(tmp_path / "missing")) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.splitlines()) == 1
+
+
+def _site_with_ledger(root: Path) -> tuple[AuditLog, Path]:
+    from clinfed.privacy.ledger import PrivacyLedger
+
+    audit = AuditLog(root, "site-1")
+    ledger = PrivacyLedger(root / "local" / "privacy_ledger.json", "site-1", audit=audit)
+    for rnd in range(2):
+        ledger.reserve(JOB, rnd, noise_multiplier=1.0, sample_rate=0.2, steps=5, run="r")
+    return audit, ledger.path
+
+
+def test_ledger_and_audit_agree_or_verify_names_the_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, ledger = _site_with_ledger(tmp_path)
+    assert verify(tmp_path).ok
+    data = json.loads(ledger.read_text())
+    forged = dict(data["spends"][0], job="forged-job")
+    ledger.write_text(json.dumps({**data, "spends": [*data["spends"], forged]}))
+    report = verify(tmp_path)
+    assert [p for p in report.problems if p.startswith(f"{ledger}: 1 privacy spends in site-1's ledger have no")]
+    assert main_verify(str(tmp_path)) == 1
+    assert str(ledger) in capsys.readouterr().out
+
+
+def test_audit_records_written_before_runs_were_logged_still_match(tmp_path: Path) -> None:
+    from clinfed.audit import unmatched_spends
+
+    spends = [{"job": JOB, "round": 0, "run": "r1"}, {"job": JOB, "round": 0, "run": "r2"}]
+    records = [{"job": JOB, "round": 0}, {"job": JOB, "round": 0, "run": "r2"}]
+    assert unmatched_spends(records, spends) == ([], [])
+    lacking, unlogged = unmatched_spends([*records, {"job": JOB, "round": 0}], spends)
+    assert len(lacking) == 1 and unlogged == []
+    lacking, _ = unmatched_spends([{"job": JOB, "round": 0, "mechanism": "laplace"}], spends)
+    assert len(lacking) == 1, "a laplace release is not paid for by a gaussian spend"
+
+
+def test_anchors_of_an_empty_log_hold_and_malformed_or_unverifiable_anchors_are_reported(tmp_path: Path) -> None:
+    server, site = AuditLog(tmp_path / "server", "server"), AuditLog(tmp_path / "site-1", "site-1")
+    assert site.head == (0, GENESIS)
+    server.append("anchor", peer="site-1", peer_seq=0, peer_hash=GENESIS)
+    assert verify(tmp_path).ok and verify(tmp_path).warnings == []
+    server.append("anchor", peer="site-9", peer_seq=3, peer_hash="ab" * 32)
+    report = verify(tmp_path)
+    assert report.ok and any("no audit log of site-9" in w for w in report.warnings)
+    server.append("anchor", peer="site-1", peer_seq="7", peer_hash="x")
+    report = verify(tmp_path)
+    assert [p for p in report.problems if p.startswith(f"{server.path}:3: anchor without a valid peer")]

@@ -77,6 +77,9 @@ def test_runs_are_accounted_apart_but_compose_into_the_site_total(tmp_path):
     alone.record("a", 0, 1.0, 0.2, 5)
     assert ledger.epsilon_of_run("run-a") == pytest.approx(alone.epsilon())
     assert ledger.epsilon_of_run("run-b") > 0.25
+    alone.record("a", 1, 1.0, 0.2, 5)
+    assert ledger.epsilon_of_run_if("run-a", [(1.0, 0.2, 5)]) == pytest.approx(alone.epsilon())
+    assert ledger.epsilon_of_run_if("run-b", [], 0.5) == pytest.approx(ledger.epsilon_of_run("run-b") + 0.5)
     assert ledger.history == [[1.0, 0.2, 5], [2.0, 0.1, 3]] and ledger.pure_epsilons == [0.25]
 
 

@@ -194,6 +194,11 @@ class PrivacyLedger:
         """This run's own ε by the same composition rule: what the job alone released."""
         return self._total(self.spends_of_run(run))
 
+    def epsilon_of_run_if(self, run: str, planned: list[tuple[float, float, int]], pure_epsilon: float = 0.0) -> float:
+        """This run's own ε once `planned` (Gaussian spends) and `pure_epsilon` (Laplace) are added: what a
+        whole job will have released by its end (admission reports it), by the same composition rule."""
+        return self._total(self.spends_of_run(run), list(planned), [pure_epsilon] if pure_epsilon else [])
+
     def epsilon_if(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """ε the site would stand at after one more Gaussian spend."""
         return self._total(self.spends, [(noise_multiplier, sample_rate, steps)])

@@ -3,13 +3,16 @@
 One federation for the module: `provisioning/localhost.yml` provisioned into a temporary folder
 (server `localhost`, site-1..3, admins with the project_admin / lead / member roles), started with
 `clinfed.deploy.federation.up`, jobs submitted through FLARE's API as those admins, and stopped
-with `down`. The tests run in file order and build on each other (the site added in the last
-training test joins the federation the first ones used).
+with `down`. The kits carry no CKKS key: `up` has site-1 make the key pair and seal it to the
+other sites' kit certificates (the key_exchange job). The tests run in file order and build on
+each other (the site added in the last training test joins the federation the first ones used
+and receives the key the same way).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -96,23 +99,23 @@ def test_privacy_filter_passes_ciphertexts_and_metrics_and_blocks_plaintext_weig
 
 
 @pytest.mark.parametrize("project", ["localhost.yml", "consortium.yml"])
-def test_project_files_give_flares_hebuilder_clinfeds_ckks_parameters(project):
+def test_project_files_leave_the_ckks_key_to_the_hospitals(project, tmp_path):
+    """No HEBuilder (it would make every hospital's secret key at the operator); kits signed by clinfed's builder."""
     import yaml
 
-    from clinfed.he.params import DEFAULT_PARAMS
+    from clinfed.deploy.provision import HE_BUILDER_PATH, load_project
 
     builders = yaml.safe_load((REPO / "provisioning" / project).read_text())["builders"]
     paths = [b["path"] for b in builders]
-    he = builders[paths.index("nvflare.lighter.impl.he.HEBuilder")]["args"]
-    assert (he["poly_modulus_degree"], tuple(he["coeff_mod_bit_sizes"]), he["scale_bits"]) == (
-        DEFAULT_PARAMS.poly_modulus_degree,
-        DEFAULT_PARAMS.coeff_mod_bit_sizes,
-        DEFAULT_PARAMS.global_scale_bits,
-    )
-    assert paths.index("nvflare.lighter.impl.he.HEBuilder") < paths.index("clinfed.deploy.builder.ClinfedKitBuilder")
+    assert HE_BUILDER_PATH not in paths
     assert paths.index("clinfed.deploy.builder.ClinfedKitBuilder") < paths.index(
         "nvflare.lighter.impl.signature.SignatureBuilder"
     )
+    with_he = yaml.safe_load((REPO / "provisioning" / project).read_text())
+    with_he["builders"].insert(3, {"path": HE_BUILDER_PATH, "args": {}})
+    (tmp_path / project).write_text(yaml.safe_dump(with_he))
+    with pytest.raises(ValueError, match=r"remove nvflare.lighter.impl.he.HEBuilder: it would generate every hospital"):
+        load_project(tmp_path / project)
 
 
 def test_site_template_admits_flares_default_classes_and_clinfed_only():
@@ -126,7 +129,7 @@ def test_site_template_admits_flares_default_classes_and_clinfed_only():
 
 # --- provisioning ----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_provisioning_issues_signed_kits_and_only_sites_can_decrypt(kits):
+def test_provisioning_issues_signed_kits_without_any_ckks_key(kits):
     from nvflare.apis.workspace import Workspace
     from nvflare.private.fed.app.fl_conf import create_privacy_manager
 
@@ -141,20 +144,14 @@ def test_provisioning_issues_signed_kits_and_only_sites_can_decrypt(kits):
     for admin, role in ADMINS.items():  # FLARE puts the role in the certificate the server authorises
         assert _cert_subject(kits / admin / "startup" / "client.crt") == {"CN": admin, "role": role}, admin
 
+    # The operator keeps everything under the provisioning folder (kits, root CA state): no CKKS key at all.
+    assert not list(kits.parents[1].rglob("*.tenseal")), "provisioning must not make any CKKS context"
     server = kits / "localhost"
-    assert not list(server.rglob("client_context.tenseal"))
-    server_ctx = ts.context_from((server / "startup" / "server_context.tenseal").read_bytes())
-    assert not server_ctx.is_private()
     policy = json.loads((server / "local" / "resources.json").read_text())
     assert "clinfed." in policy["class_allow_list"]
 
-    secret = (kits / "site-1" / "startup" / "client_context.tenseal").read_bytes()
     for site in SITES:
         kit = kits / site
-        ctx_file = kit / "startup" / "client_context.tenseal"
-        assert ctx_file.read_bytes() == secret, "one federation, one key"
-        assert ctx_file.stat().st_mode & 0o077 == 0, "the secret key is readable by its owner only"
-        assert ts.context_from(ctx_file.read_bytes()).is_private()
         for name in ("resources.json", "privacy.json", "authorization.json"):
             assert (kit / "local" / name).read_bytes() == (REPO / "workspace_templates" / name).read_bytes()
         # FLARE itself parses the site's privacy.json: the default scope carries clinfed's filter.
@@ -172,6 +169,38 @@ def _cert_subject(path: Path) -> dict[str, str]:
         "CN": subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value,
         "role": subject.get_attributes_for_oid(NameOID.UNSTRUCTURED_NAME)[0].value,
     }
+
+
+def _fingerprint(path: Path, private: bool) -> str:
+    from clinfed.he.context import context_fingerprint, load_server_context, load_site_context
+
+    return context_fingerprint(load_site_context(path) if private else load_server_context(path))
+
+
+def _audit(kit: Path, event: str) -> list[dict]:
+    lines = [json.loads(line) for p in (kit / "audit").glob("*.jsonl") for line in p.read_text().splitlines()]
+    return [r for r in lines if r.get("event") == event]
+
+
+# --- the key: made by a hospital, shared with hospitals only ---------------------------------------
+@pytest.mark.slow
+def test_up_has_a_hospital_make_the_key_and_seal_it_to_the_other_sites(fed):
+    server_file = fed / "localhost" / "local" / "server_context.tenseal"
+    assert not ts.context_from(server_file.read_bytes()).is_private(), "the server holds the public context only"
+    fingerprint = _fingerprint(server_file, private=False)
+    assert not fingerprint.startswith("params-only:"), "a real key fingerprint (public key), not parameters only"
+    for site in SITES:
+        ctx_file = fed / site / "local" / "client_context.tenseal"
+        assert ctx_file.stat().st_mode & 0o777 == 0o600, "the secret key is readable by its owner only"
+        assert ts.context_from(ctx_file.read_bytes()).is_private()
+        assert _fingerprint(ctx_file, private=True) == fingerprint, f"{site}: one federation, one key"
+    assert not list((fed / "localhost").rglob("client_context.tenseal"))
+    # site-1 made it and issued it to the two others; each of them recorded where its key came from.
+    assert [r["site"] for r in _audit(fed / "site-1", "key_issued")] == ["site-2", "site-3"]
+    for site in ("site-2", "site-3"):
+        (received,) = _audit(fed / site, "key_received")
+        assert (received["sender"], received["fingerprint"]) == ("site-1", fingerprint)
+    assert [r["fingerprint"] for r in _audit(fed / "localhost", "server_context")] == [fingerprint]
 
 
 # --- running jobs ----------------------------------------------------------------------------------
@@ -234,50 +263,52 @@ def test_a_member_cannot_submit(fed):
 def test_a_plaintext_job_is_refused_by_every_site_before_training(fed, tmp_path):
     before = {site: _ledger_spends(fed / site) for site in SITES}
     result = submit("breast_cancer_dp", fed / "lead@clinfed.local", wait=True, out=tmp_path, rounds=1, encrypt=False)
-    # FLARE deploys and runs the job; every site's executor refuses it (require_encryption), nothing trains.
+    # FLARE deploys and runs the job; every site refuses it at admission (require_encryption), nothing trains.
     assert result.status == "FINISHED:COMPLETED"
     summary = result.summary
     assert summary["encrypted"] is False
     assert summary["rounds_completed"] == 0
+    assert not [e for r in summary["rounds"] for e in r["sites"].values() if e.get("bytes_sent")]
     for site in SITES:
-        entry = summary["rounds"][0]["sites"][site]
+        entry = summary["admission"][site]
         assert entry["status"] == "refused"
         assert entry["reason"] == f"{site}: local privacy policy requires encrypted updates; this job sends plaintext"
-        assert entry["bytes_sent"] == 0
     assert summary["final"]["metrics"] == {}
     assert {site: _ledger_spends(fed / site) for site in SITES} == before, "no site spent privacy budget"
 
 
 @pytest.mark.slow
 def test_the_privacy_scope_blocks_a_plaintext_update_even_when_the_executor_would_send_it(fed, tmp_path):
-    """site-3's hospital turns `require_encryption` off; its privacy.json scope still stops the update at the
-    boundary: FLARE drops the result, marks the job unsafe at site-3 and the server aborts the job."""
-    policy = fed / "site-3" / "local" / "resources.json"
-    original = policy.read_text()
-    edited = json.loads(original)
-    edited["clinfed"]["require_encryption"] = False
-    policy.write_text(json.dumps(edited, indent=2))
+    """Every hospital turns `require_encryption` off (so the job passes admission and its >= 3-site floor);
+    their privacy.json scope still stops the plaintext update at the boundary: FLARE drops the result,
+    marks the job unsafe at the site and the server aborts the job."""
+    policies = {site: fed / site / "local" / "resources.json" for site in SITES}
+    originals = {site: path.read_text() for site, path in policies.items()}
+    for site, path in policies.items():
+        edited = json.loads(originals[site])
+        edited["clinfed"]["require_encryption"] = False
+        path.write_text(json.dumps(edited, indent=2))
     try:
         result = submit(
             "breast_cancer_dp", fed / "lead@clinfed.local", wait=True, out=tmp_path, rounds=1, encrypt=False
         )
     finally:
-        policy.write_text(original)
+        for site, path in policies.items():
+            path.write_text(originals[site])
     assert result.status == "FINISHED:EXECUTION_EXCEPTION"
-    entries = result.summary["rounds"][0]["sites"]
-    assert entries["site-3"]["status"] == "failed" and entries["site-3"]["bytes_sent"] == 0
-    assert entries["site-1"]["status"] == entries["site-2"]["status"] == "refused"
     assert result.summary["rounds_completed"] == 0
+    assert not [e for r in result.summary["rounds"] for e in r["sites"].values() if e.get("status") == "ok"]
     server_log = (result.result_dir / "workspace" / "log.txt").read_text()
-    assert "fatal return code UNSAFE_JOB from client site-3" in server_log
-    site_log = (fed / "site-3" / result.job_id / "log.txt").read_text()
-    assert "site-3: privacy policy: task 'train' result WEIGHTS holds" in site_log
+    blocked = re.findall(r"fatal return code UNSAFE_JOB from client (site-\d)", server_log)
+    assert blocked, "the server saw a site's privacy filter mark the job unsafe"
+    site_log = (fed / blocked[0] / result.job_id / "log.txt").read_text()
+    assert f"{blocked[0]}: privacy policy: task 'train' result WEIGHTS holds" in site_log
     received = [
         json.loads(line)
         for line in (fed / "localhost" / "audit" / "server.jsonl").read_text().splitlines()
         if '"update_received"' in line
     ]
-    assert not [r for r in received if r.get("site") == "site-3" and r.get("encrypted") is False]
+    assert not [r for r in received if r.get("encrypted") is False], "no plaintext update reached the server"
 
 
 @pytest.mark.slow
@@ -289,12 +320,21 @@ def test_an_added_site_joins_the_running_federation_and_trains(fed, tmp_path):
     assert sorted(p.name for p in (fed.parent).glob("prod_*")) == ["prod_00"], "no re-issued copies left around"
     assert {p: p.read_bytes() for p in before} == before, "existing kits untouched"
     startup = kit / "startup"
-    federation_key = (fed / "site-1" / "startup" / "client_context.tenseal").read_bytes()
-    assert (startup / "client_context.tenseal").read_bytes() == federation_key, "the federation's key, not a new one"
+    assert not list(kit.rglob("*.tenseal")), "the new kit carries no key either"
     assert verify_folder_signature(str(startup), str(startup / "rootCA.pem"), True, "signature.json")
+    keys = {site: (fed / site / "local" / "client_context.tenseal") for site in SITES}
+    held = {site: (path.read_bytes(), path.stat().st_mtime_ns) for site, path in keys.items()}
+    fingerprint = _fingerprint(fed / "localhost" / "local" / "server_context.tenseal", private=False)
 
-    pids = federation.up(fed, timeout=180)
+    pids = federation.up(fed, timeout=180)  # starts site-4, then the key exchange gives it the key
     assert set(pids) == {"localhost", *SITES, "site-4"}
+    assert {site: (p.read_bytes(), p.stat().st_mtime_ns) for site, p in keys.items()} == held, "others keep theirs"
+    new_key = kit / "local" / "client_context.tenseal"
+    assert new_key.stat().st_mode & 0o777 == 0o600
+    assert _fingerprint(new_key, private=True) == fingerprint, "the federation's key, not a new one"
+    (received,) = _audit(kit, "key_received")
+    assert (received["sender"], received["fingerprint"]) == ("site-1", fingerprint)
+    assert _audit(fed / "site-1", "key_issued")[-1]["site"] == "site-4"
     result = submit("breast_cancer_dp", fed / "lead@clinfed.local", wait=True, out=tmp_path, rounds=2, timeout=600)
     assert result.status == "FINISHED:COMPLETED"
     summary = result.summary

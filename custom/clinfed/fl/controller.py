@@ -25,6 +25,7 @@ site carries the server's audit-chain head and every reply the site's; each side
 from __future__ import annotations
 
 import math
+import secrets
 from collections import Counter
 
 import numpy as np
@@ -266,7 +267,9 @@ class SecureFedAvg(ModelController):
         self.audit.append(
             "job_start", job=self.job, encrypted=self.encrypted, rounds=self.num_rounds, submission=self._submission
         )
-        self._run_key = self.fl_ctx.get_job_id()
+        # A run key of its own for every run (FLARE's simulator names every job "simulate_job"); a
+        # resumed run takes its first run's key back from the resume point.
+        self._run_key = f"{self.fl_ctx.get_job_id()}-{secrets.token_hex(6)}"
         start = self._load_state()
         admitted = self._admit(self.sample_clients(), start)
         if len(admitted) < self._floor:
@@ -321,9 +324,9 @@ class SecureFedAvg(ModelController):
             task_name=payload.ADMIT_TASK,
             data=request,
             targets=targets,
-            min_responses=len(targets),
+            min_responses=min(self._floor, len(targets)),
             timeout=self.task_timeout,
-            wait_time_after_min_received=0,
+            wait_time_after_min_received=self.straggler_wait,  # a dead site must not stall admission
         )
         for result in results:
             site = result.meta.get("client_name", "?")

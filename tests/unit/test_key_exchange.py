@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import tenseal as ts
+from nvflare.apis.dxo import from_shareable
 from nvflare.apis.shareable import Shareable
 from nvflare.lighter.utils import Identity, generate_cert, generate_keys, serialize_cert, serialize_pri_key
 
-from clinfed.he.context import context_fingerprint
+from clinfed.he.context import context_fingerprint, create_context
 from clinfed.keys.exchange import KeyExchangeExecutor, held_fingerprint
 
 SERVER = "localhost"
@@ -131,8 +132,6 @@ def test_a_bundle_for_another_site_is_refused_in_one_line(kits, executor):
         _ctx("site-3", kits["site-3"]),
         None,
     )
-    from nvflare.apis.dxo import from_shareable
-
     data = from_shareable(reply).data
     assert data == {"status": "failed", "reason": "site-3: key bundle is addressed to site-2, not to this site"}
     assert not (kits["site-3"] / "local" / "client_context.tenseal").exists()
@@ -159,3 +158,17 @@ def _ctx(site: str, root: Path):
     engine.get_workspace.return_value.get_root_dir.return_value = str(root)
     ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
     return ctx
+
+
+def test_a_key_that_came_with_the_kit_is_neither_used_nor_handed_on(kits, executor):
+    """An operator who slips a context it made into a kit's startup/ (as FLARE's HEBuilder does) could decrypt
+    everything encrypted under it: the site refuses it by name, as holder and as recipient."""
+    planted = kits["site-1"] / "startup" / "client_context.tenseal"
+    planted.write_bytes(create_context().serialize(save_secret_key=True))
+    reply = executor.execute("key_hello", Shareable(), _ctx("site-1", kits["site-1"]), None)
+    data = from_shareable(reply).data
+    assert data["status"] == "failed"
+    assert data["reason"].startswith(f"site-1: {planted} came with the kit, so the operator made it")
+    with pytest.raises(Exception, match=r"came with the kit, so the operator made it"):
+        executor._issue(kits["site-1"], "site-1", _shareable(certificates={}))
+    assert not (kits["site-1"] / "local" / "client_context.tenseal").exists()

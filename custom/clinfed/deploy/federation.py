@@ -349,11 +349,13 @@ def missing_keys(server: Kit, sites: list[Kit]) -> list[str]:
     """Participants without their CKKS context: sites without the secret one, a server without the public one.
 
     Only whether the files exist: `clinfed up` runs every kit on this host, but the key itself is
-    made and checked by the sites (`clinfed.keys`), never read here.
+    made and checked by the sites (`clinfed.keys`), never read here. A site's key counts only in
+    its `local/` (made at a hospital); one in `startup/` came with the kit, from the operator, and
+    the key exchange refuses it by name.
     """
     from clinfed.fl.participant import SERVER_CONTEXT_FILE, SITE_CONTEXT_FILE, find_context_file
 
-    missing = [k.name for k in sites if find_context_file(k.path, SITE_CONTEXT_FILE) is None]
+    missing = [k.name for k in sites if not (k.path / "local" / SITE_CONTEXT_FILE).exists()]
     if find_context_file(server.path, SERVER_CONTEXT_FILE) is None:
         missing.append(server.name)
     return missing

@@ -95,9 +95,20 @@ def server_name_of(root: Path) -> str | None:
 
 
 def held_fingerprint(root: Path, site: str) -> str | None:
-    """Fingerprint of the secret context this site already holds (startup/ or local/), None if none."""
-    path = find_context_file(root, SITE_CONTEXT_FILE)
-    return None if path is None else secret_context_fingerprint(path.read_bytes(), f"{site} ({path})")
+    """Fingerprint of the secret context this site holds in `local/`, None if none.
+
+    A context in `startup/` came with the kit, that is from the operator (FLARE's HEBuilder puts it
+    there): whoever made it can decrypt everything encrypted under it, so it is refused, never used
+    or handed on.
+    """
+    planted = root / "startup" / SITE_CONTEXT_FILE
+    if planted.exists():
+        raise KeyExchangeError(
+            f"{site}: {planted} came with the kit, so the operator made it; a federation key is only made "
+            "at a hospital (remove that file, see docs/keys.md)"
+        )
+    path = root / "local" / SITE_CONTEXT_FILE
+    return secret_context_fingerprint(path.read_bytes(), f"{site} ({path})") if path.exists() else None
 
 
 def _cert_digest(pem: bytes) -> str:
@@ -150,12 +161,13 @@ class KeyExchangeExecutor(Executor):
         own_key = _kit_file(root, "client.key", site)
         server_name = server_name_of(root)
         audit = AuditLog(root, site)
-        path = find_context_file(root, SITE_CONTEXT_FILE)
-        if path is None:
+        path = root / "local" / SITE_CONTEXT_FILE
+        generated = held_fingerprint(root, site) is None  # also refuses a key that came with the kit
+        if generated:
             ctx = create_context()
             secret = ctx.serialize(save_secret_key=True)
             fingerprint = context_fingerprint(ctx)
-            write_private(root / "local" / SITE_CONTEXT_FILE, secret, 0o600)
+            write_private(path, secret, 0o600)
             audit.append("key_generated", job=self.job_label, site=site, fingerprint=fingerprint)
         else:
             secret = path.read_bytes()
@@ -187,7 +199,7 @@ class KeyExchangeExecutor(Executor):
             "certificate": _kit_file(root, "client.crt", site),
             "bundles": bundles,
             "refused": refused,
-            "generated": path is None,
+            "generated": generated,
         }
 
     def _install(self, root: Path, site: str, request: Shareable) -> dict:

@@ -143,6 +143,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     print(f"job {result.job_id}: {result.status}")
+    if result.summary is not None and result.summary.get("job") == "key_exchange":
+        summary = result.summary
+        print(f"key exchange {summary.get('status')}: key {summary.get('fingerprint')} held by {summary.get('holder')}")
+        for site, entry in sorted(summary.get("sites", {}).items()):
+            print(f"{site:<28} {entry.get('status')}: {entry.get('reason', '')}")
+        print(f"summary: {Path(out).resolve() / 'summary.json'}")
+        return 0 if result.completed and summary.get("status") == "ok" else 1
     if result.summary is not None:
         summary = result.summary
         final = summary.get("final", {}).get("metrics", {})

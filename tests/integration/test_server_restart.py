@@ -3,8 +3,9 @@ expected number of rounds, resuming from its last persisted (encrypted) global m
 
 FLARE 2.9 marks jobs that were running when the server died ABANDONED (component snapshots were
 removed), so the resume point is clinfed's own: SecureFedAvg writes the encrypted global model and
-the round log to the server's `checkpoints/` after every round, and the next run of the same job on
-that server continues from there. Real FLARE processes on loopback; the kill is SIGKILL.
+the round log to the server's `checkpoints/` after every round, keyed by the job's *submission*:
+resubmitting the same exported job folder continues from there (a new export would start over, see
+tests/attacks/test_resume_and_outputs.py). Real FLARE processes on loopback; the kill is SIGKILL.
 """
 
 from __future__ import annotations
@@ -43,13 +44,20 @@ def fed(tmp_path_factory):
 
 
 def test_killed_server_resumes_the_job_from_its_last_encrypted_round(fed, tmp_path):
+    from clinfed.jobs import load_job
+
     lead = fed / "lead@clinfed.local"
-    checkpoint = fed / "localhost" / "checkpoints" / "breast_cancer_dp.json"
-    first = submit("breast_cancer_dp", lead, wait=False, rounds=ROUNDS)
+    recipe = load_job("breast_cancer_dp").make_recipe(sites=3, rounds=ROUNDS)
+    recipe.export(str(tmp_path / "job"))
+    job_folder = tmp_path / "job" / recipe.name
+    first = submit(job_folder, lead, wait=False)
     assert first.status == "SUBMITTED"
     deadline = time.monotonic() + 240
+    checkpoint = None
     while time.monotonic() < deadline:
-        if checkpoint.exists() and json.loads(checkpoint.read_text())["next_round"] >= 2:
+        found = sorted((fed / "localhost" / "checkpoints").glob("breast_cancer_dp-*.json"))
+        if found and json.loads(found[0].read_text())["next_round"] >= 2:
+            checkpoint = found[0]
             break
         time.sleep(0.5)
     else:
@@ -65,7 +73,7 @@ def test_killed_server_resumes_the_job_from_its_last_encrypted_round(fed, tmp_pa
 
     federation.up(fed, timeout=180)  # restarts only the server; the sites reconnect by themselves
     out = tmp_path / "resumed"
-    second = submit("breast_cancer_dp", lead, wait=True, out=out, rounds=ROUNDS, timeout=600)
+    second = submit(job_folder, lead, wait=True, out=out, timeout=600)  # the same submission, resubmitted
     assert second.status == "FINISHED:COMPLETED"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_at_round"] >= 2

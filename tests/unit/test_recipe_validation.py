@@ -12,7 +12,8 @@ from clinfed.fl.recipe import SecureFedAvgRecipe
     [
         ({"task": "resnet"}, "unknown task/model 'resnet'"),
         ({"num_rounds": 0}, "rounds must be a positive integer"),
-        ({"num_sites": 0}, "sites must be a positive integer"),
+        ({"num_sites": 0}, "needs at least 3 sites"),
+        ({"num_sites": 2}, "needs at least 3 sites"),
         ({"min_clients": 5}, "min_clients must be between 1 and 3"),
         ({"dp_args": {"target_epsilon": -1.0}}, "target ε must be a positive number"),
         ({"dp_args": {"delta": 2.0}}, "δ must be in (0, 1)"),
@@ -37,14 +38,15 @@ def test_exported_config_carries_every_setting(tmp_path):
         min_clients=2,
         train_args={"lr": 0.25},
         dp_args={"target_epsilon": 1.5},
-        inject={"site-2": "nan"},
     )
     recipe.export(str(tmp_path))
     client = json.loads((tmp_path / "job" / "app" / "config" / "config_fed_client.json").read_text())
     args = client["executors"][0]["executor"]["args"]
     assert args["train_args"]["rounds"] == 7 and args["train_args"]["lr"] == 0.25
     assert args["dp_args"]["target_epsilon"] == 1.5
-    assert args["inject"] == {"site-2": "nan"}
+    assert "inject" not in args, "fault hooks must not be a job setting"
     server = json.loads((tmp_path / "job" / "app" / "config" / "config_fed_server.json").read_text())
     ctl = server["workflows"][0]["args"]
-    assert ctl["num_rounds"] == 7 and ctl["min_clients"] == 2
+    # a job cannot lower the floor of 3 contributors (the controller enforces it again at run time)
+    assert ctl["num_rounds"] == 7 and ctl["min_clients"] == 3
+    assert len(ctl["submission"]) == 16, "every export is a submission of its own"

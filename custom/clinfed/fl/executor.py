@@ -175,19 +175,13 @@ class DPTrainExecutor(Executor):
             self._admission = {
                 "status": "accepted",
                 "reason": "",
-                "planned_epsilon": self.ledger.epsilon_of_run(self.run_key) + self._planned_job_epsilon(planned),
+                "planned_epsilon": self.ledger.epsilon_of_run_if(self.run_key, planned),
                 "projected_site_epsilon": projected,
             }
             self.audit.append("job_admitted", job=self.job, run=self.run_key, projected_epsilon=projected)
         if self._admission["status"] != "accepted":
             raise SiteRefusal(self._admission["reason"])
         return self._admission
-
-    def _planned_job_epsilon(self, planned: list) -> float:
-        from clinfed.privacy.ledger import epsilon_of
-
-        history = [*self.ledger.history_of_run(self.run_key), *[list(p) for p in planned]]
-        return epsilon_of(history, self.ledger.delta, self.ledger.accountant) - self.ledger.epsilon_of_run(self.run_key)
 
     # --- the global model in ---------------------------------------------------------------------
     def _load_global(self, model: FLModel) -> None:

@@ -16,7 +16,8 @@ def find_ledgers(path: str | Path) -> list[Path]:
 
 
 def report(path: str | Path) -> str:
-    """One block per site: its spends by job and round, and ε recomputed from the full history."""
+    """One block per site: its spends by job and round, and ε recomputed from the full history
+    (Gaussian spends composed in RDP, Laplace releases added: the ledger's composition rule)."""
     ledgers = find_ledgers(path)
     if not ledgers:
         raise FileNotFoundError(f"no {LEDGER_FILE} under {path}")
@@ -28,10 +29,11 @@ def report(path: str | Path) -> str:
             f"{ledger.site}: ε = {ledger.epsilon():.3f} (δ = {ledger.delta:g}, {ledger.accountant}) "
             f"over {len(ledger.spends)} spends — {file}"
         )
-        lines.append(f"  {'job':<20} {'round':>5} {'noise':>8} {'q':>7} {'steps':>6} {'ε after':>8}")
+        lines.append(f"  {'job':<20} {'round':>5} {'mechanism':<9} {'noise':>8} {'q':>7} {'steps':>6} {'ε after':>8}")
         for s in ledger.spends:
-            lines.append(
-                f"  {s.job:<20} {s.round:>5} {s.noise_multiplier:>8.4f} {s.sample_rate:>7.4f} {s.steps:>6} "
-                f"{s.epsilon_after:>8.3f}"
-            )
+            if s.mechanism == "laplace":
+                what = f"{'laplace':<9} {'ε ' + format(s.spend_epsilon or 0.0, '.3f'):>23}"
+            else:
+                what = f"{s.mechanism:<9} {s.noise_multiplier:>8.4f} {s.sample_rate:>7.4f} {s.steps:>6}"
+            lines.append(f"  {s.job:<20} {s.round:>5} {what} {s.epsilon_after:>8.3f}")
     return "\n".join(lines)

@@ -74,7 +74,7 @@ def _worst_relative_error(release, reference):
 def test_one_ciphertext_carries_a_sites_whole_pass1_vector(spec):
     from clinfed.he.params import DEFAULT_PARAMS, ciphertexts_for
 
-    assert spec.pass1_size == 3 * (1 + 2 * 30 + 30 * 10) == 1083
+    assert spec.pass1_size == 3 * (1 + 2 * 30 + 30 * 10) + 1 == 1084  # + the contributor slot
     assert ciphertexts_for(DEFAULT_PARAMS, spec.pass1_size) == 1
     assert ciphertexts_for(DEFAULT_PARAMS, spec.pass2_size) == 1
 
@@ -142,11 +142,11 @@ def test_site_with_an_empty_group_adds_zeros_and_changes_nothing(table, spec):
     rest = np.flatnonzero(table.y == 1)
     vec = stats.local_sums(table.x[benign_only], _masks(table.y[benign_only]), spec)
     mal = spec.groups.index("malignant")
-    assert not vec.reshape(spec.n_groups, spec.block)[mal].any()
-    sums, m2 = _federate(table, spec, [benign_only, rest])
+    assert not vec[:-1].reshape(spec.n_groups, spec.block)[mal].any()
+    sums, m2 = _federate(table, spec, [benign_only, rest[:100], rest[100:]])
     both = np.concatenate([benign_only, rest])
     rel = stats.release(sums, m2, spec, min_cell=10)
-    assert _worst_relative_error(rel, stats.pooled_reference(table.x[both], _masks(table.y[both]), spec)) < 1e-9
+    assert _worst_relative_error(rel, stats.pooled_reference(table.x[both], _masks(table.y[both]), spec)) < 1e-6
 
 
 def test_missing_values_are_skipped_per_feature(spec):
@@ -306,3 +306,108 @@ def test_registry_csv_refuses_duplicate_or_missing_ids(tmp_path):
     _write_csv(tmp_path / "b", ["mrn", "x"], [["p1", 1]])
     with pytest.raises(ValueError, match=r"site-2: .*lacks column 'patient_id'"):
         read_registry_csv("site-2", tmp_path / "b", "patient_id")
+
+
+# --- issue 12: contributor floor, residual group, release log, rounding ---------------------------------------
+def test_the_contributor_slot_counts_the_sites_in_a_sum(table, spec):
+    parts = bc.dirichlet_split(table.y, 3)
+    vecs = [stats.local_sums(table.x[p], _masks(table.y[p]), spec) for p in parts]
+    assert stats.unpack_sums(sum(vecs), spec).contributors == 3
+    assert stats.contributors(sum(vecs[:2])) == 2
+    with pytest.raises(ValueError, match="at least 3"):
+        stats.check_contributors(2)
+
+
+def test_a_large_residual_is_protected_like_a_group(table, spec):
+    """Rows in no declared group (here 120 relabelled rows) are in `all` only: all − groups is their
+    histogram, so its small cells must not be derivable from the released ones."""
+    parts = bc.dirichlet_split(table.y, 3)
+    labels = [table.y[p].astype(float) for p in parts]
+    labels[0][:120] = 2.0
+    masks = [_masks(lab) for lab in labels]
+    sums = stats.unpack_sums(
+        sum(stats.local_sums(table.x[p], m, spec) for p, m in zip(parts, masks, strict=True)), spec
+    )
+    devs = sum(stats.local_deviations(table.x[p], m, sums.means(), spec) for p, m in zip(parts, masks, strict=True))
+    rel = stats.release(sums, stats.unpack_deviations(devs, spec), spec, min_cell=10)
+    assert set(rel["statistics"]) == {ALL, "malignant", "benign"}  # 120 rows: the residual may be derived
+    assert stats.RESIDUAL not in rel["statistics"]
+    derived = 0
+    for f in spec.features:
+        hists = [rel["statistics"][g][f]["histogram"] for g in spec.groups]
+        if not all(hists):
+            continue
+        for b in range(spec.bins):
+            cells = [h["counts"][b] for h in hists]
+            if None not in cells:
+                residual = cells[0] - cells[1] - cells[2]
+                assert residual == 0 or residual >= 10, (f, b, residual)
+                derived += 1
+    assert derived > 0
+
+
+def test_an_empty_residual_changes_nothing(table, spec):
+    sums, _ = _federate(table, spec, bc.dirichlet_split(table.y, 3))
+    plain = stats.suppress(spec, sums.rows, sums.count, sums.hist, 10, residual=False)
+    with_residual = stats.suppress(spec, sums.rows, sums.count, sums.hist, 10)
+    assert plain.as_dict(10.0) == with_residual.as_dict(10.0)
+
+
+def test_released_means_are_rounded_to_seven_significant_digits(table, spec):
+    sums, m2 = _federate(table, spec, bc.dirichlet_split(table.y, 3))
+    rel = stats.release(sums, m2, spec, min_cell=10)
+    e = rel["statistics"][ALL]["mean radius"]
+    assert e["mean"] == float(f"{e['mean']:.6e}") and e["std"] == float(f"{e['std']:.6e}")
+    assert rel["precision"]["mean_std_significant_digits"] == 7
+    assert stats.round_release(14.127291739894552) == 14.12729 and stats.round_release(None) is None
+
+
+def test_gaussian_release_is_charged_as_one_rdp_equivalent_gaussian():
+    one = StatsSpec(("v",), ((0.0, 1.0),))
+    dp = DPConfig(epsilon=1.0, mechanism="gaussian", delta=1e-5)
+    z = stats.gaussian_noise_multiplier(one, dp)
+    parts = [stats.gaussian_sigma(1.0, share, 1e-5 * share) for share in dp.split.values()]
+    assert z == pytest.approx(sum(p**-2 for p in parts) ** -0.5) and z < min(parts)
+
+
+# --- the release log ------------------------------------------------------------------------------------------
+def _cells(spec, count=30, hidden=()):
+    stats_ = {
+        g: {
+            f: {"count": count, "histogram": {"counts": [None if b in hidden else 3 for b in range(spec.bins)]}}
+            for f in spec.features
+        }
+        for g in spec.groups
+    }
+    from clinfed.analytics.release_log import cells_of
+
+    return cells_of(spec, stats_)
+
+
+def test_release_log_admits_one_cohort_definition_and_grid(tmp_path):
+    from clinfed.analytics.release_log import CohortDefinition, ReleaseLog, ReleaseRefused
+
+    spec = StatsSpec(("a", "b"), ((0, 1), (0, 2)), bins=4)
+    log = ReleaseLog(tmp_path, "site-1")
+    base = CohortDefinition.of("all", ["site-2", "site-1", "site-3"], "target", {"m": 1, "b": 0}, "d1")
+    log.admit(base, _cells(spec), job="j1", run="r1")
+    log.admit(base, _cells(spec), job="j1", run="r2")  # the identical release again: harmless
+    assert len(log.entries()) == 2
+    others = {
+        "cohort": CohortDefinition.of("intersect", ["site-1", "site-2", "site-3"], "target", {"m": 1, "b": 0}, "d1"),
+        "sites": CohortDefinition.of("all", ["site-1", "site-2", "site-3", "site-4"], "target", {"m": 1, "b": 0}, "d1"),
+        "groups": CohortDefinition.of("all", ["site-1", "site-2", "site-3"], "sex", {"f": "F", "m": "M"}, "d1"),
+        "data": CohortDefinition.of("all", ["site-1", "site-2", "site-3"], "target", {"m": 1, "b": 0}, "d2"),
+    }
+    for definition in others.values():
+        with pytest.raises(ReleaseRefused, match=r"^site-1: release log: job j1 .*another cohort definition"):
+            log.admit(definition, _cells(spec), job="j2", run="r3")
+    with pytest.raises(ReleaseRefused, match="another bin grid"):
+        log.admit(base, _cells(StatsSpec(("a", "b"), ((0, 1), (0, 2)), bins=5)), job="j3", run="r4")
+    with pytest.raises(ReleaseRefused, match="other cells"):
+        log.admit(base, _cells(spec, hidden=(1, 2)), job="j4", run="r5")
+    with pytest.raises(ReleaseRefused, match="other cells"):
+        log.admit(base, _cells(spec, count=31), job="j5", run="r6")
+    log.admit(base, _cells(StatsSpec(("c",), ((0, 1),), bins=4)), job="j6", run="r7")  # a new feature
+    assert len(log.entries()) == 3
+    assert (tmp_path / "local" / "release_log.json").stat().st_mode & 0o077 == 0

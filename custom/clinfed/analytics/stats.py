@@ -20,6 +20,25 @@ Counts travel as floats through CKKS (approximate arithmetic, error ~1e-8 here) 
 back; :func:`unpack_sums` refuses a vector whose counts are not near whole numbers, which is what a
 wrapped-around (overflowed) or corrupted sum looks like.
 
+Three rules hold whatever a job asks (issue 12, items 6-8):
+
+* **At least** :data:`MIN_CONTRIBUTORS` **(3) sites in every sum.** Each site packs a constant 1 in
+  the last slot of both vectors, so the decrypted slot is the number of vectors in the sum, read by the
+  key holders rather than claimed by the server; :func:`release` refuses fewer. (It stops a server that
+  closes a pass early or misstates who took part; a server that actively encrypts a forged slot with
+  the public key is outside the honest-but-curious model, DESIGN.md.)
+* **Nothing decrypted leaves at full precision.** CKKS decryptions carry the scheme's error in their
+  low bits, and whoever holds the ciphertext and the decrypted value can recover the secret key from
+  it (Li & Micciancio, EUROCRYPT 2021). Counts are released as exact integers; every mean and std is
+  rounded to :data:`SIGNIFICANT_DIGITS` (7) significant digits, a grid about 10-1000× coarser than the
+  CKKS error of these sums (measured: ≤ 1e-8 relative, median 7e-11) and well inside the 1e-6
+  relative accuracy promised. What can still leak is whether the error pushed a value across a
+  rounding boundary: at most one bit, for the rare value within ~1e-8 of one.
+* **The residual is a group.** Rows whose label matches no declared group are in ``all`` only, so
+  ``all`` minus the declared groups is their statistics; :func:`suppress` treats them as one more
+  (unpublished) partition group, withheld when small, and ``all`` is withheld when it would give a
+  withheld residual back. Cross-job differencing is `clinfed.analytics.release_log`'s.
+
 Histograms use fixed, public bin edges (``bins`` equal bins over each feature's public bounds),
 not FLARE's default of bins over the federation's min/max: a global min and max are themselves
 two patients' exact values. Values outside the bounds are counted in the edge bins.
@@ -36,6 +55,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 ALL = "all"
+#: rows whose group label matches no declared group: never published, but ``all`` minus the declared
+#: groups gives it away, so suppression treats it as a group of its own (see :func:`suppress`).
+RESIDUAL = "(rows in no declared group)"
+#: fewest sites an aggregate may be released from: with two, each subtracts its own part and reads the
+#: other's. A constant of the code, not a job argument (DESIGN.md, threat model).
+MIN_CONTRIBUTORS = 3
+#: significant digits of every released mean and std (see :func:`round_release`).
+SIGNIFICANT_DIGITS = 7
 MECHANISMS = ("laplace", "gaussian")
 #: share of ε (and δ) spent on each family of released values; the sum is 1.
 DEFAULT_SPLIT = {"count": 0.1, "sum": 0.3, "m2": 0.3, "histogram": 0.3}
@@ -106,11 +133,13 @@ class StatsSpec:
 
     @property
     def pass1_size(self) -> int:
-        return self.n_groups * self.block
+        """Every group's block, then the contributor slot (1 per site, so the sum counts the sites)."""
+        return self.n_groups * self.block + 1
 
     @property
     def pass2_size(self) -> int:
-        return self.n_groups * self.n_features
+        """Σ(x − mean)² per group and feature, then the contributor slot."""
+        return self.n_groups * self.n_features + 1
 
     def to_dict(self) -> dict:
         return {
@@ -206,6 +235,7 @@ def local_sums(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: StatsSpec, 
         hist = out[base + 1 + 2 * f : base + spec.block].reshape(f, b)
         for j in range(f):
             hist[j] = histogram_counts(rows[:, j], edges[j])
+    out[-1] = 1.0  # this site, counted once in the sum
     return out
 
 
@@ -217,6 +247,7 @@ class Sums:
     count: np.ndarray
     total: np.ndarray
     hist: np.ndarray
+    contributors: int = 0  # vectors in the sum, from the contributor slot
 
     def means(self) -> np.ndarray:
         """(G, F) pooled means; NaN where a group has no value of a feature."""
@@ -225,14 +256,30 @@ class Sums:
 
 
 def _whole(values: np.ndarray, what: str) -> np.ndarray:
+    """Round decrypted counts to integers; the message never quotes the decryption error (it is key material)."""
     rounded = np.rint(values)
     worst = float(np.max(np.abs(values - rounded), initial=0.0))
     if worst > 0.25 or (rounded < 0).any():
         raise ValueError(
-            f"aggregated {what} are not non-negative whole numbers (off by up to {worst:.3g}): the encrypted "
-            "sum wrapped around or a site sent a corrupted vector"
+            f"aggregated {what} are not non-negative whole numbers: the encrypted sum wrapped around or a "
+            "site sent a corrupted vector"
         )
     return rounded.astype(np.int64)
+
+
+def contributors(vec: np.ndarray, what: str = "sum") -> int:
+    """How many site vectors a (decrypted) pass-1 or pass-2 sum holds: its last slot, one per site."""
+    v = np.asarray(vec, dtype=np.float64).reshape(-1)
+    return int(_whole(v[-1:], f"contributor count of the {what}")[0])
+
+
+def check_contributors(count: int, what: str = "sum") -> None:
+    """Refuse an aggregate of fewer than MIN_CONTRIBUTORS sites: with two, each reads the other's part."""
+    if count < MIN_CONTRIBUTORS:
+        raise ValueError(
+            f"the {what} holds {count} site(s)' data; at least {MIN_CONTRIBUTORS} are needed before anything "
+            "derived from it is decrypted or released"
+        )
 
 
 def unpack_sums(vec: np.ndarray, spec: StatsSpec) -> Sums:
@@ -240,13 +287,14 @@ def unpack_sums(vec: np.ndarray, spec: StatsSpec) -> Sums:
     v = np.asarray(vec, dtype=np.float64).reshape(-1)
     if v.size != spec.pass1_size:
         raise ValueError(f"pass-1 vector has {v.size} values, expected {spec.pass1_size}")
-    blocks = v.reshape(spec.n_groups, spec.block)
+    blocks = v[:-1].reshape(spec.n_groups, spec.block)
     f = spec.n_features
     return Sums(
         rows=_whole(blocks[:, 0], "row counts"),
         count=_whole(blocks[:, 1 : 1 + f], "value counts"),
         total=blocks[:, 1 + f : 1 + 2 * f] * spec.scale,
         hist=_whole(blocks[:, 1 + 2 * f :], "histogram counts").reshape(spec.n_groups, f, spec.bins),
+        contributors=contributors(v, "pass-1 sum"),
     )
 
 
@@ -268,7 +316,7 @@ def local_deviations(
         rows = x[np.asarray(masks[g], dtype=bool)]
         dev = (rows - np.nan_to_num(means[gi])) / spec.scale
         out[gi] = np.where(np.isnan(dev) | np.isnan(means[gi]), 0.0, dev * dev).sum(axis=0)
-    return out.reshape(-1)
+    return np.append(out.reshape(-1), 1.0)  # the contributor slot
 
 
 def unpack_deviations(vec: np.ndarray, spec: StatsSpec) -> np.ndarray:
@@ -276,7 +324,7 @@ def unpack_deviations(vec: np.ndarray, spec: StatsSpec) -> np.ndarray:
     v = np.asarray(vec, dtype=np.float64).reshape(-1)
     if v.size != spec.pass2_size:
         raise ValueError(f"pass-2 vector has {v.size} values, expected {spec.pass2_size}")
-    return np.maximum(v.reshape(spec.n_groups, spec.n_features), 0.0) * spec.scale**2
+    return np.maximum(v[:-1].reshape(spec.n_groups, spec.n_features), 0.0) * spec.scale**2
 
 
 # --- output differential privacy -------------------------------------------------------------------------
@@ -408,6 +456,19 @@ def noise_plan(spec: StatsSpec, dp: DPConfig) -> NoisePlan:
     )
 
 
+def gaussian_noise_multiplier(spec: StatsSpec, dp: DPConfig) -> float:
+    """The Gaussian release as one Gaussian mechanism for the privacy ledger's RDP accountant.
+
+    Each family k adds N(0, (z_k·Δ₂)²) with z_k = :func:`gaussian_sigma` (1, ε_k, δ_k) (σ is linear in
+    the sensitivity). Gaussian mechanisms without subsampling compose in RDP exactly as one with
+    1/z² = Σ_k 1/z_k², so the site charges one spend: noise multiplier z, sample rate 1, one step.
+    """
+    if dp.mechanism != "gaussian":
+        raise ValueError("only the Gaussian mechanism has a noise multiplier")
+    inverse = sum(gaussian_sigma(1.0, dp.epsilon * share, dp.delta * share) ** -2 for share in dp.split.values())
+    return float(inverse**-0.5)
+
+
 def _draw(rng: np.random.Generator, mechanism: str, scale: float | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if mechanism == "laplace":
         return rng.laplace(0.0, 1.0, size=shape) * scale
@@ -460,6 +521,8 @@ class Suppression:
                 "a histogram with bins >= max_bins_percent of its values is withheld (FLARE HistogramBinsCleanser)",
                 f"a histogram bin with fewer than {self.min_cell} records is withheld",
                 f"complementary: when a partition group is withheld, '{ALL}' is too (else all − others reveals it)",
+                f"rows in no declared group are one more partition group, '{RESIDUAL}': never published, "
+                "withheld when small (without output DP)",
                 "complementary: every published sum (a group's histogram; a bin across groups while "
                 f"'{ALL}' is released) hides none or at least two of its cells (else subtraction reveals it)",
             ],
@@ -531,6 +594,23 @@ def _cell_pattern(hists: Mapping[str, np.ndarray], min_cell: int, linked: bool) 
     return hidden
 
 
+def residual_cells(
+    spec: StatsSpec, rows: np.ndarray, counts: np.ndarray, hist: np.ndarray
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Rows, value counts (F,) and histograms (F, bins) of the residual: ``all`` minus the declared groups.
+
+    Exact for exact counts because declared groups are disjoint (one value of the group column each);
+    a negative cell means they overlap, and then ``all`` − groups would not be the residual: refused.
+    """
+    rows, counts, hist = np.asarray(rows), np.asarray(counts), np.asarray(hist)
+    r_rows = int(rows[0] - rows[1:].sum())
+    r_counts = counts[0] - counts[1:].sum(axis=0)
+    r_hist = hist[0] - hist[1:].sum(axis=0)
+    if r_rows < 0 or (r_counts < 0).any() or (r_hist < 0).any():
+        raise ValueError("the declared groups overlap (a row is in two of them): give each group its own value")
+    return r_rows, r_counts, r_hist
+
+
 def suppress(
     spec: StatsSpec,
     rows: np.ndarray,
@@ -538,24 +618,40 @@ def suppress(
     hist: np.ndarray,
     min_cell: int,
     max_bins_percent: float | None = 10.0,
+    residual: bool = True,
 ) -> Suppression:
     """Decide what to withhold from pooled (possibly noisy) counts; nothing about values is needed.
 
     Applied where the result is decrypted, before anything leaves the key holders. Complementary
-    rules stop the released totals from giving a withheld value back by subtraction.
+    rules stop the released totals from giving a withheld value back by subtraction. With
+    ``residual`` (exact counts), rows in no declared group form one more partition group,
+    :data:`RESIDUAL`: never published, but withheld when small and protected like any other (so ``all``
+    goes when it would reveal it). An empty residual reveals no record and is left out. Under output
+    DP (noisy counts, ``residual=False``) the noise, calibrated for a record in ``all`` and at most one
+    other group, already covers ``all`` − groups.
     """
     if min_cell < 1:
         raise ValueError(f"min_cell must be at least 1, got {min_cell}")
     out = Suppression(min_cell=int(min_cell))
-    gi = {g: i for i, g in enumerate(spec.groups)}
-    for g in spec.groups:
+    names = list(spec.groups)
+    rows, counts, hist = np.asarray(rows), np.asarray(counts), np.asarray(hist)
+    partition = [g for g in names if g != ALL]
+    if residual and partition:
+        r_rows, r_counts, r_hist = residual_cells(spec, rows, counts, hist)
+        if r_rows > 0:
+            names.append(RESIDUAL)
+            partition.append(RESIDUAL)
+            rows = np.append(rows, r_rows)
+            counts = np.vstack([counts, r_counts[None, :]])
+            hist = np.concatenate([hist, r_hist[None]], axis=0)
+    gi = {g: i for i, g in enumerate(names)}
+    for g in names:
         if rows[gi[g]] < min_cell:
             out.groups[g] = f"fewer than {min_cell} rows"
-    partition = [g for g in spec.groups if g != ALL]
     withheld_parts = [g for g in partition if g in out.groups]
     if withheld_parts and len(partition) > 1 and ALL not in out.groups:
         out.groups[ALL] = f"complementary: '{ALL}' minus the released groups would reveal {', '.join(withheld_parts)}"
-    released = [g for g in spec.groups if g not in out.groups]
+    released = [g for g in names if g not in out.groups]
 
     counts_of = {g: counts[gi[g]] for g in released}
     kept, hist_kept = _flare_feature_gate(spec, released, counts_of, min_cell, max_bins_percent)
@@ -583,11 +679,15 @@ def suppress(
 
     for j, f in enumerate(spec.features):
         shown = [g for g in released if f in kept[g] and f in hist_kept[g]]
+        if ALL not in shown and RESIDUAL in shown:  # without "all" the residual cannot be derived
+            shown.remove(RESIDUAL)
         if not shown:
             continue
         linked = ALL in shown and len(partition) > 1 and all(g in shown for g in partition)
         for g, bins in _cell_pattern({g: hist[gi[g], j] for g in shown}, min_cell, linked).items():
             out.cells[g][f] = sorted(bins)
+    for part in (out.features, out.histograms, out.cells):  # the residual is protected, never published
+        part.pop(RESIDUAL, None)
     return out
 
 
@@ -601,16 +701,18 @@ def release(
     max_bins_percent: float | None = 10.0,
     rng: np.random.Generator | None = None,
 ) -> dict:
-    """What may leave the key holders: {"statistics", "suppression", "dp"} (JSON-able).
+    """What may leave the key holders: {"statistics", "suppression", "dp", "precision"} (JSON-able).
 
-    With ``dp``, noise is added first and suppression decided on the noisy counts, so the decision
-    is post-processing of a DP output and costs no extra privacy.
+    Refuses (ValueError) a pass-1 sum of fewer than MIN_CONTRIBUTORS sites. With ``dp``, noise is
+    added first and suppression decided on the noisy counts, so the decision is post-processing of a
+    DP output and costs no extra privacy. Every mean and std is rounded (:func:`round_release`).
     """
+    check_contributors(sums.contributors, "pass-1 sum")
     plan = None
     if dp is not None:
         plan = noise_plan(spec, dp)
         sums, m2 = add_noise(sums, m2, spec, plan, rng or np.random.default_rng())
-    sup = suppress(spec, sums.rows, sums.count, sums.hist, min_cell, max_bins_percent)
+    sup = suppress(spec, sums.rows, sums.count, sums.hist, min_cell, max_bins_percent, residual=dp is None)
     edges = spec.edges
     stats: dict[str, dict[str, dict]] = {}
     for gi, g in enumerate(spec.groups):
@@ -626,7 +728,7 @@ def release(
             if plan is not None and mean is not None:  # post-processing: keep noisy values plausible
                 mean = float(np.clip(mean, spec.lo[j], spec.hi[j]))
                 std = None if std is None else float(min(std, spec.hi[j] - spec.lo[j]))
-            entry: dict = {"count": n, "mean": mean, "std": std}
+            entry: dict = {"count": n, "mean": round_release(mean), "std": round_release(std)}
             if f in sup.histograms.get(g, {}):
                 entry["histogram"] = None
             else:
@@ -640,7 +742,24 @@ def release(
         "statistics": stats,
         "suppression": sup.as_dict(max_bins_percent),
         "dp": plan.as_dict(spec.features) if plan is not None else None,
+        "precision": {
+            "counts": "exact integers",
+            "mean_std_significant_digits": SIGNIFICANT_DIGITS,
+            "why": "decrypted CKKS values at full precision let the ciphertexts' holder recover the key",
+        },
     }
+
+
+def round_release(value: float | None, digits: int = SIGNIFICANT_DIGITS) -> float | None:
+    """``value`` rounded to ``digits`` significant digits (the nearest double to that decimal).
+
+    The grid is relative (the step is 10^(e − digits + 1) for a value of magnitude 10^e), so the
+    relative error stays ≤ 5·10^−digits whatever the unit, and the CKKS error (≤ 1e-8 relative
+    here) falls below it.
+    """
+    if value is None or not math.isfinite(value):
+        return value
+    return float(f"{value:.{digits - 1}e}")
 
 
 def pooled_reference(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: StatsSpec) -> dict[str, dict[str, dict]]:

@@ -6,6 +6,13 @@ site decrypts and releases, after small-cell suppression (`min_cell`, default 10
 `epsilon`, output-DP noise. Bounds and bin edges are public: the bundled data's range, rounded out.
 `cohort="intersect"` restricts every site to the patients linked by the `psi_linkage` job.
 Run it: `clinfed simulate cohort_stats --sites 3 --out out/stats [--min-cell 300] [--epsilon 1]`.
+
+What no argument here can change (`clinfed.analytics.stats_fl`): at least 3 sites (fewer is refused
+here, and every site checks the count inside the sums); rows in no declared group are protected as
+a group of their own; each site's release log refuses a release that, with an earlier one (another
+cohort, site subset, group partition or bin grid), would make a withheld cell derivable; with
+`epsilon`, every contributing site charges ε to its own privacy ledger first and refuses over its
+budget; released means and std are rounded to 7 significant digits.
 """
 
 from clinfed.analytics.stats import ALL, StatsSpec, reference_bounds

@@ -38,6 +38,21 @@ server never gets two independently noised copies to average.
 A site-level problem (missing column, unreadable CSV, policy refusal) is reported as that site's
 status "failed"/"refused" with a one-line reason; the others go on, and the release covers the
 sites that contributed to both passes (listed in ``final.per_site``), if at least ``min_sites`` did.
+
+What the sites enforce whatever the job or the server says (issue 12, items 5-8):
+
+* **Three contributors at least** (`stats.MIN_CONTRIBUTORS`): a job for fewer sites is refused at
+  recipe construction, the server stops when fewer than three contribute, and each site reads the
+  number of vectors in a sum from its contributor slot (a 1 per site, `stats.local_sums`) and refuses
+  to work on, or release, a sum of fewer than three or of another number than the server names.
+* **Every DP release is charged**: before it sends its pass-1 sum, each site reserves the release's
+  ε in its own privacy ledger (`clinfed.privacy.ledger`; Laplace: pure ε, added by basic composition;
+  Gaussian: one RDP spend, `stats.gaussian_noise_multiplier`) against its policy's budget, and refuses
+  the job when the budget cannot take it: its records are in the release.
+* **The release log** (`clinfed.analytics.release_log`): before its pass-2 sum, each site works out
+  from the decrypted pass-1 sum which cells an exact release would show, and refuses when its log
+  says that, with an earlier release, a withheld cell would become derivable.
+* **Rounded release**: counts are integers, means and std 7 significant digits (`stats.release`).
 """
 
 from __future__ import annotations
@@ -61,6 +76,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
 from clinfed.analytics import stats
+from clinfed.analytics.release_log import CohortDefinition, ReleaseLog, cells_of, data_digest
 from clinfed.audit import AuditLog, payload_digest
 from clinfed.data import breast_cancer as bc
 from clinfed.errors import SiteDataError, SiteRefusal
@@ -73,6 +89,7 @@ from clinfed.fl.participant import (
     site_context,
     site_index,
 )
+from clinfed.textio import json_default, one_line
 
 PASS1_TASK = "cohort_sums"
 PASS2_TASK = "cohort_deviations"
@@ -93,11 +110,6 @@ def _layout_json(size: int) -> str:
     from clinfed.he.packing import flatten, layout_to_json
 
     return layout_to_json(flatten({STATS_KEY: np.zeros(size)})[1])
-
-
-def _one_line(site: str, exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if text.startswith(site) else f"{site}: {type(exc).__name__}: {text}"
 
 
 def _site_min_cell(root: Path) -> int | None:
@@ -234,6 +246,8 @@ class CohortStatsExecutor(Executor):
             keep = ~np.isnan(x).any(axis=1)
             x, labels = x[keep], [lab for lab, k in zip(labels, keep, strict=True) if k]
         self.x, self.masks = x, group_masks(labels, self._spec, self.group_values)
+        self.digest = data_digest(x, labels)
+        self.run_id = str(fl_ctx.get_job_id() or "")
         self.log_info(fl_ctx, f"{self.site}: {origin}, {len(x)} rows")
         self.audit.append("job_start", job=self.job_label, encrypted=self.encrypt, cohort=self.cohort)
         self._ready = True
@@ -269,13 +283,22 @@ class CohortStatsExecutor(Executor):
 
     # --- vectors out and in ------------------------------------------------------------------------
     def _pack(self, vec: np.ndarray) -> dict:
+        """Encrypt one packed vector as it is: it carries its own contributor slot (`stats.local_sums`),
+        so `he.aggregation.weighted_encrypt`'s weighting and count layer are not needed here."""
         if not self.encrypt:
             return {STATS_KEY: vec}
-        from clinfed.he.aggregation import weighted_encrypt
-        from clinfed.he.packing import layout_to_json
+        from clinfed.he.ckks import context_params, encrypt_vector
+        from clinfed.he.packing import flatten, layout_to_json
+        from clinfed.he.params import max_abs_value
 
-        cts, layout = weighted_encrypt(self._ctx, {STATS_KEY: vec}, 1.0, sites=self.num_sites)
-        return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint)
+        bound = max_abs_value(context_params(self._ctx)) / max(int(self.num_sites), 1)
+        if np.abs(vec).max(initial=0.0) > bound:
+            raise ValueError(
+                f"{self.site}: a packed statistic exceeds the ±{bound:.4g} that {self.num_sites} sites can sum "
+                "under these CKKS parameters (values far outside the public bounds?)"
+            )
+        layout = flatten({STATS_KEY: vec})[1]
+        return payload.encrypted_params(encrypt_vector(self._ctx, vec), layout_to_json(layout), self._fingerprint)
 
     def _unpack(self, params: dict, size: int) -> np.ndarray:
         if payload.is_encrypted(params):
@@ -307,24 +330,107 @@ class CohortStatsExecutor(Executor):
             start = time.monotonic()
             if task_name == PASS1_TASK:
                 vec = stats.local_sums(self.x, self.masks, self._spec, clip=self.dp is not None)
+                charged = self._charge() if self.dp is not None else 0.0
                 self._sent_pass1 = True
-                return self._send(self._pack(vec), round_num, start)
+                return self._send(self._pack(vec), round_num, start, epsilon=charged)
             if not self._sent_pass1:
                 raise SiteRefusal(f"{self.site}: asked for {task_name} without having contributed to pass 1")
             params = incoming.params or {}
             if task_name == PASS2_TASK:
-                sums = stats.unpack_sums(self._unpack(params, self._spec.pass1_size), self._spec)
+                sums = self._pass1_sum(params, incoming.meta or {})
+                if self.dp is None:  # what an exact release of this sum would show, against the release log
+                    preview = stats.release(
+                        sums,
+                        np.zeros((self._spec.n_groups, self._spec.n_features)),
+                        self._spec,
+                        min_cell=self._min_cell(incoming.meta or {}),
+                        max_bins_percent=self.max_bins_percent,
+                    )
+                    self._admit(preview["statistics"], incoming.meta or {})
                 vec = stats.local_deviations(self.x, self.masks, sums.means(), self._spec, clip=self.dp is not None)
                 return self._send(self._pack(vec), round_num, start)
             return self._release(params, incoming.meta or {}, round_num, start)
         except SiteRefusal as exc:
-            return self._status_reply("refused", _one_line(self.site, exc), round_num)
+            return self._status_reply("refused", one_line(exc, self.site), round_num)
         except Exception as exc:  # a site-level failure is reported, never allowed to stall the job
-            reason = _one_line(self.site, exc).splitlines()[0]
+            reason = one_line(exc, self.site).splitlines()[0]
             self.log_error(fl_ctx, reason)
             return self._status_reply("failed", reason, round_num)
 
-    def _send(self, params: dict, round_num: int, start: float) -> Shareable:
+    # --- what every site checks and records ---------------------------------------------------------
+    def _dp_config(self) -> stats.DPConfig:
+        return stats.DPConfig(
+            epsilon=float(self.dp["epsilon"]),
+            mechanism=self.dp.get("mechanism", "laplace"),
+            delta=float(self.dp.get("delta") or 0.0),
+        )
+
+    def _charge(self) -> float:
+        """Reserve the release's ε in this site's ledger before its rows go into the sum; refuse over budget."""
+        from clinfed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
+
+        dp = self._dp_config()
+        ledger = PrivacyLedger(
+            self.root / "local" / LEDGER_FILE,
+            self.site,
+            delta=float(getattr(self.policy, "delta", 1e-5)),
+            accountant=str(getattr(self.policy, "accountant", "rdp")),
+            audit=self.audit,
+        )
+        budget = self.policy.epsilon_budget
+        try:
+            if dp.mechanism == "laplace":
+                ledger.reserve(
+                    self.job_label, 0, run=self.run_id, budget=budget, mechanism="laplace", epsilon=dp.epsilon
+                )
+            else:
+                if dp.delta > ledger.delta:
+                    raise SiteRefusal(
+                        f"{self.site}: the release's δ {dp.delta:g} exceeds this site's δ {ledger.delta:g}"
+                    )
+                ledger.reserve(
+                    self.job_label,
+                    0,
+                    run=self.run_id,
+                    budget=budget,
+                    mechanism="gaussian",
+                    noise_multiplier=stats.gaussian_noise_multiplier(self._spec, dp),
+                    sample_rate=1.0,
+                    steps=1,
+                )
+        except BudgetExceeded as exc:
+            raise SiteRefusal(one_line(exc, self.site)) from None
+        return dp.epsilon
+
+    def _pass1_sum(self, params: dict, meta: dict) -> stats.Sums:
+        """Decrypt the pooled pass-1 sum only if it holds ≥ 3 sites' vectors, as many as the server names."""
+        sums = stats.unpack_sums(self._unpack(params, self._spec.pass1_size), self._spec)
+        named = list(meta.get("sites") or [])
+        try:
+            stats.check_contributors(sums.contributors, "pass-1 sum")
+        except ValueError as exc:
+            raise SiteRefusal(one_line(exc, self.site)) from None
+        if sums.contributors != len(named) or self.site not in named:
+            raise SiteRefusal(
+                f"{self.site}: the pass-1 sum holds {sums.contributors} site vector(s) but the server names "
+                f"{len(named)} site(s){'' if self.site in named else ', not including this one'}"
+            )
+        return sums
+
+    def _min_cell(self, meta: dict) -> int:
+        floors = [self.min_cell, _site_min_cell(self.root), meta.get("min_cell")]
+        return max(int(v) for v in floors if v is not None)
+
+    def _admit(self, statistics: dict, meta: dict) -> None:
+        """Check an exact release against this site's release log and record it (see release_log's rule)."""
+        definition = CohortDefinition.of(
+            self.cohort, meta.get("sites") or [], self.group_column, self.group_values, self.digest
+        )
+        ReleaseLog(self.root, self.site).admit(
+            definition, cells_of(self._spec, statistics), job=self.job_label, run=self.run_id
+        )
+
+    def _send(self, params: dict, round_num: int, start: float, epsilon: float = 0.0) -> Shareable:
         digest, size = payload.log_update(
             self.audit, "update_sent", params, job=self.job_label, round_num=round_num, site=self.site
         )
@@ -335,25 +441,25 @@ class CohortStatsExecutor(Executor):
             "sha256": digest,
             "metrics": {"seconds": round(time.monotonic() - start, 4)},
             "min_cell_policy": _site_min_cell(self.root),
+            "epsilon": epsilon,
         }
         return FLModelUtils.to_shareable(FLModel(params=params, meta=meta, current_round=round_num))
 
     def _release(self, params: dict, meta: dict, round_num: int, start: float) -> Shareable:
         """Decrypt both sums, add noise, suppress: the only values that ever leave the key holders."""
         spec = self._spec
-        sums = stats.unpack_sums(self._unpack(params.get("pass1") or {}, spec.pass1_size), spec)
-        m2 = stats.unpack_deviations(self._unpack(params.get("pass2") or {}, spec.pass2_size), spec)
-        floors = [self.min_cell, _site_min_cell(self.root), meta.get("min_cell")]
-        min_cell = max(int(v) for v in floors if v is not None)
-        dp = None
-        if self.dp is not None:
-            dp = stats.DPConfig(
-                epsilon=float(self.dp["epsilon"]),
-                mechanism=self.dp.get("mechanism", "laplace"),
-                delta=float(self.dp.get("delta") or 0.0),
-            )
-        result = stats.release(sums, m2, spec, min_cell=min_cell, dp=dp, max_bins_percent=self.max_bins_percent)
-        text = json.dumps(result, sort_keys=True)
+        sums = self._pass1_sum(params.get("pass1") or {}, meta)
+        vec2 = self._unpack(params.get("pass2") or {}, spec.pass2_size)
+        if stats.contributors(vec2, "pass-2 sum") != sums.contributors:
+            raise SiteRefusal(f"{self.site}: the pass-2 sum holds another number of sites than the pass-1 sum")
+        m2 = stats.unpack_deviations(vec2, spec)
+        dp = self._dp_config() if self.dp is not None else None
+        result = stats.release(
+            sums, m2, spec, min_cell=self._min_cell(meta), dp=dp, max_bins_percent=self.max_bins_percent
+        )
+        if dp is None:
+            self._admit(result["statistics"], meta)
+        text = json.dumps(result, sort_keys=True, default=json_default)
         digest = payload_digest(text.encode())
         self.audit.append(
             "update_sent",
@@ -415,7 +521,7 @@ class CohortStatsController(ModelController):
         self,
         spec: dict | None = None,
         encrypted: bool = True,
-        min_sites: int = 2,
+        min_sites: int = stats.MIN_CONTRIBUTORS,
         min_cell: int = 10,
         dp: dict | None = None,
         cohort: str = "all",
@@ -473,7 +579,7 @@ class CohortStatsController(ModelController):
                     if meta.get("min_cell_policy") is not None:
                         self._policy_min_cell = max(self._policy_min_cell, int(meta["min_cell_policy"]))
                 except ValueError as exc:
-                    entry.update(status="failed", reason=_one_line(site, exc))
+                    entry.update(status="failed", reason=one_line(exc, site))
             if entry["status"] != "ok":
                 self.warning(entry["reason"] or f"{site}: {entry['status']}")
                 self.audit.append(
@@ -530,18 +636,24 @@ class CohortStatsController(ModelController):
             entries, agg1 = self._sum_pass(0, PASS1_TASK, FLModel(params={}, meta=meta), targets, spec.pass1_size)
             rounds.append({"round": 0, "pass": PASS1_TASK, "sites": entries})
             first = sorted(s for s, e in entries.items() if e["status"] == "ok")
-            need = min(self.min_sites, len(targets))
+            need = max(stats.MIN_CONTRIBUTORS, int(self.min_sites))  # a floor the job config cannot lower
             if len(first) < need:
                 raise _Stop(f"only {len(first)} site(s) contributed to pass 1 (min_sites {need})")
             outcome["completed"], outcome["contributors"] = 1, first
+            floor = max(self.min_cell, self._policy_min_cell)
             entries, agg2 = self._sum_pass(
-                1, PASS2_TASK, FLModel(params=agg1, meta={**meta, "sites": first}), first, spec.pass2_size
+                1,
+                PASS2_TASK,
+                FLModel(params=agg1, meta={**meta, "sites": first, "min_cell": floor}),
+                first,
+                spec.pass2_size,
             )
             rounds.append({"round": 1, "pass": PASS2_TASK, "sites": entries})
             second = sorted(s for s, e in entries.items() if e["status"] == "ok")
             if second != first:
                 lost = sorted(set(first) - set(second))
-                raise _Stop(f"{', '.join(lost)} failed in pass 2; their deviations would be missing from the sums")
+                why = entries[lost[0]]["reason"] or entries[lost[0]]["status"]
+                raise _Stop(f"{', '.join(lost)} did not contribute to pass 2 ({why}); the sums would be incomplete")
             outcome["completed"] = 2
             chosen = self.release_site if self.release_site in first else first[0]
             outcome["release_site"] = chosen
@@ -620,13 +732,18 @@ class CohortStatsController(ModelController):
                 "per_site": {s: {"contributed": s in contributors} for s in sites},
                 "primary_metric": "seconds",  # per-site metric shown by `clinfed simulate`'s table
             },
-            "privacy": {},
+            "privacy": {
+                # ε each site reserved in its own ledger for this release (0: it did not take part)
+                "epsilon_charged": {s: e.get("epsilon", 0.0) for s, e in rounds[0]["sites"].items()}
+                if rounds and self.dp
+                else {},
+            },
             "statistics": statistics,
             "suppression": sup,
             "dp": release.get("dp"),
         }
         path = Path(self.get_run_dir()) / SUMMARY_FILE
-        path.write_text(json.dumps(summary, indent=2))
+        path.write_text(json.dumps(summary, indent=2, default=json_default))
         self.info(f"summary written to {path}")
 
 
@@ -655,12 +772,20 @@ class CohortStatsRecipe(Recipe):
         dp: dict | None = None,
         cohort: str = "all",
         id_column: str = "patient_id",
-        min_sites: int = 2,
+        min_sites: int = stats.MIN_CONTRIBUTORS,
         release_site: str | None = None,
         task_timeout: int = 0,
     ):
+        if num_sites < stats.MIN_CONTRIBUTORS or min_sites < stats.MIN_CONTRIBUTORS:
+            raise ValueError(
+                f"cohort_stats needs at least {stats.MIN_CONTRIBUTORS} sites (got {min(num_sites, min_sites)}): "
+                "with two, each site could subtract its own sums from the release and read the other's"
+            )
         if cohort not in COHORTS:
             raise ValueError(f"cohort must be one of {', '.join(COHORTS)}, got '{cohort}'")
+        values = [str(v) for v in group_values.values()]
+        if len(set(values)) != len(values):
+            raise ValueError(f"two groups share a value of '{group_column}': groups must not overlap")
         missing = [g for g in spec.groups[1:] if g not in group_values]
         if missing:
             raise ValueError(f"no value of '{group_column}' given for group(s) {missing}")

@@ -1,0 +1,222 @@
+"""A site's release log: which exact cohort statistics it has let out, so no later job undoes their suppression.
+
+Small-cell suppression protects one release. Two releases over slightly different row sets undo it
+by subtraction: ``all`` then ``intersect`` cohorts, three sites then four, or ten bins then twenty,
+differ by exactly the small cells the first release withheld (issue 12, item 7). Each site therefore
+keeps `local/release_log.json` of every exact (not output-DP) `cohort_stats` release its rows are in,
+and refuses its part in a release the log does not admit.
+
+The rule (sound and deliberately strict):
+
+    A site takes part in exact releases of **one cohort definition** only: the cohort (``all`` or
+    ``intersect``), the set of contributing sites, the group partition (group column and each group's
+    value) and the digest of the site's own rows. Under that definition, every feature it released
+    before must be released again on the **same bin grid** (public bounds and bins) with **the same
+    cells**: each group's count and each histogram bin released (with the same value) or withheld
+    exactly as before. Features not released before may be added.
+
+Why no exceptions: every released count is a linear function of the rows, and any two definitions'
+counts differ by the rows of their difference, so one release per definition is the only rule that
+needs no auditing of the whole system of releases. The tempting "allow a second definition when every
+difference is 0 or ≥ min_cell" is leaky: with site row counts A = 3, B = C = 20, the releases over
+{A, B}, {B, C} and {A, C} differ pairwise by 17, 0 and 17, yet (|AB| + |AC| − |BC|) / 2 = 3 = A.
+Under one definition an identical re-run releases identical values (the pooled counts are exact
+integers and suppression is deterministic); a change of ``min_cell`` changes which cells are hidden,
+and two hiding patterns together can expose a cell hidden in both, hence "the same cells". Counts are
+compared too, so a pooled count that changed under the same definition (another site's rows changed)
+is refused as well. The group partition is part of the definition because ``all`` is shared by every
+partition: ``all`` released under one and withheld (to protect a small residual) under another would
+give the residual back.
+
+What counts as released: a site records the release it *agrees to* before it sends its pass-2 sum (a
+release that then fails stays recorded, which only makes later checks stricter). Output-DP releases
+are not logged: their noise covers differencing, and the privacy ledger charges them. A site whose
+data legitimately changed can start a new log only by its operator moving the file aside.
+
+The file is read, checked and appended under an exclusive OS file lock (`fcntl.flock` on a lock file
+beside it), as the privacy ledger is, since FLARE runs concurrent jobs in separate processes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from clinfed.analytics.stats import StatsSpec
+from clinfed.errors import SiteRefusal
+from clinfed.textio import write_private
+
+LOG_FILE = "release_log.json"
+LOCK_FILE = ".release_log.lock"
+
+
+class ReleaseRefused(SiteRefusal):
+    """The site's release log does not admit this release: together with an earlier one it would
+    make a withheld cell derivable."""
+
+
+@dataclass(frozen=True)
+class CohortDefinition:
+    """Which rows a release describes, as far as this site can tell (see the module's rule)."""
+
+    cohort: str
+    sites: tuple[str, ...]
+    group_column: str
+    groups: tuple[tuple[str, str], ...]  # (group name, value of the group column), spec order
+    data: str  # digest of this site's own rows and labels
+
+    @classmethod
+    def of(
+        cls, cohort: str, sites: Sequence[str], group_column: str, group_values: Mapping, data: str
+    ) -> CohortDefinition:
+        return cls(
+            cohort=str(cohort),
+            sites=tuple(sorted(str(s) for s in sites)),
+            group_column=str(group_column),
+            groups=tuple((str(g), str(v)) for g, v in group_values.items()),
+            data=str(data),
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sites"], d["groups"] = list(self.sites), [list(g) for g in self.groups]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> CohortDefinition:
+        return cls(
+            cohort=d["cohort"],
+            sites=tuple(d["sites"]),
+            group_column=d["group_column"],
+            groups=tuple((str(g), str(v)) for g, v in d["groups"]),
+            data=d["data"],
+        )
+
+    def differences(self, other: CohortDefinition) -> list[str]:
+        """What differs from ``other``, in words that name no patient value."""
+        out = []
+        if self.cohort != other.cohort:
+            out.append(f"cohort '{other.cohort}' then '{self.cohort}'")
+        if self.sites != other.sites:
+            out.append(f"sites {','.join(other.sites)} then {','.join(self.sites)}")
+        if (self.group_column, self.groups) != (other.group_column, other.groups):
+            out.append(f"groups by '{other.group_column}' then by '{self.group_column}'")
+        if self.data != other.data:
+            out.append("this site's rows changed")
+        return out
+
+
+def data_digest(x: np.ndarray, labels: Sequence) -> str:
+    """Digest of the rows a site summarises (values and group labels); it never leaves the site."""
+    h = hashlib.sha256()
+    arr = np.ascontiguousarray(np.asarray(x, dtype=np.float64))
+    h.update(str(arr.shape).encode())
+    h.update(arr.tobytes())
+    h.update("\x1f".join(str(v) for v in labels).encode())
+    return h.hexdigest()[:32]
+
+
+def cells_of(spec: StatsSpec, statistics: Mapping) -> dict[str, dict]:
+    """Per feature: its bin grid and, per declared group, the released count and histogram counts
+    (None where withheld), read from a release's ``statistics`` (group → feature → entry)."""
+    out: dict[str, dict] = {}
+    for j, f in enumerate(spec.features):
+        cells: dict[str, dict] = {}
+        for g in spec.groups:
+            entry = (statistics.get(g) or {}).get(f)
+            if entry is None:
+                cells[g] = {"count": None, "histogram": [None] * spec.bins}
+                continue
+            hist = entry.get("histogram")
+            counts = hist["counts"] if hist else [None] * spec.bins
+            cells[g] = {"count": int(entry["count"]), "histogram": [None if c is None else int(c) for c in counts]}
+        out[f] = {"grid": [spec.bounds[j][0], spec.bounds[j][1], spec.bins], "cells": cells}
+    return out
+
+
+class ReleaseLog:
+    """`<site root>/local/release_log.json`: the exact releases this site took part in (see module doc)."""
+
+    def __init__(self, root: str | Path, site: str):
+        self.folder = Path(root) / "local"
+        self.path, self.site = self.folder / LOG_FILE, site
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def entries(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text())
+        except ValueError:
+            raise ReleaseRefused(
+                f"{self.site}: release log {self.path} is not valid JSON; refusing to release"
+            ) from None
+        if data.get("site", self.site) != self.site:
+            raise ReleaseRefused(f"{self.site}: release log {self.path} belongs to {data.get('site')}")
+        return list(data.get("releases", []))
+
+    def check(self, definition: CohortDefinition, cells: Mapping[str, dict], earlier: list[dict]) -> None:
+        """Raise ReleaseRefused (one line, naming the earlier job) if the rule does not admit ``cells``."""
+        for e in earlier:
+            before = CohortDefinition.from_dict(e["definition"])
+            label = f"job {e.get('job', '?')} ({e.get('run', '')})".replace(" ()", "")
+            if before != definition:
+                changed = "; ".join(definition.differences(before))
+                raise ReleaseRefused(
+                    f"{self.site}: release log: {label} already released exact statistics of another cohort "
+                    f"definition ({changed}); the two together would reveal small cells by differencing"
+                )
+            for f, now in cells.items():
+                old = e["features"].get(f)
+                if old is None:
+                    continue
+                if list(old["grid"]) != list(now["grid"]):
+                    raise ReleaseRefused(
+                        f"{self.site}: release log: feature '{f}' was released on another bin grid by {label}; "
+                        "two grids together would reveal the withheld cells between their edges"
+                    )
+                if old["cells"] != now["cells"]:
+                    raise ReleaseRefused(
+                        f"{self.site}: release log: feature '{f}' would release other cells than {label} did "
+                        "(another min_cell, or pooled counts changed); together they could reveal a withheld cell"
+                    )
+
+    def admit(self, definition: CohortDefinition, cells: Mapping[str, dict], job: str, run: str = "") -> None:
+        """Check ``cells`` against every earlier release and record them, atomically under the file lock."""
+        with self._locked():
+            earlier = self.entries()
+            self.check(definition, cells, earlier)
+            same_run = [e for e in earlier if run and e.get("run") == run]
+            if any(e["features"] == dict(cells) for e in same_run):
+                return  # already recorded by this run (pass 2, then the release site's own release)
+            earlier.append(
+                {
+                    "job": job,
+                    "run": run,
+                    "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "definition": definition.to_dict(),
+                    "features": dict(cells),
+                }
+            )
+            tmp = self.path.with_name(f".{LOG_FILE}.tmp")
+            write_private(tmp, json.dumps({"site": self.site, "releases": earlier}, indent=1))
+            os.replace(tmp, self.path)

@@ -47,6 +47,7 @@ from nvflare.recipe.spec import Recipe
 from clinfed.audit import AuditLog
 from clinfed.errors import SiteDataError
 from clinfed.fl.participant import SitePolicy, participant_root, site_index
+from clinfed.textio import one_line, write_private
 
 BUNDLED_ROWS = 569
 PSI_FOLDER = ("local", "psi")
@@ -131,13 +132,11 @@ def psi_folder(root: Path) -> Path:
     return Path(root).joinpath(*PSI_FOLDER)
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Identifiers are patient data: owner-only, and replaced atomically (a reader never sees half)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _replace_private(path: Path, text: str) -> None:
+    """Identifiers are patient data: owner-only from the first byte (`textio.write_private`), and
+    replaced atomically (a reader never sees half)."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    write_private(tmp, text)
     os.replace(tmp, path)
 
 
@@ -171,7 +170,7 @@ class SiteLocalPSIWriter(PSIWriter):
 
     def save(self, intersection: list[str], overwrite_existing: bool, fl_ctx: FLContext) -> None:
         path = psi_folder(participant_root(fl_ctx)) / f"{fl_ctx.get_job_id()}.pending"
-        _write_private(path, "\n".join(intersection) + ("\n" if intersection else ""))
+        _replace_private(path, "\n".join(intersection) + ("\n" if intersection else ""))
 
 
 class PSIReportExecutor(Executor):
@@ -199,7 +198,7 @@ class PSIReportExecutor(Executor):
                 ).to_shareable()
             if shareable.get(EMPTY_KEY):  # the server saw an empty pairwise intersection
                 ids = []
-                _write_private(folder / INTERSECTION_FILE, "")
+                _replace_private(folder / INTERSECTION_FILE, "")
                 pending.unlink(missing_ok=True)
             elif not pending.exists():
                 raise RuntimeError(f"{site}: the protocol left no intersection for this job")
@@ -207,12 +206,11 @@ class PSIReportExecutor(Executor):
                 ids = [line for line in pending.read_text().splitlines() if line]
                 os.replace(pending, folder / INTERSECTION_FILE)
             meta = {"job": self.job_label, "job_id": fl_ctx.get_job_id(), "size": len(ids), "source": source}
-            _write_private(folder / INTERSECTION_META, json.dumps(meta, indent=2))
+            _replace_private(folder / INTERSECTION_META, json.dumps(meta, indent=2))
             AuditLog(root, site).append("psi_result", job=self.job_label, site=site, intersection_size=len(ids))
             data = {"status": "ok", "reason": "", "items": len(items), "intersection_size": len(ids), "source": source}
         except Exception as exc:  # reported to the server by name, the job's summary says which site
-            reason = str(exc) if str(exc).startswith(site) else f"{site}: {type(exc).__name__}: {exc}"
-            data = {"status": "failed", "reason": reason.splitlines()[0]}
+            data = {"status": "failed", "reason": one_line(exc, site)}
         return DXO(data_kind=DataKind.PSI, data=data).to_shareable()
 
 

@@ -1,0 +1,76 @@
+"""Attack (issue 12, item 6, statistics side): two contributors expose each other.
+
+A cohort_stats release pooled over two sites is, to each of them, the other site's statistics: a
+site subtracts its own counts, sums and histograms from the released (or decrypted) totals and reads
+the other's, small cells included. Old code runs a 2-site job, and a 3-site job in which one site
+fails releases the remaining two sites' pooled statistics (min_sites 2).
+
+Fixed code: an aggregate of fewer than three sites is never released, whatever the job says; the
+number of sites comes from the sum itself (every site packs a 1 in a contributor slot), not from
+the server's word; a job for two sites is refused before it starts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clinfed.analytics import stats
+from clinfed.data import breast_cancer as bc
+from clinfed.fl.participant import write_site_policy
+from clinfed.simulate import SimulationRequest, run_simulation
+
+
+def _masks(y: np.ndarray) -> dict:
+    return {stats.ALL: np.ones(len(y), bool), "malignant": y == 1, "benign": y == 0}
+
+
+def test_a_two_site_sum_is_not_released():
+    """What the release site does with the decrypted sums of two sites: it must not release them."""
+    table = bc.load_bundled()
+    spec = stats.StatsSpec(tuple(table.features), tuple(stats.reference_bounds(table.x)))
+    parts = [np.arange(0, 300), np.arange(300, 569)]
+    sums = stats.unpack_sums(sum(stats.local_sums(table.x[p], _masks(table.y[p]), spec) for p in parts), spec)
+    devs = sum(stats.local_deviations(table.x[p], _masks(table.y[p]), sums.means(), spec) for p in parts)
+    try:
+        released = stats.release(sums, stats.unpack_deviations(devs, spec), spec, min_cell=10)
+    except ValueError as exc:
+        assert "at least 3" in str(exc) and "\n" not in str(exc)
+        return
+    site1 = stats.pooled_reference(table.x[parts[0]], _masks(table.y[parts[0]]), spec)
+    site2 = released["statistics"]["all"]["mean radius"]["count"] - site1["all"]["mean radius"]["count"]
+    pytest.fail(f"a two-site release let site-1 read site-2's row count ({site2}) and every other statistic")
+
+
+def test_a_two_site_cohort_stats_job_releases_nothing(tmp_path):
+    try:
+        summary = run_simulation(SimulationRequest(job="cohort_stats", sites=2, out=tmp_path / "out"))
+    except (ValueError, SystemExit) as exc:
+        text = str(exc)
+        assert "3" in text and "\n" not in text, text
+        return
+    assert summary["final"]["status"] != "released" and not summary["statistics"], (
+        "two sites' pooled statistics released"
+    )
+
+
+def _write_csv_without(folder, table, rows, drop):
+    folder.mkdir(parents=True, exist_ok=True)
+    cols = [f for f in table.features if f != drop]
+    lines = [",".join([*cols, "target"])]
+    for r in rows:
+        values = [repr(float(v)) for f, v in zip(table.features, table.x[r], strict=True) if f != drop]
+        lines.append(",".join([*values, str(int(table.y[r]))]))
+    (folder / "data.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_a_three_site_job_where_one_site_fails_releases_nothing(tmp_path):
+    table = bc.load_bundled()
+    ws = tmp_path / "ws"
+    _write_csv_without(tmp_path / "site3", table, range(60), drop="mean radius")  # fails: lacks a column
+    write_site_policy(ws / "site-3", data_dir=str(tmp_path / "site3"))
+    summary = run_simulation(SimulationRequest(job="cohort_stats", sites=3, out=tmp_path / "out", workspace=ws))
+    assert summary["rounds"][0]["sites"]["site-3"]["status"] == "failed"
+    assert summary["final"]["status"] != "released", "the two remaining sites' pooled statistics were released"
+    assert not summary["statistics"]
+    assert "3" in summary["final"]["reason"]

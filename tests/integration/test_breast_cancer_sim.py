@@ -100,7 +100,7 @@ def test_exported_job_is_a_valid_flare_job_that_flares_simulator_runs(tmp_path):
             "--out",
             str(tmp_path / "jobs"),
             "--sites",
-            "2",
+            "3",
             "--rounds",
             "1",
             "--no-encrypt",
@@ -122,12 +122,12 @@ def test_exported_job_is_a_valid_flare_job_that_flares_simulator_runs(tmp_path):
     from clinfed.simulate import SimulationRequest, allow_clinfed_components, prepare_participants
 
     root = tmp_path / "participants"
-    prepare_participants(SimulationRequest(job="breast_cancer_dp", sites=2, encrypt=False), root)
+    prepare_participants(SimulationRequest(job="breast_cancer_dp", sites=3, encrypt=False), root)
     ws = tmp_path / "flare_ws"
     allow_clinfed_components(ws)
     env = {**os.environ, "CLINFED_SIM_ROOT": str(root)}
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job_dir), "-w", str(ws), "-n", "2", "-t", "2"],
+        [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job_dir), "-w", str(ws), "-n", "3", "-t", "3"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -1,9 +1,9 @@
 """Where a participant keeps what must outlive a job: keys, privacy ledger, audit log, local policy.
 
 In a provisioned deployment that is the participant's own workspace (its startup kit folder):
-`startup/` holds what the operator issued (FLARE's HEBuilder writes the CKKS contexts there),
-`local/` what the hospital edits (resources.json with the clinfed section, privacy.json), and
-`audit/` the hash-chained audit log.
+`startup/` holds what the operator issued (certificates, never a CKKS key), `local/` what the
+hospital holds and edits (the CKKS context the key exchange delivered, resources.json with the
+clinfed section, privacy.json, the privacy ledger), and `audit/` the hash-chained audit log.
 
 FLARE's simulator wipes its workspace on every run and gives every participant a copy of the same
 `local/`, which would both lose the ledger and hand the server the sites' secret key. So
@@ -48,12 +48,12 @@ def site_index(site: str) -> int | None:
 
 
 def site_context(root: Path, site: str):
-    """The federation's secret-key context at a site, and its fingerprint; refuses when the kit has none."""
+    """The federation's secret-key context at a site (`local/`), and its fingerprint; refuses without one."""
     from clinfed.he.context import context_fingerprint, load_site_context
 
     path = find_context_file(root, SITE_CONTEXT_FILE)
     if path is None:
-        raise SiteRefusal(f"{site}: no CKKS context ({SITE_CONTEXT_FILE}) in {root}/startup or local")
+        raise SiteRefusal(f"{site}: no CKKS context ({SITE_CONTEXT_FILE}) in {root}/local; run the key_exchange job")
     ctx = load_site_context(path)
     return ctx, context_fingerprint(ctx)
 
@@ -70,12 +70,17 @@ def server_context(root: Path):
 
 
 def find_context_file(root: Path, filename: str) -> Path | None:
-    """The kit's context (startup/, issued by the operator) wins over a generated one in local/."""
-    for folder in ("startup", "local"):
-        path = root / folder / filename
-        if path.exists():
-            return path
-    return None
+    """The participant's own context, in `local/`: put there by the key exchange (clinfed.keys) or,
+    in the simulator, by `clinfed simulate`. A context in `startup/` came with the kit, i.e. from the
+    operator who provisioned it, and the operator must never hold a hospital's key: it is refused."""
+    issued = root / "startup" / filename
+    if issued.exists():
+        raise SiteRefusal(
+            f"{root.name}: {issued} came with the kit (made by whoever provisioned it); a CKKS key must be "
+            "made by a hospital and shared through the key exchange: remove it and run key_exchange"
+        )
+    path = root / "local" / filename
+    return path if path.exists() else None
 
 
 METRIC_POLICIES = ("full", "round", "withhold")

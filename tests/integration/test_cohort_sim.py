@@ -1,9 +1,9 @@
 """Claims of cohort_stats and psi_linkage, checked on real FLARE simulator runs (no mocks).
 
 Six runs (~25-35 s each on two cores): cohort_stats encrypted at the defaults, at min_cell=300,
-in plaintext with output DP and two sites bringing their own CSVs (one benign-only, one lacking a
-column), psi_linkage and then cohort_stats on the linked cohort (one shared workspace), and
-psi_linkage on registries whose intersection is empty.
+in plaintext with output DP over four sites, two of them bringing their own CSVs (one benign-only,
+one lacking a column, so three remain: the contributor floor), psi_linkage and then cohort_stats on
+the linked cohort (one shared workspace), and psi_linkage on registries whose intersection is empty.
 """
 
 import json
@@ -112,8 +112,9 @@ def test_min_cell_300_withholds_malignant_and_releases_benign(tmp_path):
 
 def test_plaintext_dp_run_with_a_benign_only_site_and_a_site_lacking_a_column(tmp_path):
     """site-2 brings a CSV of benign rows only (an empty malignant group); site-3's CSV lacks a feature
-    column: site-3 is reported "failed" with a one-line reason, the release covers site-1 and site-2.
-    Output DP (ε=20, Laplace) on three features: noisy, but close to the truth."""
+    column: site-3 is reported "failed" with a one-line reason, the release covers sites 1, 2 and 4.
+    Output DP (ε=20, Laplace) on three features: noisy, but close to the truth, and charged to the
+    ledgers of the three contributing sites (not to site-3's)."""
     table = bc.load_bundled()
     features = ["mean radius", "mean area", "worst concavity"]
     ws = tmp_path / "ws"
@@ -124,7 +125,7 @@ def test_plaintext_dp_run_with_a_benign_only_site_and_a_site_lacking_a_column(tm
     write_site_policy(ws / "site-3", data_dir=str(tmp_path / "site3"))
     req = SimulationRequest(
         job="cohort_stats",
-        sites=3,
+        sites=4,
         out=tmp_path / "out",
         workspace=ws,
         encrypt=False,
@@ -141,13 +142,16 @@ def test_plaintext_dp_run_with_a_benign_only_site_and_a_site_lacking_a_column(tm
         "site-1": {"contributed": True},
         "site-2": {"contributed": True},
         "site-3": {"contributed": False},
+        "site-4": {"contributed": True},
     }
     dp = summary["dp"]
     assert dp["mechanism"] == "laplace" and dp["epsilon"] == 20.0
     assert dp["noise_scale"]["count"] == pytest.approx(2 / (20.0 * 0.1))
     assert summary["rounds"][2]["sites"][summary["final"]["release_site"]]["epsilon"] == 20.0
-    site1 = bc.dirichlet_split(table.y, 3)[0]
-    rows = np.concatenate([site1, benign])
+    split = bc.dirichlet_split(table.y, 4)
+    rows = np.concatenate([split[0], benign, split[3]])
+    charged = {s: r["epsilon"] for s, r in summary["rounds"][0]["sites"].items()}
+    assert charged == {"site-1": 20.0, "site-2": 20.0, "site-3": 0.0, "site-4": 20.0}
     cols = [table.features.index(f) for f in features]
     truth = stats.pooled_reference(
         table.x[np.ix_(rows, cols)], _masks(table.y[rows]), stats.StatsSpec(features, [(0, 1)] * 3)

@@ -346,6 +346,73 @@ def test_an_added_site_joins_the_running_federation_and_trains(fed, tmp_path):
     assert summary["final"]["metrics"]["auc"] >= 0.95
 
 
+ALL_SITES = [*SITES, "site-4"]  # from the test above on
+
+
+def _edited_job(folder: Path, **dp_edits) -> Path:
+    """Export breast_cancer_dp and edit its client config the way a lead could before submitting it."""
+    from clinfed.jobs import load_job
+
+    recipe = load_job("breast_cancer_dp").make_recipe(sites=len(ALL_SITES), rounds=2)
+    recipe.export(str(folder))
+    config = folder / recipe.name / "app" / "config" / "config_fed_client.json"
+    data = json.loads(config.read_text())
+    data["executors"][0]["executor"]["args"]["dp_args"].update(dp_edits)
+    config.write_text(json.dumps(data, indent=2))
+    return folder / recipe.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [({"enabled": False}, "dp_args.enabled"), ({"target_epsilon": 1e6}, "dp_args.target_epsilon"),
+     ({"delta": 0.5}, "dp_args.delta")],
+    ids=["dp-off", "epsilon-1e6", "delta-0.5"],
+)
+def test_a_leads_edited_job_that_weakens_dp_trains_at_no_site(fed, tmp_path, edit, named):
+    before = {site: _ledger_spends(fed / site) for site in ALL_SITES}
+    result = submit(_edited_job(tmp_path / "job", **edit), fed / "lead@clinfed.local", wait=True, out=tmp_path / "out")
+    assert result.status == "FINISHED:COMPLETED"
+    summary = result.summary
+    assert summary["rounds_completed"] == 0 and summary["rounds"] == []
+    for site in ALL_SITES:
+        verdict = summary["admission"][site]
+        assert verdict["status"] == "refused" and verdict["reason"].startswith(f"{site}: ")
+        assert named in verdict["reason"], verdict["reason"]
+    assert {site: _ledger_spends(fed / site) for site in ALL_SITES} == before, "no site spent privacy budget"
+
+
+def test_a_two_site_job_is_refused_up_front(fed):
+    proc = subprocess.run(
+        [sys.executable, "-m", "clinfed.cli", "submit", "breast_cancer_dp", "--kit", str(fed / "lead@clinfed.local"),
+         "--sites", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "needs at least 3 sites" in line
+
+
+@pytest.mark.slow
+def test_a_site_whose_ledger_was_deleted_refuses_and_the_others_train(fed, tmp_path):
+    ledger = fed / "site-2" / "local" / "privacy_ledger.json"
+    assert _ledger_spends(fed / "site-2") > 0, "site-2 spent in the jobs above"
+    kept = ledger.read_bytes()
+    ledger.unlink()
+    try:
+        result = submit("breast_cancer_dp", fed / "lead@clinfed.local", wait=True, out=tmp_path, rounds=1, timeout=600)
+    finally:
+        ledger.write_bytes(kept)
+    summary = result.summary
+    verdict = summary["admission"]["site-2"]
+    assert verdict["status"] == "refused" and "ledger" in verdict["reason"], verdict
+    assert summary["rounds_completed"] == 1, "the three other sites still make a round"
+    trained = {s for s, e in summary["rounds"][0]["sites"].items() if e["status"] == "ok"}
+    assert trained == {"site-1", "site-3", "site-4"}
+
+
 @pytest.mark.slow
 def test_down_stops_every_process_including_a_running_job(fed):
     result = submit("breast_cancer_dp", fed / "lead@clinfed.local", wait=False, rounds=5)

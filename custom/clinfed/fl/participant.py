@@ -76,8 +76,8 @@ def find_context_file(root: Path, filename: str) -> Path | None:
     issued = root / "startup" / filename
     if issued.exists():
         raise SiteRefusal(
-            f"{root.name}: {issued} came with the kit (made by whoever provisioned it); a CKKS key must be "
-            "made by a hospital and shared through the key exchange: remove it and run key_exchange"
+            f"{root.name}: {issued} came with the kit, so the operator made it; a federation key is only made "
+            "at a hospital and shared through the key exchange (remove that file, see docs/keys.md)"
         )
     path = root / "local" / filename
     return path if path.exists() else None

@@ -52,6 +52,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
 from clinfed.audit import AuditLog
+from clinfed.errors import SiteRefusal
 from clinfed.fl.participant import (
     SERVER_CONTEXT_FILE,
     SITE_CONTEXT_FILE,
@@ -101,14 +102,11 @@ def held_fingerprint(root: Path, site: str) -> str | None:
     there): whoever made it can decrypt everything encrypted under it, so it is refused, never used
     or handed on.
     """
-    planted = root / "startup" / SITE_CONTEXT_FILE
-    if planted.exists():
-        raise KeyExchangeError(
-            f"{site}: {planted} came with the kit, so the operator made it; a federation key is only made "
-            "at a hospital (remove that file, see docs/keys.md)"
-        )
-    path = root / "local" / SITE_CONTEXT_FILE
-    return secret_context_fingerprint(path.read_bytes(), f"{site} ({path})") if path.exists() else None
+    try:
+        path = find_context_file(root, SITE_CONTEXT_FILE)
+    except SiteRefusal as exc:
+        raise KeyExchangeError(one_line(exc, site)) from None
+    return secret_context_fingerprint(path.read_bytes(), f"{site} ({path})") if path else None
 
 
 def _cert_digest(pem: bytes) -> str:

@@ -411,3 +411,57 @@ def test_release_log_admits_one_cohort_definition_and_grid(tmp_path):
     log.admit(base, _cells(StatsSpec(("c",), ((0, 1),), bins=4)), job="j6", run="r7")  # a new feature
     assert len(log.entries()) == 3
     assert (tmp_path / "local" / "release_log.json").stat().st_mode & 0o077 == 0
+
+
+def test_a_gaussian_dp_release_is_reserved_in_the_site_ledger_before_pass_1(tmp_path, monkeypatch, table):
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.apis.signal import Signal
+    from nvflare.app_common.abstract.fl_model import FLModel
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+    from clinfed.analytics import stats_fl
+    from clinfed.fl.participant import SIM_ROOT_ENV, write_site_policy
+    from clinfed.privacy.ledger import PrivacyLedger
+
+    monkeypatch.setenv(SIM_ROOT_ENV, str(tmp_path))
+    write_site_policy(tmp_path / "site-2", epsilon_budget=1.5)
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-2", private=False, sticky=True)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-g", private=False, sticky=True)
+    features = ["mean radius", "mean area"]
+    cols = [table.features.index(f) for f in features]
+    spec = StatsSpec(tuple(features), tuple(stats.reference_bounds(table.x[:, cols])))
+    dp = {"epsilon": 2.0, "mechanism": "gaussian", "delta": 1e-5}
+    executor = stats_fl.CohortStatsExecutor(
+        spec=spec.to_dict(), group_values={"malignant": 1, "benign": 0}, encrypt=False, num_sites=3, dp=dp
+    )
+    request = FLModelUtils.to_shareable(FLModel(params={}, meta={"settings": settings_digest(spec, dp, "all")}))
+    replies = [
+        FLModelUtils.from_shareable(executor.execute(stats_fl.PASS1_TASK, request, fl_ctx, Signal())) for _ in range(2)
+    ]
+    ledger = PrivacyLedger(tmp_path / "site-2" / "local" / "privacy_ledger.json", "site-2")
+    # RDP composes the four families below the nominal ε 2 (1.13 at δ 1e-5); a second release would reach 1.65
+    assert [r.meta["status"] for r in replies] == ["ok", "refused"]
+    assert "budget" in replies[1].meta["reason"] and replies[1].meta["reason"].startswith("site-2")
+    assert replies[0].meta["epsilon"] == pytest.approx(ledger.epsilon()) and 0 < ledger.epsilon() < 2.0
+    assert [s.mechanism for s in ledger.spends] == ["gaussian"]
+
+
+def _admit_in_process(args):
+    from clinfed.analytics.release_log import CohortDefinition, ReleaseLog
+
+    root, run = args
+    spec = StatsSpec(("a", "b"), ((0, 1), (0, 2)), bins=4)
+    definition = CohortDefinition.of("all", ["site-1", "site-2", "site-3"], "target", {"m": 1, "b": 0}, "d1")
+    ReleaseLog(root, "site-1").admit(definition, _cells(spec), job="j", run=run)
+
+
+def test_release_log_loses_no_entry_under_concurrent_processes(tmp_path):
+    import multiprocessing
+
+    from clinfed.analytics.release_log import ReleaseLog
+
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.map(_admit_in_process, [(tmp_path, f"run-{i}") for i in range(12)])
+    assert sorted(e["run"] for e in ReleaseLog(tmp_path, "site-1").entries()) == sorted(f"run-{i}" for i in range(12))

@@ -366,7 +366,11 @@ class CohortStatsExecutor(Executor):
         )
 
     def _charge(self) -> float:
-        """Reserve the release's ε in this site's ledger before its rows go into the sum; refuse over budget."""
+        """Reserve the release in this site's ledger before its rows go into the sum; refuse over budget.
+
+        Returns the ε charged: a Laplace release's ε; for a Gaussian release the rise of the site's
+        RDP total, which is below the release's nominal ε (basic composition of the four families).
+        """
         from clinfed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
 
         dp = self._dp_config()
@@ -388,7 +392,8 @@ class CohortStatsExecutor(Executor):
                     raise SiteRefusal(
                         f"{self.site}: the release's δ {dp.delta:g} exceeds this site's δ {ledger.delta:g}"
                     )
-                ledger.reserve(
+                before = ledger.epsilon()
+                spend = ledger.reserve(
                     self.job_label,
                     0,
                     run=self.run_id,
@@ -398,6 +403,9 @@ class CohortStatsExecutor(Executor):
                     sample_rate=1.0,
                     steps=1,
                 )
+                # RDP composes the four families (and earlier Gaussian spends) tighter than the release's
+                # nominal ε: report what the site's total actually rose by (informational).
+                return max(float(spend.epsilon_after) - before, 0.0)
         except BudgetExceeded as exc:
             raise SiteRefusal(one_line(exc, self.site)) from None
         return dp.epsilon

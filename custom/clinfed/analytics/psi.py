@@ -230,7 +230,7 @@ class LinkageController(DhPSIController):
         try:
             super().control_flow(abort_signal, fl_ctx)
         except Exception as exc:  # FLARE's workflow raises RuntimeError with its own text
-            error = " ".join(str(exc).split()) or type(exc).__name__
+            error = one_line(exc)
         if abort_signal.triggered and not error:
             error = "the PSI workflow was aborted (a site failed; see its log)"
         forward = dict(self.psi_workflow.forward_processed)

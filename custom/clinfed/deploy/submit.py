@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clinfed.deploy.federation import DeployError
+from clinfed.textio import one_line
 
 SUMMARY_FILE = "summary.json"
 COMPLETED = "FINISHED:COMPLETED"
@@ -73,7 +74,7 @@ def _session(admin_kit: Path, timeout: float = 10.0):
         where = f"{admin.get('host')}:{admin.get('port')}"
         raise DeployError(f"{username}: cannot reach the server at {where} (is the federation up?)") from None
     except AuthenticationError as exc:
-        raise SubmitRefused(f"{username}: the server does not accept this kit ({_one_line(exc)})") from None
+        raise SubmitRefused(f"{username}: the server does not accept this kit ({one_line(exc)})") from None
 
 
 def submit(
@@ -120,7 +121,7 @@ def submit(
             except AuthorizationError as exc:
                 raise SubmitRefused(f"{username} may not submit jobs here: {_reason(exc)}") from None
             except InvalidJobDefinition as exc:
-                raise SubmitRefused(f"the server refused job '{folder.name}': {_one_line(exc)}") from None
+                raise SubmitRefused(f"the server refused job '{folder.name}': {one_line(exc)}") from None
         if not wait:
             return SubmitResult(job_id, "SUBMITTED")
         try:
@@ -150,10 +151,6 @@ def _download(session, job_id: str, out: Path) -> tuple[Path, dict | None]:
 
 def _reason(exc: Exception) -> str:
     """FLARE's message, e.g. "user 'x' is not authorized for 'submit_job'", without the command echo."""
-    text = _one_line(exc)
+    text = one_line(exc)
     marker = text.rfind(": user ")
     return text[marker + 2 :].rstrip("'") + "'" if marker >= 0 else text
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -98,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--png", type=Path, default=None)
     inv.add_argument("--epsilon", type=positive_float, default=8.0)
 
+    from clinfed.data.cli_data import add_parsers as add_data_parsers
     from clinfed.deploy.commands import add_parsers
 
     add_parsers(sub)
+    add_data_parsers(sub)
     return parser
 
 

@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--data-dir", type=str, default=None)
     sim.add_argument("--inject", type=inject_spec, action="append", default=[], metavar="SITE=KIND")
     sim.add_argument("--cohort", choices=["all", "intersect"], default=None, help="cohort_stats: rows to describe")
+    # clinical analytics (survival_km, cox_ph, glm): variables by name, never tables or SQL
+    sim.add_argument("--covariates", type=str, default=None, metavar="A,B", help="cox_ph / glm: covariate columns")
+    sim.add_argument("--strata", choices=["site", "none"], default=None, help="cox_ph: one baseline per site or pooled")
+    sim.add_argument("--group", type=str, default=None, metavar="COL", help="survival_km: curves per level of COL")
+    sim.add_argument("--time-bin", type=positive_float, default=None, metavar="DAYS", help="event-time bin width")
+    sim.add_argument("--family", choices=["binomial", "gaussian", "poisson"], default=None, help="glm: family")
+    sim.add_argument("--outcome", type=str, default=None, metavar="COL", help="glm: outcome column")
 
     exp = sub.add_parser("export", help="write a plain FLARE job folder, ready to submit")
     exp.add_argument("job", type=job_name)
@@ -190,6 +197,17 @@ def _round_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+ANALYTICS_OPTIONS = ("cohort", "covariates", "strata", "group", "time_bin", "family", "outcome")
+
+
+def _analytics_options(args: argparse.Namespace) -> dict:
+    """The analytics options given on the command line, as keyword arguments of the job's make_recipe."""
+    extra = {name: getattr(args, name) for name in ANALYTICS_OPTIONS if getattr(args, name, None) is not None}
+    if "covariates" in extra:
+        extra["covariates"] = [c.strip() for c in extra["covariates"].split(",") if c.strip()]
+    return extra
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from clinfed.simulate import SimulationRequest, run_simulation
 
@@ -207,7 +225,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         min_cell=args.min_cell,
         data_dir=args.data_dir,
         inject=dict(args.inject),
-        extra={"cohort": args.cohort} if args.cohort else {},
+        extra=_analytics_options(args),
     )
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UsageError(f"clinfed simulate: --data-dir {args.data_dir}: no such folder")

@@ -1,0 +1,339 @@
+"""The clinical analytics methods as strategies for the one encrypted-sums job (`sums_fl`).
+
+Why strategies: every method (Kaplan–Meier, Cox, GLM) runs the same protocol: each site turns its
+complete cases into a flat vector of sums at the current iterate, the server adds the encrypted
+vectors, and the key-holding release site turns the sum into the next iterate or the result. So
+`sums_fl` owns the protocol (tasks, encryption, contributor counts, audit, summary.json) once, and a
+method only says which variables it reads, what its site vector is in each *phase*, and how a summed
+vector steps the fit. The math lives in `km`, `cox` and `glm` (numpy only); these classes are thin.
+
+A method object is built from a JSON dict (`make_method`), the same dict at the server and at every
+site (its digest is the job's settings, checked by each site). The release site keeps the fit's
+state (Newton's previous point, the IRLS iterate) in its own method object between rounds; the
+server only carries ciphertexts of the iterate.
+
+Phases: ``km``: "counts" (one round). ``cox`` stratified: "newton" rounds, then "concordance";
+pooled: "moments" (the shared centre), "newton", "concordance". ``glm``: "irls" rounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from clinfed.analytics import cox, glm, km
+from clinfed.analytics.federated import NewtonRaphson, complete_cases, moments_combine, moments_site_local, n_sym
+from clinfed.errors import SiteDataError, SiteRefusal
+
+#: The most Newton/IRLS evaluations a fit may take before it is released as not converged.
+MAX_ITER = 25
+
+
+def level_text(value: Any) -> str:
+    """A group value as the text a level is named by: 1, 1.0 and "1" are all "1"."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, np.integer):
+        return str(int(value))
+    return str(value)
+
+
+def _present(values: np.ndarray) -> np.ndarray:
+    """Rows with a value (NaN in numbers, None in text are missing)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind == "f":
+        return ~np.isnan(arr)
+    if arr.dtype.kind == "O":
+        return np.array([v is not None and not (isinstance(v, float) and np.isnan(v)) for v in arr], dtype=bool)
+    return np.ones(arr.shape[0], dtype=bool)
+
+
+@dataclass
+class Step:
+    """What the release site does after one summed vector: ask for another round, or release.
+
+    `iterate` goes back to every site encrypted; `result` is the released block (summary.json's
+    `km`, `cox` or `glm`) with `n` used and `suppressed` (what disclosure control did) for its
+    provenance.
+    """
+
+    phase: str | None = None
+    iterate: np.ndarray | None = None
+    result: dict[str, Any] | None = None
+    n: int = 0
+    suppressed: Any = "none"
+
+
+class Method:
+    """One analysis: variables, per-phase site vector and size, and the combine/step."""
+
+    block = ""
+    first_phase = ""
+    max_rounds = 1
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = dict(config)
+
+    def digest(self) -> str:
+        """What every participant must agree on for the vectors to add slot by slot."""
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+
+    def variables(self) -> list[str]:
+        raise NotImplementedError
+
+    def load(self, table: Mapping[str, np.ndarray], site: str, min_cell: int) -> Any:
+        """The site's complete cases as arrays; SiteDataError/SiteRefusal (one line) if it cannot take part."""
+        raise NotImplementedError
+
+    def size(self, phase: str) -> int:
+        raise NotImplementedError
+
+    def iterate_size(self, phase: str) -> int:
+        return 0
+
+    def site_local(self, data: Any, phase: str, iterate: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, summed: np.ndarray, phase: str, min_cell: int) -> Step:
+        raise NotImplementedError
+
+
+# --- Kaplan–Meier ---------------------------------------------------------------------------------
+class KaplanMeier(Method):
+    """Per-bin events and censorings per group, one round; min-cell merging at the release site.
+
+    Config: time_bin, n_bins (the horizon every site bins to), group (column or None), levels.
+    """
+
+    block = "km"
+    first_phase = "counts"
+
+    @property
+    def levels(self) -> list[str]:
+        return list(self.config.get("levels") or [km.ALL]) if self.config.get("group") else [km.ALL]
+
+    def variables(self) -> list[str]:
+        group = self.config.get("group")
+        return ["time", "event", *([group] if group else [])]
+
+    def load(self, table, site, min_cell):
+        keep = np.ones(len(table["time"]), dtype=bool)
+        for name in self.variables():
+            keep &= _present(table[name])
+        data = complete_cases({k: np.asarray(table[k])[keep] for k in ("time", "event")}, ["time", "event"], site)
+        g = None
+        if self.config.get("group"):
+            g = np.array([level_text(v) for v in np.asarray(table[self.config["group"]])[keep]], dtype=object)
+        return data[:, 0], data[:, 1], g
+
+    def size(self, phase):
+        return 2 * len(self.levels) * int(self.config["n_bins"])
+
+    def site_local(self, data, phase, iterate):
+        t, e, g = data
+        return km.km_site_local(
+            t, e, g, levels=self.levels, time_bin=float(self.config["time_bin"]), n_bins=int(self.config["n_bins"])
+        )
+
+    def step(self, summed, phase, min_cell):
+        result, notes = km.km_combine(
+            summed,
+            levels=self.levels,
+            time_bin=float(self.config["time_bin"]),
+            n_bins=int(self.config["n_bins"]),
+            min_cell=min_cell,
+        )
+        return Step(result=result, n=round(float(np.sum(summed))), suppressed=notes)
+
+
+# --- Cox ------------------------------------------------------------------------------------------
+class CoxPH(Method):
+    """Newton–Raphson on summed Efron log-likelihood, gradient and information; then concordance.
+
+    Config: covariates, strata ("site" or None), time_bin and n_bins (pooled only), max_iter, tol.
+    """
+
+    block = "cox"
+    max_rounds = MAX_ITER + 2
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.p = len(self.config["covariates"])
+        self.stratified = self.config.get("strata") == "site"
+        self.first_phase = "newton" if self.stratified else "moments"
+        self._opt = NewtonRaphson(
+            np.zeros(self.p),
+            tol=float(self.config.get("tol", 1e-5)),
+            max_iter=int(self.config.get("max_iter", MAX_ITER)),
+        )
+        self._center = np.zeros(self.p)
+        self._cov = np.eye(self.p)
+        self._n = self._events = 0
+        self.n_score_bins = int(self.config.get("n_score_bins", 256))
+
+    def variables(self):
+        return ["time", "event", *self.config["covariates"]]
+
+    def load(self, table, site, min_cell):
+        data = complete_cases(table, self.variables(), site)
+        if not (data[:, 1] > 0).any():
+            raise SiteDataError(f"{site}: no events among its {data.shape[0]} complete cases")
+        return data[:, 0], data[:, 1], data[:, 2:]
+
+    def size(self, phase):
+        if phase == "moments":
+            return 1 + self.p + n_sym(self.p)
+        if phase == "newton":
+            if self.stratified:
+                return 3 + self.p + n_sym(self.p)
+            return int(self.config["n_bins"]) * (3 + 3 * self.p + 2 * n_sym(self.p)) + 1
+        if self.stratified:
+            return 3
+        return int(self.config["n_bins"]) * 2 * self.n_score_bins
+
+    def iterate_size(self, phase):
+        if phase == "moments":
+            return 0
+        if self.stratified:
+            return self.p
+        return 2 * self.p + (1 if phase == "concordance" else 0)
+
+    def site_local(self, data, phase, iterate):
+        t, e, x = data
+        if phase == "moments":
+            return moments_site_local(x)
+        beta = np.zeros(self.p) if iterate is None else iterate[: self.p]
+        if self.stratified:
+            if phase == "newton":
+                return cox.cox_stratified_site_local(t, e, x, beta)
+            return cox.concordance_site_local(t, e, x @ beta)
+        center = iterate[self.p : 2 * self.p]
+        tb, nb = float(self.config["time_bin"]), int(self.config["n_bins"])
+        if phase == "newton":
+            return cox.cox_pooled_site_local(t, e, x, beta, time_bin=tb, n_bins=nb, center=center)
+        sd = float(iterate[2 * self.p])
+        edges = np.linspace(-8 * sd, 8 * sd, self.n_score_bins + 1)
+        return cox.concordance_hist_site_local(t, e, (x - center) @ beta, time_bin=tb, n_bins=nb, edges=edges)
+
+    def _iterate(self, extra: Sequence[float] = ()) -> np.ndarray:
+        if self.stratified:
+            return self._opt.beta.copy()
+        return np.concatenate([self._opt.beta, self._center, list(extra)])
+
+    def step(self, summed, phase, min_cell):
+        if phase == "moments":
+            self._n, self._center, self._cov = moments_combine(summed, self.p)
+            return Step(phase="newton", iterate=self._iterate())
+        if phase == "newton":
+            if self.stratified:
+                ll, grad, info, self._n, self._events = cox.cox_stratified_combine(summed, self.p)
+            else:
+                ll, grad, info, self._n, self._events = cox.cox_pooled_combine(
+                    summed, self._opt.beta, int(self.config["n_bins"])
+                )
+            if not self._opt.update(ll, grad, info):
+                return Step(phase="newton", iterate=self._iterate())
+            if self.stratified:
+                return Step(phase="concordance", iterate=self._iterate())
+            sd = float(np.sqrt(max(self._opt.beta @ self._cov @ self._opt.beta, 1e-300)))
+            return Step(phase="concordance", iterate=self._iterate([sd]))
+        if self.stratified:
+            counts = summed
+        else:
+            counts = cox.concordance_from_hist(summed, int(self.config["n_bins"]), self.n_score_bins)
+        result = cox.cox_summary(
+            list(self.config["covariates"]),
+            self._opt,
+            n=self._n,
+            events=self._events,
+            strata="site" if self.stratified else None,
+            time_bin=None if self.stratified else float(self.config["time_bin"]),
+            concordance=float((counts[0] + counts[1] / 2) / counts[2]),
+        )
+        return Step(result=result, n=self._n, suppressed="none")
+
+
+# --- GLM ------------------------------------------------------------------------------------------
+class GLM(Method):
+    """IRLS on summed X'WX and X'Wz; DataSHIELD-style disclosure check at each site before it sends.
+
+    Config: family, outcome, covariates, offset (column or None), max_iter, tol.
+    """
+
+    block = "glm"
+    first_phase = "irls"
+    max_rounds = MAX_ITER
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.names = [glm.INTERCEPT, *self.config["covariates"]]
+        self.p = len(self.names)
+        self._beta = np.zeros(self.p)
+        self._iterations = 0
+
+    def variables(self):
+        offset = self.config.get("offset")
+        return [self.config["outcome"], *self.config["covariates"], *([offset] if offset else [])]
+
+    def load(self, table, site, min_cell):
+        covs = list(self.config["covariates"])
+        data = complete_cases(table, self.variables(), site)
+        x = np.column_stack([np.ones(data.shape[0]), data[:, 1 : 1 + len(covs)]])
+        y = data[:, 0]
+        family = self.config["family"]
+        if family == "binomial" and not np.isin(y, (0.0, 1.0)).all():
+            raise SiteDataError(f"{site}: outcome {self.config['outcome']!r} is not coded 0/1")
+        counts = glm.site_counts(y, x, self.names, self.config["outcome"], family)
+        try:
+            glm.disclosure_check({site: counts}, self.p, min_cell)
+        except ValueError as exc:
+            raise SiteRefusal(str(exc)) from None
+        return x, y, data[:, -1] if self.config.get("offset") else None
+
+    def size(self, phase):
+        return n_sym(self.p) + self.p + 3
+
+    def iterate_size(self, phase):
+        return self.p
+
+    def site_local(self, data, phase, iterate):
+        x, y, off = data
+        beta = np.zeros(self.p) if iterate is None else iterate
+        return glm.glm_site_local(x, y, beta, self.config["family"], off)
+
+    def step(self, summed, phase, min_cell):
+        self._iterations += 1
+        new_beta, xtwx, deviance, pearson, n = glm.glm_combine(summed, self.p)
+        tol = float(self.config.get("tol", 1e-10))
+        converged = bool(np.max(np.abs(new_beta - self._beta)) < tol * (1.0 + np.max(np.abs(self._beta))))
+        if converged or self._iterations >= int(self.config.get("max_iter", MAX_ITER)):
+            result = glm.glm_summary(
+                self.names,
+                self._beta,
+                xtwx,
+                family=self.config["family"],
+                deviance=deviance,
+                pearson=pearson,
+                n=n,
+                iterations=self._iterations,
+                converged=converged,
+            )
+            return Step(result=result, n=n, suppressed="none")
+        self._beta = new_beta
+        return Step(phase="irls", iterate=new_beta.copy())
+
+
+METHODS: dict[str, type[Method]] = {"km": KaplanMeier, "cox": CoxPH, "glm": GLM}
+
+
+def make_method(config: Mapping[str, Any]) -> Method:
+    """The strategy named by ``config["method"]`` (km, cox, glm), built from the job's JSON config."""
+    name = config.get("method")
+    if name not in METHODS:
+        raise ValueError(f"unknown analytics method {name!r} (known: {', '.join(METHODS)})")
+    return METHODS[name](config)

@@ -39,6 +39,35 @@ Three rules hold whatever a job asks (issue 12, items 6-8):
   (unpublished) partition group, withheld when small, and ``all`` is withheld when it would give a
   withheld residual back. Cross-job differencing is `clinfed.analytics.release_log`'s.
 
+**Quantiles** (median, q25, q75; issue 13). With ``quantile_bins`` Q > 0 each site also packs a
+*fine* histogram (Q equal bins over the same public bounds, Q a multiple of ``bins``) per group and
+feature into pass 1: G·F·Q more slots (3 × 30 × 200 = 18 000 for the bundled data, so the pass-1
+vector grows from 1 ciphertext of 2 048 slots to 10). The release site turns the exact pooled fine
+counts into quantiles (:func:`histogram_quantile`) and never releases the fine histogram itself:
+
+* *Interpolation*: ``np.quantile``'s default (linear) method interpolates between the order
+  statistics x₍⌊h⌋₎ and x₍⌈h⌉₎, h = (n − 1)·q. Each order statistic x₍k₎ is placed inside the fine
+  bin that holds rank k, at its rank's midpoint there (e_b + (k − C_{b−1} + ½)/c_b · w: the bin's
+  values taken as evenly spread), and the two are combined with np.quantile's weights. Both the
+  true and the estimated order statistic lie in the same bin, so the estimate is within one fine
+  bin width w of np.quantile (for values inside the public bounds; values past them sit in the
+  edge bins and can be off by more).
+* *Rounding*: the estimate is then rounded to the nearest fine-bin edge, so the decrypted CKKS
+  error never reaches the release and a quantile carries no more than "which fine bin": total error
+  < 1.5·w, i.e. < 0.75 % of the feature's public range at Q = 200.
+* *Why this does not undo cell suppression*: a quantile is released only where its rank falls in
+  a coarse cell whose place in the cumulative count is already public (:func:`quantile_cells`):
+  a released cell below every withheld cell of that histogram or above all of them. That the rank
+  lies in that cell is then derivable from the released histogram alone; the quantile adds only
+  where, on the fine grid, inside a released cell (≥ ``min_cell`` records) one order statistic sits:
+  an inequality on unreleased fine counts of a released cell, never an equation on a withheld cell.
+  Whether it is released depends on public numbers only (released counts and which cells are
+  withheld), so a null reveals nothing either. Quantiles of a withheld group, feature or histogram
+  are null. Across releases and groups quantiles add only such inequalities; the release log's
+  exact-derivability check (`release_log`) is about equations and is unaffected.
+* *Under output DP* quantiles are withheld (null): the fine histogram is not noised or charged, so
+  it must not reach a DP release (the job also packs no fine histogram then).
+
 Histograms use fixed, public bin edges (``bins`` equal bins over each feature's public bounds),
 not FLARE's default of bins over the federation's min/max: a global min and max are themselves
 two patients' exact values. Values outside the bounds are counted in the edge bins.
@@ -81,6 +110,8 @@ class StatsSpec:
     bounds: tuple[tuple[float, float], ...]
     groups: tuple[str, ...] = (ALL, "malignant", "benign")
     bins: int = 10
+    #: fine bins per feature for the quantiles (0: none, the pass-1 layout as before issue 13)
+    quantile_bins: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(str(f) for f in self.features))
@@ -99,6 +130,9 @@ class StatsSpec:
             raise ValueError(f"groups must be unique and start with '{ALL}', got {list(self.groups)}")
         if not isinstance(self.bins, int) or self.bins < 1:
             raise ValueError(f"bins must be a positive integer, got {self.bins!r}")
+        q = self.quantile_bins
+        if not isinstance(q, int) or q < 0 or (q and q % self.bins):
+            raise ValueError(f"quantile_bins must be 0 or a positive multiple of bins ({self.bins}), got {q!r}")
 
     @property
     def n_groups(self) -> int:
@@ -127,9 +161,14 @@ class StatsSpec:
         return np.linspace(self.lo, self.hi, self.bins + 1, axis=1)
 
     @property
+    def fine_edges(self) -> np.ndarray:
+        """(F, quantile_bins + 1) public edges of the fine (never released) quantile histogram."""
+        return np.linspace(self.lo, self.hi, self.quantile_bins + 1, axis=1)
+
+    @property
     def block(self) -> int:
-        """Pass-1 values per group: rows, then count, scaled sum and histogram per feature."""
-        return 1 + 2 * self.n_features + self.n_features * self.bins
+        """Pass-1 values per group: rows, then count, scaled sum, histogram and fine histogram per feature."""
+        return 1 + 2 * self.n_features + self.n_features * (self.bins + self.quantile_bins)
 
     @property
     def pass1_size(self) -> int:
@@ -142,12 +181,15 @@ class StatsSpec:
         return self.n_groups * self.n_features + 1
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "features": list(self.features),
             "bounds": [list(b) for b in self.bounds],
             "groups": list(self.groups),
             "bins": self.bins,
         }
+        if self.quantile_bins:  # absent when 0, so a layout without quantiles keeps its digest
+            out["quantile_bins"] = self.quantile_bins
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping) -> StatsSpec:
@@ -156,6 +198,7 @@ class StatsSpec:
             bounds=tuple(tuple(b) for b in d["bounds"]),
             groups=tuple(d.get("groups", (ALL, "malignant", "benign"))),
             bins=int(d.get("bins", 10)),
+            quantile_bins=int(d.get("quantile_bins", 0)),
         )
 
     def digest(self, **extra: object) -> str:
@@ -214,7 +257,8 @@ def histogram_counts(col: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def local_sums(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: StatsSpec, clip: bool = False) -> np.ndarray:
-    """Pass-1 vector of one site: per group [rows, count_f, Σx_f / scale_f, histogram_f] (NaN = missing).
+    """Pass-1 vector of one site: per group [rows, count_f, Σx_f / scale_f, histogram_f, fine histogram_f]
+    (NaN = missing; the fine histograms only with ``spec.quantile_bins``).
 
     ``clip`` clamps values into the public bounds first: output DP needs it (it bounds what one
     record can change); without DP the sums stay exact even for values past the bounds.
@@ -222,9 +266,9 @@ def local_sums(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: StatsSpec, 
     x = _check_inputs(x, masks, spec)
     if clip:
         x = np.clip(x, spec.lo, spec.hi)  # NaN stays NaN
-    scale, edges = spec.scale, spec.edges
+    scale, edges, fine_edges = spec.scale, spec.edges, spec.fine_edges
     out = np.zeros(spec.pass1_size)
-    f, b = spec.n_features, spec.bins
+    f, b, q = spec.n_features, spec.bins, spec.quantile_bins
     for gi, g in enumerate(spec.groups):
         rows = x[np.asarray(masks[g], dtype=bool)]
         base = gi * spec.block
@@ -232,22 +276,27 @@ def local_sums(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: StatsSpec, 
         present = ~np.isnan(rows)
         out[base + 1 : base + 1 + f] = present.sum(axis=0)
         out[base + 1 + f : base + 1 + 2 * f] = np.where(present, rows, 0.0).sum(axis=0) / scale
-        hist = out[base + 1 + 2 * f : base + spec.block].reshape(f, b)
+        hist = out[base + 1 + 2 * f : base + 1 + 2 * f + f * b].reshape(f, b)
+        fine = out[base + 1 + 2 * f + f * b : base + spec.block].reshape(f, q)
         for j in range(f):
             hist[j] = histogram_counts(rows[:, j], edges[j])
+            if q:
+                fine[j] = histogram_counts(rows[:, j], fine_edges[j])
     out[-1] = 1.0  # this site, counted once in the sum
     return out
 
 
 @dataclass
 class Sums:
-    """The pooled pass-1 aggregate in natural units: rows (G,), count (G,F), total (G,F), hist (G,F,B)."""
+    """The pooled pass-1 aggregate in natural units: rows (G,), count (G,F), total (G,F), hist (G,F,B),
+    fine (G,F,Q) (the quantile histograms, never released; None when the spec has none)."""
 
     rows: np.ndarray
     count: np.ndarray
     total: np.ndarray
     hist: np.ndarray
     contributors: int = 0  # vectors in the sum, from the contributor slot
+    fine: np.ndarray | None = None
 
     def means(self) -> np.ndarray:
         """(G, F) pooled means; NaN where a group has no value of a feature."""
@@ -288,13 +337,17 @@ def unpack_sums(vec: np.ndarray, spec: StatsSpec) -> Sums:
     if v.size != spec.pass1_size:
         raise ValueError(f"pass-1 vector has {v.size} values, expected {spec.pass1_size}")
     blocks = v[:-1].reshape(spec.n_groups, spec.block)
-    f = spec.n_features
+    f, b, q = spec.n_features, spec.bins, spec.quantile_bins
+    fine = None
+    if q:
+        fine = _whole(blocks[:, 1 + 2 * f + f * b :], "fine histogram counts").reshape(spec.n_groups, f, q)
     return Sums(
         rows=_whole(blocks[:, 0], "row counts"),
         count=_whole(blocks[:, 1 : 1 + f], "value counts"),
         total=blocks[:, 1 + f : 1 + 2 * f] * spec.scale,
-        hist=_whole(blocks[:, 1 + 2 * f :], "histogram counts").reshape(spec.n_groups, f, spec.bins),
+        hist=_whole(blocks[:, 1 + 2 * f : 1 + 2 * f + f * b], "histogram counts").reshape(spec.n_groups, f, b),
         contributors=contributors(v, "pass-1 sum"),
+        fine=fine,
     )
 
 
@@ -691,6 +744,106 @@ def suppress(
     return out
 
 
+# --- quantiles from the fine histogram ---------------------------------------------------------------------
+#: released quantiles: summary key → probability
+QUANTILES = {"q25": 0.25, "median": 0.5, "q75": 0.75}
+
+
+def _ranks(n: int, q: float) -> tuple[int, int, float]:
+    """np.quantile's default ("linear") method: the two order statistics it mixes and the weight of the upper."""
+    h = (n - 1) * q
+    lo = math.floor(h)
+    return lo, min(lo + 1, n - 1), h - lo
+
+
+def histogram_quantile(counts: np.ndarray, edges: np.ndarray, q: float) -> float | None:
+    """The q-quantile of the values behind a histogram, as np.quantile (default method) would give it.
+
+    Each order statistic x₍k₎ that np.quantile mixes is placed in the bin that holds rank k, at the
+    midpoint of its rank's share of the bin (values taken as evenly spread in the bin); the true one
+    lies in the same bin, so the result is within one bin width of np.quantile for values inside the
+    edges. None for an empty histogram.
+    """
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    edges = np.asarray(edges, dtype=np.float64).reshape(-1)
+    if counts.size + 1 != edges.size:
+        raise ValueError(f"{counts.size} bins but {edges.size} edges")
+    n = int(counts.sum())
+    if n <= 0:
+        return None
+    cum = np.cumsum(counts)
+
+    def order_statistic(k: int) -> float:
+        b = int(np.searchsorted(cum, k, side="right"))  # first bin whose cumulative count exceeds k
+        below = int(cum[b] - counts[b])
+        return float(edges[b] + (k - below + 0.5) / counts[b] * (edges[b + 1] - edges[b]))
+
+    lo, hi, t = _ranks(n, q)
+    return (1.0 - t) * order_statistic(lo) + t * order_statistic(hi)
+
+
+def snap_to_grid(value: float, edges: np.ndarray) -> float:
+    """``value`` rounded to the nearest of the (equally spaced) ``edges``: adds at most half a bin."""
+    edges = np.asarray(edges, dtype=np.float64).reshape(-1)
+    width = (edges[-1] - edges[0]) / (edges.size - 1)
+    i = int(np.clip(np.rint((value - edges[0]) / width), 0, edges.size - 1))
+    return float(edges[i])
+
+
+def quantile_cells(counts: np.ndarray, hidden: set[int] | Sequence[int], q: float) -> bool:
+    """Whether the q-quantile's ranks fall in a released coarse cell for *every* split of the withheld cells.
+
+    ``counts`` is one group's exact coarse histogram, ``hidden`` the cells withheld from it. What is
+    public: the released cells and the withheld total S (the group's count minus the released
+    cells). The values below a released cell j are its released cells below, R_j, plus the withheld
+    ones below, h: h = 0 if no withheld cell is below j, h = S if none is above, else anywhere in
+    [0, S]. Rank k lies in j for every such h when R_j + h_max ≤ k < R_j + h_min + c_j; then that it
+    lies there follows from the release alone and the quantile adds no constraint on a withheld cell.
+    True when both ranks np.quantile mixes are so placed. The test uses released numbers and the
+    withheld positions only, so a withheld (null) quantile reveals nothing about a withheld cell either.
+    """
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    n = int(counts.sum())
+    if n <= 0:
+        return False
+    shut = {int(b) for b in hidden}
+    shown = np.where([b in shut for b in range(counts.size)], 0, counts)
+    withheld = n - int(shown.sum())
+    released_below = np.concatenate([[0], np.cumsum(shown)[:-1]])
+
+    def located(k: int) -> bool:
+        for j in range(counts.size):
+            if j in shut:
+                continue
+            below, above = any(b < j for b in shut), any(b > j for b in shut)
+            h_min = 0 if above or not below else withheld
+            h_max = withheld if below else 0
+            if released_below[j] + h_max <= k < released_below[j] + h_min + counts[j]:
+                return True
+        return False
+
+    lo, hi, _ = _ranks(n, q)
+    return located(lo) and located(hi)
+
+
+def release_quantiles(
+    sums: Sums, spec: StatsSpec, gi: int, j: int, hidden: set[int] | Sequence[int]
+) -> dict[str, float | None]:
+    """median, q25 and q75 of group ``gi``, feature ``j`` from the fine histogram, rounded to its grid;
+    None where :func:`quantile_cells` says the quantile would tell more than the released cells."""
+    out: dict[str, float | None] = dict.fromkeys(QUANTILES)
+    if not spec.quantile_bins or sums.fine is None:
+        return out
+    fine_edges = spec.fine_edges[j]
+    for name, q in QUANTILES.items():
+        if not quantile_cells(sums.hist[gi, j], hidden, q):
+            continue
+        estimate = histogram_quantile(sums.fine[gi, j], fine_edges, q)
+        if estimate is not None:
+            out[name] = round_release(snap_to_grid(estimate, fine_edges))
+    return out
+
+
 # --- the release -------------------------------------------------------------------------------------------
 def release(
     sums: Sums,
@@ -706,6 +859,8 @@ def release(
     Refuses (ValueError) a pass-1 sum of fewer than MIN_CONTRIBUTORS sites. With ``dp``, noise is
     added first and suppression decided on the noisy counts, so the decision is post-processing of a
     DP output and costs no extra privacy. Every mean and std is rounded (:func:`round_release`).
+    Quantiles (``median``, ``q25``, ``q75``; module doc) come from the exact fine histogram, rounded to
+    its grid, only without ``dp`` and only where :func:`quantile_cells` allows; null otherwise.
     """
     check_contributors(sums.contributors, "pass-1 sum")
     plan = None
@@ -729,6 +884,7 @@ def release(
                 mean = float(np.clip(mean, spec.lo[j], spec.hi[j]))
                 std = None if std is None else float(min(std, spec.hi[j] - spec.lo[j]))
             entry: dict = {"count": n, "mean": round_release(mean), "std": round_release(std)}
+            quantiles: dict[str, float | None] = dict.fromkeys(QUANTILES)
             if f in sup.histograms.get(g, {}):
                 entry["histogram"] = None
             else:
@@ -737,6 +893,9 @@ def release(
                     "bin_edges": edges[j].tolist(),
                     "counts": [None if b in hidden else int(sums.hist[gi, j, b]) for b in range(spec.bins)],
                 }
+                if plan is None:  # under DP the fine histogram is neither noised nor charged: no quantiles
+                    quantiles = release_quantiles(sums, spec, gi, j, hidden)
+            entry.update(quantiles)
             stats[g][f] = entry
     return {
         "statistics": stats,
@@ -746,8 +905,21 @@ def release(
             "counts": "exact integers",
             "mean_std_significant_digits": SIGNIFICANT_DIGITS,
             "why": "decrypted CKKS values at full precision let the ciphertexts' holder recover the key",
+            "quantiles": _quantile_note(spec, dp is not None),
         },
     }
+
+
+def _quantile_note(spec: StatsSpec, dp: bool) -> str:
+    if not spec.quantile_bins:
+        return "not computed (no fine histogram in this job's layout)"
+    if dp:
+        return "withheld under output DP (the fine histogram is not noised)"
+    return (
+        f"from a {spec.quantile_bins}-bin fine histogram over the public bounds (never released), order statistics "
+        "interpolated within their bin, rounded to the nearest fine-bin edge: within 1.5 fine bins of np.quantile; "
+        "null where the rank falls in a cell whose cumulative place the released histogram does not give"
+    )
 
 
 def round_release(value: float | None, digits: int = SIGNIFICANT_DIGITS) -> float | None:
@@ -763,7 +935,8 @@ def round_release(value: float | None, digits: int = SIGNIFICANT_DIGITS) -> floa
 
 
 def pooled_reference(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: StatsSpec) -> dict[str, dict[str, dict]]:
-    """Count, mean and std (ddof=1) computed centrally: the plaintext truth the federated run must match."""
+    """Count, mean, std (ddof=1) and np.quantile's q25/median/q75 computed centrally: the plaintext truth
+    the federated run must match."""
     out: dict[str, dict[str, dict]] = {}
     for g in spec.groups:
         rows = np.asarray(x, dtype=np.float64)[np.asarray(masks[g], dtype=bool)]
@@ -774,5 +947,6 @@ def pooled_reference(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: Stats
                 "count": int(col.size),
                 "mean": float(col.mean()) if col.size else None,
                 "std": float(col.std(ddof=1)) if col.size > 1 else None,
+                **{k: float(np.quantile(col, q)) if col.size else None for k, q in QUANTILES.items()},
             }
     return out

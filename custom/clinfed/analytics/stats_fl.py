@@ -24,7 +24,8 @@ Flow (three tasks, recorded as three "rounds" in summary.json):
 =====  ====================  ===============================================================
 round  task                  what travels
 =====  ====================  ===============================================================
-0      ``cohort_sums``       site → server: Enc(rows, counts, Σx/scale, histograms); server adds
+0      ``cohort_sums``       site → server: Enc(rows, counts, Σx/scale, histograms, fine quantile
+                             histograms); server adds
 1      ``cohort_deviations`` server → sites: Enc(pass-1 sum); site → server: Enc(Σ(x−mean)²/scale²)
 2      ``cohort_release``    server → release site: both sums; release site → server: the
                              suppressed (and noised) release as JSON
@@ -33,7 +34,10 @@ round  task                  what travels
 Known limit (same as FedAvg's): every key-holding site that takes part in pass 2 sees the *pooled*
 pass-1 aggregate unsuppressed, since it must decrypt the means. Suppression and DP protect what
 leaves the key holders, not what the key holders compute together. Only one site releases, so the
-server never gets two independently noised copies to average.
+server never gets two independently noised copies to average. With quantiles (``quantile_bins``),
+that pooled aggregate includes the fine histograms (e.g. 200 bins per feature and group): the key
+holders see finer pooled counts than anyone else; the release carries only the rounded quantiles
+(`stats.release_quantiles`), none under output DP.
 
 A site-level problem (missing column, unreadable CSV, policy refusal) is reported as that site's
 status "failed"/"refused" with a one-line reason; the others go on, and the release covers the
@@ -52,7 +56,8 @@ What the sites enforce whatever the job or the server says (issue 12, items 5-8)
 * **The release log** (`clinfed.analytics.release_log`): before its pass-2 sum, each site works out
   from the decrypted pass-1 sum which cells an exact release would show, and refuses when its log
   says that, with an earlier release, a withheld cell would become derivable.
-* **Rounded release**: counts are integers, means and std 7 significant digits (`stats.release`).
+* **Rounded release**: counts are integers, means and std 7 significant digits, quantiles rounded to
+  the fine bin grid and withheld where they would constrain a withheld cell (`stats.release`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,550 @@
+"""One encrypted-sums job for every clinical analytics method (`survival_km`, `cox_ph`, `glm`) on FLARE.
+
+Why one: Kaplan–Meier, Cox and GLM differ only in what a site sums and how the sum steps the fit
+(`clinfed.analytics.methods`); the protocol, the encryption, the contributor floor, the audit log
+and summary.json are the same, so they live here once, as `clinfed.fl.recipe` composes training.
+
+Protocol (round r; two tasks per round):
+
+=================  ================================================================================
+``clinical_sums``  server → every active site: the method's phase and, after round 0, the current
+                   iterate *encrypted by the release site* (round 0: public settings only). Each site
+                   computes its vector of sums on its complete cases, appends a contributor slot
+                   (1.0), encrypts it (`he.ckks.encrypt_vector`) and returns the ciphertexts. The
+                   server vets and adds them (`he.aggregation.EncryptedSum`); a site that fails or
+                   refuses is reported with a one-line reason and left out (round 0 only: a site
+                   lost mid-fit would change the likelihood, so the job stops instead).
+``clinical_step``  server → release site (the first site by name; it holds the key like every
+                   site): the encrypted sum and the sites the server says are in it. The release
+                   site decrypts, checks the contributor slot (≥ 3, and the number the server
+                   names), and runs the method's step. It answers with the next iterate
+                   *encrypted* (the server never sees β) or with the released block as plaintext
+                   JSON: rounded to 7 significant digits (counts exact), after disclosure control.
+=================  ================================================================================
+
+The server holds only the public CKKS context: it adds ciphertexts and forwards them, and sees the
+released result and nothing else. Disclosure control: KM per-bin counts are merged/truncated to the
+minimum cell at the release site (`km.enforce_min_cell`); GLM's DataSHIELD check runs at each site
+on its own counts before it sends anything (`glm.disclosure_check`, a refusal); every method needs
+≥ 3 contributing sites (`he.aggregation.MIN_CONTRIBUTORS`: refused at recipe construction, checked
+by the server and by the release site in the ciphertext's contributor slot). The minimum cell is the
+largest of the job's and any site's own policy (`local/resources.json` → clinfed.min_cell).
+
+summary.json: ``encrypted: true``, ``rounds`` (per round: phase, per-site status, bytes_sent and
+reason, and the release site's step), ``rounds_completed``, the method's block (`km`, `cox` or
+`glm`, schema of issue 13) and ``provenance[block]``: contributing sites, n used, what was
+suppressed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_common.workflows.model_controller import ModelController
+from nvflare.job_config.api import FedJob
+from nvflare.recipe.spec import Recipe
+
+from clinfed.analytics.methods import Method, make_method
+from clinfed.audit import AuditLog, payload_digest
+from clinfed.errors import SiteDataError, SiteRefusal
+from clinfed.fl import payload
+from clinfed.fl.participant import RESOURCES_FILE, SitePolicy, participant_root, server_context, site_context
+from clinfed.he.aggregation import MIN_CONTRIBUTORS
+from clinfed.textio import json_default, one_line
+
+SUMS_TASK = "clinical_sums"
+STEP_TASK = "clinical_step"
+TASKS = (SUMS_TASK, STEP_TASK)
+VEC_KEY = "sums"
+SUMMARY_FILE = "summary.json"
+SIGNIFICANT_DIGITS = 7
+
+
+def round_release(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
+    """Every float in a released structure to `digits` significant digits; ints (counts) and text exact.
+
+    A relative grid: the release carries no more precision than a statistician reads, and the CKKS
+    error (≤ 1e-8 relative) falls below it.
+    """
+    if isinstance(value, dict):
+        return {k: round_release(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [round_release(v, digits) for v in value]
+    if isinstance(value, bool | int) or value is None:
+        return value
+    if isinstance(value, float | np.floating):
+        v = float(value)
+        return float(f"{v:.{digits - 1}e}") if math.isfinite(v) else None
+    return value
+
+
+def policy_min_cell(root: Path) -> int | None:
+    """The hospital's own floor for small cells (`local/resources.json` → clinfed.min_cell), if set."""
+    path = root / "local" / RESOURCES_FILE
+    if not path.exists():
+        return None
+    value = json.loads(path.read_text()).get("clinfed", {}).get("min_cell")
+    return int(value) if value is not None else None
+
+
+def _layout_json(size: int) -> str:
+    from clinfed.he.packing import flatten, layout_to_json
+
+    return layout_to_json(flatten({VEC_KEY: np.zeros(size)})[1])
+
+
+def _entry(meta: dict) -> dict:
+    return {
+        "status": meta.get("status", "failed"),
+        "reason": meta.get("reason", ""),
+        "metrics": meta.get("metrics", {}),
+        "bytes_sent": int(meta.get("bytes_sent", 0) or 0),
+    }
+
+
+# --- site side ------------------------------------------------------------------------------------------
+class SumsExecutor(Executor):
+    """A site's part of every clinical analytics job: its vector of sums, encrypted; and, if it is the
+    release site, the step from the decrypted sum to the next encrypted iterate or the release.
+
+    Never raises into FLARE for a site-level problem: it answers status "failed" or "refused" with a
+    one-line reason naming the site.
+    """
+
+    def __init__(self, method: dict | None = None, num_sites: int = 3, min_cell: int = 5, job_label: str = "clinical"):
+        super().__init__()
+        # FedJob serialises a component from the attributes named like its __init__ arguments.
+        self.method, self.num_sites, self.min_cell, self.job_label = dict(method or {}), num_sites, min_cell, job_label
+        self._ready = False
+        self._data: Any = None
+
+    def _setup(self, fl_ctx: FLContext) -> None:
+        if self._ready:
+            return
+        from clinfed.data.sitedb import find_site_databases, read_site_table
+
+        self._m: Method = make_method(self.method)
+        self.root = participant_root(fl_ctx)
+        self.policy = SitePolicy.load(self.root)
+        self.audit = AuditLog(self.root, self.site)
+        self._ctx, self._fingerprint = site_context(self.root, self.site)
+        if not self.policy.data_dir:
+            raise SiteRefusal(f"{self.site}: no data_dir in local/resources.json: this job reads the site's database")
+        dbs = find_site_databases(self.policy.data_dir)
+        if self.site not in dbs:
+            raise SiteDataError(f"{self.site}: no {self.site}.sqlite in {self.policy.data_dir}")
+        table = read_site_table(dbs[self.site], self._m.variables(), site=self.site)
+        self._data = self._m.load(table, self.site, self._min_cell({}))
+        self.audit.append("job_start", job=self.job_label, encrypted=True, method=self._m.block)
+        self._ready = True
+
+    def _min_cell(self, meta: dict) -> int:
+        floors = [self.min_cell, policy_min_cell(self.root), meta.get("min_cell")]
+        return max(int(v) for v in floors if v is not None)
+
+    def _encrypt(self, vec: np.ndarray) -> dict:
+        from clinfed.he.ckks import context_params, encrypt_vector
+        from clinfed.he.params import max_abs_value
+
+        bound = max_abs_value(context_params(self._ctx)) / max(int(self.num_sites), 1)
+        if np.abs(vec).max(initial=0.0) > bound:
+            raise ValueError(
+                f"{self.site}: a sum reaches {np.abs(vec).max():.4g}, over the ±{bound:.4g} that {self.num_sites} "
+                "sites can add under these CKKS parameters (rescale the covariates)"
+            )
+        return payload.encrypted_params(encrypt_vector(self._ctx, vec), _layout_json(vec.size), self._fingerprint)
+
+    def _decrypt(self, params: dict, size: int, what: str) -> np.ndarray:
+        from clinfed.he.ckks import decrypt_vector
+
+        if not payload.is_encrypted(params):
+            raise SiteRefusal(f"{self.site}: the server sent the {what} in plaintext; this job runs under CKKS")
+        if params.get(payload.FINGERPRINT_KEY) != self._fingerprint:
+            raise SiteRefusal(f"{self.site}: the {what} was encrypted under another federation's key")
+        return decrypt_vector(self._ctx, params[payload.CKKS_KEY], size)
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if task_name not in TASKS:
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        self.site = fl_ctx.get_identity_name()
+        round_num = 0
+        try:
+            incoming = FLModelUtils.from_shareable(shareable)
+            meta = incoming.meta or {}
+            round_num = int(meta.get("round", 0))
+            self._setup(fl_ctx)
+            if meta.get("settings") != self._m.digest():
+                raise SiteRefusal(f"{self.site}: the server's analysis settings differ from this site's job config")
+            start = time.monotonic()
+            phase = str(meta.get("phase", ""))
+            params = incoming.params or {}
+            if task_name == SUMS_TASK:
+                size = self._m.iterate_size(phase)
+                iterate = self._decrypt(params, size, "iterate") if size else None
+                vec = np.concatenate([self._m.site_local(self._data, phase, iterate), [1.0]])
+                return self._reply(self._encrypt(vec), round_num, start, {})
+            return self._step(params, meta, round_num, phase, start)
+        except SiteRefusal as exc:
+            return self._status("refused", one_line(exc, self.site), round_num)
+        except Exception as exc:  # a site-level failure is reported, never allowed to stall the job
+            reason = one_line(exc, self.site)
+            self.log_error(fl_ctx, reason)
+            return self._status("failed", reason, round_num)
+
+    def _step(self, params: dict, meta: dict, round_num: int, phase: str, start: float) -> Shareable:
+        """Release site: decrypt the sum, check who is in it, step; encrypted iterate or the release."""
+        summed = self._decrypt(params, self._m.size(phase) + 1, "sum")
+        count = round(float(summed[-1]))
+        named = list(meta.get("sites") or [])
+        if count < MIN_CONTRIBUTORS:
+            raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s), fewer than {MIN_CONTRIBUTORS}")
+        if count != len(named) or self.site not in named:
+            raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s) but the server names {len(named)}")
+        step = self._m.step(summed[:-1], phase, self._min_cell(meta))
+        if step.result is None:
+            assert step.iterate is not None
+            return self._reply(self._encrypt(step.iterate), round_num, start, {"phase": step.phase})
+        release = {
+            self._m.block: round_release(step.result),
+            "provenance": {
+                self._m.block: {"sites": sorted(named), "n": int(step.n), "suppressed": step.suppressed},
+            },
+        }
+        text = json.dumps(release, sort_keys=True, default=json_default)
+        return self._reply({}, round_num, start, {"release_json": text}, released=len(text))
+
+    def _reply(self, params: dict, round_num: int, start: float, extra: dict, released: int = 0) -> Shareable:
+        if released:
+            digest, size = payload_digest(extra["release_json"].encode()), released
+            self.audit.append(
+                "update_sent",
+                job=self.job_label,
+                round=round_num,
+                site=self.site,
+                sha256=digest,
+                bytes=size,
+                encrypted=False,
+                kind="release",
+            )
+        else:
+            digest, size = payload.log_update(
+                self.audit, "update_sent", params, job=self.job_label, round_num=round_num, site=self.site
+            )
+        meta = {
+            "status": "ok",
+            "settings": self._m.digest(),
+            "bytes_sent": size,
+            "sha256": digest,
+            "metrics": {"seconds": round(time.monotonic() - start, 4)},
+            "min_cell_policy": policy_min_cell(self.root),
+            **extra,
+        }
+        return FLModelUtils.to_shareable(FLModel(params=params, meta=meta, current_round=round_num))
+
+    def _status(self, status: str, reason: str, round_num: int) -> Shareable:
+        if getattr(self, "audit", None) is not None:
+            self.audit.append(status, job=self.job_label, round=round_num, site=self.site, reason=reason)
+        meta = {"status": status, "reason": reason}
+        return FLModelUtils.to_shareable(FLModel(params={}, meta=meta, current_round=round_num))
+
+
+# --- server side ------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    """The job ends without a release; the reason goes into summary.json."""
+
+
+class SumsController(ModelController):
+    """Server side: dispatch rounds, add the sites' ciphertexts, forward the sum to the release site.
+
+    Holds only the public CKKS context (`server_context` refuses a secret one) and never decrypts.
+    """
+
+    def __init__(
+        self,
+        method: dict | None = None,
+        min_cell: int = 5,
+        release_site: str | None = None,
+        job_label: str = "clinical",
+        task_timeout: int = 0,
+    ):
+        super().__init__()
+        self.method, self.min_cell, self.release_site = dict(method or {}), min_cell, release_site
+        self.job_label, self.task_timeout = job_label, task_timeout
+
+    def _sum_round(self, rnd: int, phase: str, iterate: dict, targets: list[str]) -> tuple[dict, dict]:
+        """One `clinical_sums` task: (entries per site, encrypted sum params or {} when nobody contributed)."""
+        from clinfed.he.aggregation import EncryptedSum
+
+        size = self._m.size(phase) + 1
+        meta = {"settings": self._m.digest(), "phase": phase, "round": rnd, "min_cell": self._min_cell}
+        results = self.send_model_and_wait(
+            task_name=SUMS_TASK,
+            data=FLModel(params=iterate, meta=meta),
+            targets=targets,
+            min_responses=len(targets),
+            timeout=self.task_timeout,
+        )
+        acc = EncryptedSum(self.ctx, self.fingerprint, size=size)
+        layout = _layout_json(size)
+        entries: dict[str, dict] = {}
+        for result in results:
+            rmeta = result.meta or {}
+            site = rmeta.get("client_name", "?")
+            entry = _entry(rmeta)
+            params = result.params or {}
+            if entry["status"] == "ok":
+                payload.log_update(self.audit, "update_received", params, job=self.job_label, round_num=rnd, site=site)
+                try:
+                    if rmeta.get("settings") != self._m.digest():
+                        raise ValueError(f"{site}: its analysis settings differ from the job's")
+                    if not payload.is_encrypted(params):
+                        raise ValueError(f"{site}: sent a plaintext vector to an encrypted job")
+                    if params.get(payload.LAYOUT_KEY) != layout:
+                        raise ValueError(f"{site}: packed layout differs from the job's ({phase})")
+                    acc.add(site, params[payload.CKKS_KEY], 1.0, params.get(payload.FINGERPRINT_KEY, ""))
+                    if rmeta.get("min_cell_policy") is not None:
+                        self._min_cell = max(self._min_cell, int(rmeta["min_cell_policy"]))
+                except ValueError as exc:
+                    entry.update(status="failed", reason=one_line(exc, site))
+            if entry["status"] != "ok":
+                self.warning(entry["reason"] or f"{site}: {entry['status']}")
+                self.audit.append(entry["status"], job=self.job_label, round=rnd, site=site, reason=entry["reason"])
+            entries[site] = entry
+        for site in targets:
+            entries.setdefault(
+                site,
+                {
+                    "status": "failed",
+                    "reason": f"{site}: no result (timed out or died)",
+                    "metrics": {},
+                    "bytes_sent": 0,
+                },
+            )
+        ok = sorted(s for s, e in entries.items() if e["status"] == "ok")
+        if not ok:
+            return entries, {}
+        cts, _, _ = acc.result()
+        self.audit.append("aggregation", job=self.job_label, round=rnd, sites=ok, encrypted=True)
+        return entries, payload.encrypted_params(cts, layout, self.fingerprint)
+
+    def _step(self, rnd: int, site: str, phase: str, agg: dict, sites: list[str]) -> tuple[dict, FLModel | None]:
+        meta = {"settings": self._m.digest(), "phase": phase, "round": rnd, "sites": sites, "min_cell": self._min_cell}
+        results = self.send_model_and_wait(
+            task_name=STEP_TASK,
+            data=FLModel(params=agg, meta=meta),
+            targets=[site],
+            min_responses=1,
+            timeout=self.task_timeout,
+        )
+        if not results:
+            return {
+                "status": "failed",
+                "reason": f"{site}: no step (timed out or died)",
+                "metrics": {},
+                "bytes_sent": 0,
+            }, None
+        rmeta = results[0].meta or {}
+        return _entry(rmeta), results[0]
+
+    def run(self) -> None:
+        self._m = make_method(self.method)
+        self.root = participant_root(self.fl_ctx, "server")
+        self.audit = AuditLog(self.root, "server")
+        self.ctx, self.fingerprint = server_context(self.root)
+        self._min_cell = int(self.min_cell)
+        targets = sorted(self.sample_clients(), key=lambda s: (len(s), s))
+        chosen = self.release_site if self.release_site in targets else targets[0]
+        self.audit.append("job_start", job=self.job_label, encrypted=True, method=self._m.block)
+        rounds: list[dict] = []
+        outcome = {"status": "not released", "reason": "", "release_site": chosen, "contributors": []}
+        release: dict = {}
+        phase, iterate, active = self._m.first_phase, {}, targets
+        started = time.monotonic()
+        try:
+            for rnd in range(self._m.max_rounds):
+                entries, agg = self._sum_round(rnd, phase, iterate, active)
+                record = {"round": rnd, "phase": phase, "sites": entries}
+                rounds.append(record)
+                ok = sorted((s for s, e in entries.items() if e["status"] == "ok"), key=lambda s: (len(s), s))
+                if rnd == 0:
+                    active = ok
+                    outcome["contributors"] = ok
+                elif ok != active:
+                    lost = sorted(set(active) - set(ok))
+                    raise _Stop(f"{lost[0]} dropped out mid-fit ({entries[lost[0]]['reason']}); the sums would change")
+                if len(active) < MIN_CONTRIBUTORS:
+                    why = "; ".join(e["reason"] for e in entries.values() if e["status"] != "ok")
+                    raise _Stop(f"only {len(active)} site(s) contributed (at least {MIN_CONTRIBUTORS} needed): {why}")
+                if chosen not in active:
+                    raise _Stop(f"the release site {chosen} did not contribute: {entries[chosen]['reason']}")
+                entry, result = self._step(rnd, chosen, phase, agg, active)
+                record["release"] = {chosen: entry}
+                if entry["status"] != "ok" or result is None:
+                    raise _Stop(f"the release site failed: {entry['reason']}")
+                rmeta = result.meta or {}
+                if "release_json" in rmeta:
+                    release = self._read_release(rnd, chosen, rmeta["release_json"])
+                    outcome["status"] = "released"
+                    break
+                phase, iterate = str(rmeta.get("phase")), result.params or {}
+            else:
+                raise _Stop(f"no result after {self._m.max_rounds} rounds")
+        except _Stop as stop:
+            outcome["reason"] = str(stop)
+            self.warning(f"{self.job_label}: nothing released: {stop}")
+        self.audit.append("job_end", job=self.job_label, rounds_completed=len(rounds), outcome=outcome["status"])
+        self._write_summary(targets, rounds, outcome, release, time.monotonic() - started)
+
+    def _read_release(self, rnd: int, site: str, text: str) -> dict:
+        self.audit.append(
+            "update_received",
+            job=self.job_label,
+            round=rnd,
+            site=site,
+            sha256=payload_digest(text.encode()),
+            bytes=len(text),
+            encrypted=False,
+            kind="release",
+        )
+        try:
+            release = json.loads(text)
+        except ValueError as exc:
+            raise _Stop(f"{site}: its release is not valid JSON ({exc})") from None
+        if not isinstance(release, dict) or self._m.block not in release:
+            raise _Stop(f"{site}: its release carries no '{self._m.block}' block")
+        return release
+
+    def _write_summary(
+        self, sites: list[str], rounds: list[dict], outcome: dict, release: dict, seconds: float
+    ) -> None:
+        contributors = set(outcome["contributors"]) if outcome["status"] == "released" else set()
+        per_round = [sum(e["bytes_sent"] for e in r["sites"].values()) for r in rounds]
+        summary = {
+            "job": self.job_label,
+            "method": self._m.block,
+            "sites": sites,
+            "encrypted": True,
+            "rounds_completed": len(rounds),
+            "rounds": rounds,
+            "final": {
+                "status": outcome["status"],
+                "reason": outcome["reason"],
+                "release_site": outcome["release_site"],
+                "metrics": {
+                    "sites_contributing": len(contributors),
+                    "seconds": round(seconds, 3),
+                    "bytes_per_round": round(sum(per_round) / max(len(per_round), 1), 1),
+                },
+                "per_site": {s: {"contributed": s in contributors} for s in sites},
+                "primary_metric": "seconds",
+            },
+            self._m.block: release.get(self._m.block),
+            "provenance": release.get("provenance", {}),
+        }
+        path = Path(self.get_run_dir()) / SUMMARY_FILE
+        path.write_text(json.dumps(summary, indent=2, default=json_default))
+        self.info(f"summary written to {path}")
+
+
+# --- the recipe -------------------------------------------------------------------------------------------
+class SumsRecipe(Recipe):
+    """A clinical analytics job: `SumsController` on the server, `SumsExecutor` at every site.
+
+    Configuration only travels (`set_app_packages(["clinfed"])`): `method` is the JSON dict
+    `methods.make_method` builds the strategy from, at the server and at every site.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_sites: int,
+        method: dict,
+        min_cell: int = 5,
+        encrypt: bool = True,
+        release_site: str | None = None,
+        task_timeout: int = 0,
+    ):
+        if num_sites < MIN_CONTRIBUTORS:
+            raise ValueError(
+                f"{name} needs at least {MIN_CONTRIBUTORS} sites (got {num_sites}): "
+                "with two, each site could subtract its own sums from the result and read the other's"
+            )
+        if not encrypt:
+            raise ValueError(f"{name} runs only under CKKS: the server must see sums it cannot read")
+        if int(min_cell) < 1:
+            raise ValueError(f"minimum cell must be ≥ 1, got {min_cell}")
+        make_method(method)  # refuses an unknown method or malformed config here, at submission
+        job = FedJob(name=name, min_clients=num_sites)
+        job.set_app_packages(["clinfed"])
+        job.to_server(
+            SumsController(
+                method=dict(method),
+                min_cell=int(min_cell),
+                release_site=release_site,
+                job_label=name,
+                task_timeout=task_timeout,
+            ),
+            id="controller",
+        )
+        job.to_clients(
+            SumsExecutor(method=dict(method), num_sites=num_sites, min_cell=int(min_cell), job_label=name),
+            id="executor",
+            tasks=list(TASKS),
+        )
+        self.num_sites, self.encrypt = num_sites, True
+        super().__init__(job)
+
+
+# --- what a job can check before it is submitted ------------------------------------------------------------
+def split_manifest(data_dir: str | Path | None) -> dict | None:
+    """`split.json` of a `clinfed data split` folder (which dataset, sites, events per site), or None."""
+    if not data_dir:
+        return None
+    from clinfed.data.sitedb import MANIFEST
+
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def check_split(manifest: dict | None, sites: int, columns: list[str], numeric: list[str], needs_events: bool):
+    """Validate a job's variables against the bundled dataset a split was made from; the pooled frame.
+
+    One-line ValueErrors: fewer sites in the split than asked for, an unknown column (listing the
+    known ones), a text covariate without encoding, a site without events (Cox).
+    """
+    if manifest is None:
+        return None
+    from clinfed.data.clinical import load_dataset
+
+    name = manifest["dataset"]
+    frame = load_dataset(name)
+    have = len(manifest.get("sites", {}))
+    if have < sites:
+        raise ValueError(f"the split of {name} has {have} site databases, the job asks for {sites} sites")
+    unknown = [c for c in columns if c not in frame.columns]
+    if unknown:
+        raise ValueError(f"{name} has no column {unknown[0]!r} (has: {', '.join(map(str, frame.columns))})")
+    text = [c for c in numeric if frame[c].dtype.kind not in "biuf"]
+    if text:
+        raise ValueError(
+            f"covariate {text[0]!r} of {name} is text ({frame[text[0]].dropna().iloc[0]!r}...): encode it first"
+        )
+    if needs_events:
+        empty = [s for s, info in manifest.get("sites", {}).items() if int(info.get("events", 1)) == 0]
+        if empty:
+            raise ValueError(f"{empty[0]} has no events in the split of {name}: a Cox fit needs events at every site")
+    return frame

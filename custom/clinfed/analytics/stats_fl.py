@@ -754,6 +754,7 @@ class CohortStatsController(ModelController):
             "statistics": statistics,
             "suppression": sup,
             "dp": release.get("dp"),
+            "precision": release.get("precision"),  # how counts, means and quantiles were rounded
         }
         path = Path(self.get_run_dir()) / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2, default=json_default))

@@ -128,6 +128,7 @@ class SumsExecutor(Executor):
         # FedJob serialises a component from the attributes named like its __init__ arguments.
         self.method, self.num_sites, self.min_cell, self.job_label = dict(method or {}), num_sites, min_cell, job_label
         self._ready = False
+        self._answered = False
         self._data: Any = None
 
     def _setup(self, fl_ctx: FLContext) -> None:
@@ -192,8 +193,12 @@ class SumsExecutor(Executor):
             params = incoming.params or {}
             if task_name == SUMS_TASK:
                 size = self._m.iterate_size(phase)
-                iterate = self._decrypt(params, size, "iterate") if size else None
-                vec = np.concatenate([self._m.site_local(self._data, phase, iterate), [1.0]])
+                iterate = None
+                if size and (params or self._answered):  # round 0 alone starts from the method's own β = 0
+                    iterate = self._decrypt(params, size, "iterate")
+                self._answered = True
+                local = self._m.site_local(self._data, phase, iterate) / self._m.scale(phase)
+                vec = np.concatenate([local, [1.0]])
                 return self._reply(self._encrypt(vec), round_num, start, {})
             return self._step(params, meta, round_num, phase, start)
         except SiteRefusal as exc:
@@ -212,7 +217,7 @@ class SumsExecutor(Executor):
             raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s), fewer than {MIN_CONTRIBUTORS}")
         if count != len(named) or self.site not in named:
             raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s) but the server names {len(named)}")
-        step = self._m.step(summed[:-1], phase, self._min_cell(meta))
+        step = self._m.step(summed[:-1] * self._m.scale(phase), phase, self._min_cell(meta))
         if step.result is None:
             assert step.iterate is not None
             return self._reply(self._encrypt(step.iterate), round_num, start, {"phase": step.phase})

@@ -72,3 +72,90 @@ def plot_rounds(summary: dict, path: Path, metric: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def plot_km(km: dict, path: Path) -> Path:
+    """Kaplan–Meier step curves per group (released bins only) with a numbers-at-risk table below.
+
+    Drawn from summary.json's `km` block alone: the at-risk row shows the released at-risk count of
+    each group at evenly spaced times (the last released bin at or before each tick), so every number
+    in the figure is one the release already carries (0 or ≥ the minimum cell).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = km.get("groups") or {}
+    fig = Figure(figsize=(8, 5.5))
+    FigureCanvasAgg(fig)
+    ax, ax_risk = fig.subplots(2, 1, gridspec_kw={"height_ratios": [4, 1]}, sharex=True)
+    horizon = max((max(g["time"]) for g in groups.values() if g["time"]), default=1.0)
+    ticks = [horizon * i / 5 for i in range(6)]
+    for row, (level, g) in enumerate(sorted(groups.items())):
+        times, surv = [0.0, *g["time"]], [1.0, *g["survival"]]
+        (line,) = ax.step(times, surv, where="post", label=str(level))
+        at_risk = []
+        for t in ticks:
+            # patients at risk just after t: the first released bin ending after t (0 past the end)
+            later = [n for tt, n in zip(g["time"], g["at_risk"], strict=True) if tt > t]
+            at_risk.append(later[0] if later else 0)
+        for t, n in zip(ticks, at_risk, strict=True):
+            ax_risk.text(t, row, str(n), ha="center", va="center", color=line.get_color(), fontsize=9)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("survival")
+    logrank = km.get("logrank")
+    title = f"Kaplan–Meier, {km.get('time_bin'):g}-day bins"
+    if logrank:
+        title += f" — log-rank χ²={logrank['chi2']:.3g}, df={logrank['df']}, p={logrank['p']:.3g}"
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend(loc="lower left")
+    ax_risk.set_yticks(range(len(groups)), [str(k) for k in sorted(groups)])
+    ax_risk.set_ylim(-0.5, max(len(groups), 1) - 0.5)
+    ax_risk.invert_yaxis()
+    ax_risk.set_xticks(ticks)
+    ax_risk.set_xlabel("time (days); numbers at risk below")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_forest(cox: dict, path: Path) -> Path:
+    """Hazard ratios with 95 % CIs on a log axis, one row per covariate, from summary.json's `cox`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = list((cox.get("coef") or {}).items())
+    fig = Figure(figsize=(7, 1.2 + 0.5 * max(len(rows), 1)))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, (_, c) in enumerate(rows):
+        ax.plot([c["ci_low"], c["ci_high"]], [i, i], color="black")
+        ax.plot([c["hr"]], [i], marker="s", color="tab:blue")
+        ax.text(
+            1.02,
+            i,
+            f"{c['hr']:.3g} ({c['ci_low']:.3g}–{c['ci_high']:.3g})",
+            transform=ax.get_yaxis_transform(),
+            va="center",
+            fontsize=9,
+        )
+    ax.axvline(1.0, color="grey", linestyle=":")
+    ax.set_xscale("log")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows])
+    ax.set_xlabel("hazard ratio (95 % CI)")
+    strata = "stratified by site" if cox.get("strata") == "site" else f"pooled, {cox.get('time_bin')}-day bins"
+    ax.set_title(f"Cox PH ({strata}), n={cox.get('n')}, events={cox.get('events')}, C={cox.get('concordance', 0):.3f}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

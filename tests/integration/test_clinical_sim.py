@@ -73,6 +73,7 @@ def test_survival_km_equals_lifelines_on_binned_gbsg2(tmp_path):
     a, b = (pooled[pooled["horTh"] == v] for v in ("no", "yes"))
     ref_chi2 = logrank_test(a["tb"], b["tb"], a["event"], b["event"]).test_statistic
     assert km["logrank"]["chi2"] == pytest.approx(ref_chi2, rel=1e-6)
+    assert (tmp_path / "survival_km" / "survival_km-km.png").stat().st_size > 0  # curves + numbers at risk
     prov = summary["provenance"]["km"]
     assert prov["n"] == len(pooled) and prov["sites"] == ["site-1", "site-2", "site-3"]
     print(
@@ -103,6 +104,7 @@ def test_cox_ph_stratified_equals_lifelines_on_flchain(tmp_path):
     assert cox["concordance"] == pytest.approx(ref.concordance_index_, abs=1e-6)
     assert cox["n"] == len(pooled) and cox["converged"] and cox["iterations"] <= 10
     assert seconds <= 120
+    assert (tmp_path / "cox_ph" / "cox_ph-cox.png").stat().st_size > 0  # forest plot
     print(
         f"\nCox flchain 5 sites stratified: coef max rel {coef_rel:.1e}, SE max |Δ| {se_diff:.1e}, "
         f"{cox['iterations']} iterations, {seconds:.1f} s, {summary['rounds_completed']} rounds, "

@@ -228,7 +228,21 @@ class SumsExecutor(Executor):
             },
         }
         text = json.dumps(release, sort_keys=True, default=json_default)
+        self._save_plot(release[self._m.block])
         return self._reply({}, round_num, start, {"release_json": text}, released=len(text))
+
+    def _save_plot(self, block: dict) -> None:
+        """The release site draws what it released (KM curves, Cox forest plot) in its own reports/
+        folder, where `clinfed simulate` picks it up; a figure that fails to draw never fails the release."""
+        from clinfed import plots
+
+        draw = {"km": plots.plot_km, "cox": plots.plot_forest}.get(self._m.block)
+        if draw is None:
+            return
+        try:
+            draw(block, self.root / "reports" / f"{self.job_label}-{self._m.block}.png")
+        except Exception as exc:
+            self.logger.warning(one_line(exc, self.site))
 
     def _reply(self, params: dict, round_num: int, start: float, extra: dict, released: int = 0) -> Shareable:
         if released:

@@ -53,6 +53,22 @@ def _present(values: np.ndarray) -> np.ndarray:
     return np.ones(arr.shape[0], dtype=bool)
 
 
+#: Iterates sent to the sites are on a 2^-40 grid, which `sums_fl` carries through CKKS exactly.
+FIXED_POINT_BITS = 40
+
+
+def fixed_point(v: np.ndarray) -> np.ndarray:
+    """`v` on the 2^-40 grid: the release site keeps exactly the point the sites evaluate at.
+
+    Why: CKKS returns an iterate with ~1e-9 error, and Cox's log-likelihood is assembled at the
+    release site as Σx_ev·β − Σ log φ(β'): evaluated at a β' the sites decrypted but scored with
+    the release site's β, it is off by Σx_ev·(β' − β) (~1e-6 on gbsg2), enough for Newton's
+    "log-likelihood fell" test to halve steps forever. On the grid both sides hold the same β.
+    """
+    scale = 2.0**FIXED_POINT_BITS
+    return np.rint(np.asarray(v, dtype=np.float64) * scale) / scale
+
+
 @dataclass
 class Step:
     """What the release site does after one summed vector: ask for another round, or release.
@@ -95,14 +111,6 @@ class Method:
 
     def iterate_size(self, phase: str) -> int:
         return 0
-
-    def scale(self, phase: str) -> float:
-        """A public power of two each site divides its vector by before encrypting (exact in binary).
-
-        CKKS decodes a sum correctly only below a bound (`he.params.max_abs_value`, ~2e5 per site at
-        five sites); counts of pairs grow as n², so those phases ship in units of `scale`.
-        """
-        return 1.0
 
     def site_local(self, data: Any, phase: str, iterate: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
@@ -228,22 +236,16 @@ class CoxPH(Method):
         edges = np.linspace(-8 * sd, 8 * sd, self.n_score_bins + 1)
         return cox.concordance_hist_site_local(t, e, (x - center) @ beta, time_bin=tb, n_bins=nb, edges=edges)
 
-    def scale(self, phase):
-        # Harrell's C counts pairs: up to n²/2 per site (1.2e6 at 1,575 patients), in units of 2^16.
-        # The moments give only a shared centre (any centre leaves the likelihood as it is) and the
-        # spread of the score histogram: Σxx' (7e5 for gbsg2's ages at 230 patients) in units of 2^16.
-        if phase == "moments" or (phase == "concordance" and self.stratified):
-            return float(2**16)
-        return 1.0
-
     def _iterate(self, extra: Sequence[float] = ()) -> np.ndarray:
+        self._opt.beta = fixed_point(self._opt.beta)
         if self.stratified:
             return self._opt.beta.copy()
         return np.concatenate([self._opt.beta, self._center, list(extra)])
 
     def step(self, summed, phase, min_cell):
         if phase == "moments":
-            self._n, self._center, self._cov = moments_combine(summed, self.p)
+            self._n, center, self._cov = moments_combine(summed, self.p)
+            self._center = fixed_point(center)
             return Step(phase="newton", iterate=self._iterate())
         if phase == "newton":
             if self.stratified:
@@ -257,7 +259,7 @@ class CoxPH(Method):
             if self.stratified:
                 return Step(phase="concordance", iterate=self._iterate())
             sd = float(np.sqrt(max(self._opt.beta @ self._cov @ self._opt.beta, 1e-300)))
-            return Step(phase="concordance", iterate=self._iterate([sd]))
+            return Step(phase="concordance", iterate=self._iterate(fixed_point(np.array([sd]))))
         if self.stratified:
             counts = summed
         else:
@@ -342,8 +344,8 @@ class GLM(Method):
                 converged=converged,
             )
             return Step(result=result, n=n, suppressed="none")
-        self._beta = new_beta
-        return Step(phase="irls", iterate=new_beta.copy())
+        self._beta = fixed_point(new_beta)
+        return Step(phase="irls", iterate=self._beta.copy())
 
 
 METHODS: dict[str, type[Method]] = {"km": KaplanMeier, "cox": CoxPH, "glm": GLM}

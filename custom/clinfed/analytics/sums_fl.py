@@ -56,7 +56,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
-from clinfed.analytics.methods import Method, make_method
+from clinfed.analytics.methods import FIXED_POINT_BITS, Method, make_method
 from clinfed.audit import AuditLog, payload_digest
 from clinfed.errors import SiteDataError, SiteRefusal
 from clinfed.fl import payload
@@ -70,6 +70,9 @@ TASKS = (SUMS_TASK, STEP_TASK)
 VEC_KEY = "sums"
 SUMMARY_FILE = "summary.json"
 SIGNIFICANT_DIGITS = 7
+#: Seconds the server waits for a task's answers: a site that died (or never started) is reported as
+#: "no result" and left out, instead of stalling the job (every task here takes seconds).
+TASK_TIMEOUT = 300
 
 
 def round_release(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
@@ -88,6 +91,51 @@ def round_release(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
         v = float(value)
         return float(f"{v:.{digits - 1}e}") if math.isfinite(v) else None
     return value
+
+
+def two_limbs(vec: np.ndarray, base: float) -> np.ndarray:
+    """[lo, hi] with vec = lo + hi·base, hi = round(vec / base) an integer and |lo| ≤ base / 2.
+
+    Why: CKKS decodes a sum correctly only while every slot stays under a bound (~2e5 per site at
+    five sites with the default parameters, `he.params.max_abs_value`), and clinical sums pass it
+    (Σ age² over 230 patients is 7e5; Harrell's C counts n²/2 pairs). Split in two limbs, each slot
+    stays under the bound, and since the summed `hi` limb is a sum of integers it is rounded back
+    exactly after decryption: the sum is recovered to CKKS precision on `lo` (~1e-9) up to
+    base × bound (~1e10), at the cost of twice the slots (usually still one ciphertext).
+    """
+    hi = np.rint(vec / base)
+    return np.concatenate([vec - hi * base, hi])
+
+
+def from_limbs(wire: np.ndarray, base: float) -> np.ndarray:
+    """The inverse of `two_limbs` on a (summed) vector: lo + round(hi)·base."""
+    n = wire.size // 2
+    return wire[:n] + np.rint(wire[n:]) * base
+
+
+def int_limbs(q: np.ndarray, base: float, limbs: int = 3) -> np.ndarray:
+    """Integers `q` as `limbs` balanced base-`base` digits (each |digit| ≤ base/2), digit-major.
+
+    Every digit is an integer under the CKKS bound, so rounding each decrypted digit gives `q` back
+    exactly: how an iterate on the `methods.fixed_point` grid reaches the sites bit for bit.
+    """
+    rest = np.asarray(q, dtype=np.float64)
+    digits = []
+    for _ in range(limbs - 1):
+        hi = np.rint(rest / base)
+        digits.append(rest - hi * base)
+        rest = hi
+    digits.append(rest)
+    return np.concatenate(digits)
+
+
+def from_int_limbs(wire: np.ndarray, base: float, limbs: int = 3) -> np.ndarray:
+    """The inverse of `int_limbs` on decrypted digits (each rounded to its integer first)."""
+    parts = np.rint(np.asarray(wire, dtype=np.float64)).reshape(limbs, -1)
+    total = parts[-1]
+    for part in parts[-2::-1]:
+        total = total * base + part
+    return total
 
 
 def policy_min_cell(root: Path) -> int | None:
@@ -155,26 +203,56 @@ class SumsExecutor(Executor):
         floors = [self.min_cell, policy_min_cell(self.root), meta.get("min_cell")]
         return max(int(v) for v in floors if v is not None)
 
-    def _encrypt(self, vec: np.ndarray) -> dict:
-        from clinfed.he.ckks import context_params, encrypt_vector
+    def _limbs(self) -> tuple[float, float]:
+        """(per-site bound on an encoded value, limb base 2^k ≤ that bound), public and equal at every site."""
+        from clinfed.he.ckks import context_params
         from clinfed.he.params import max_abs_value
 
         bound = max_abs_value(context_params(self._ctx)) / max(int(self.num_sites), 1)
-        if np.abs(vec).max(initial=0.0) > bound:
-            raise ValueError(
-                f"{self.site}: a sum reaches {np.abs(vec).max():.4g}, over the ±{bound:.4g} that {self.num_sites} "
-                "sites can add under these CKKS parameters (rescale the covariates)"
-            )
-        return payload.encrypted_params(encrypt_vector(self._ctx, vec), _layout_json(vec.size), self._fingerprint)
+        return bound, 2.0 ** math.floor(math.log2(bound))
 
-    def _decrypt(self, params: dict, size: int, what: str) -> np.ndarray:
+    def _encrypt(self, vec: np.ndarray) -> dict:
+        """Encrypt `vec` as two limbs, [lo, hi] with vec = lo + hi·base, hi an integer (see `two_limbs`)."""
+        from clinfed.he.ckks import encrypt_vector
+
+        bound, base = self._limbs()
+        wire = two_limbs(np.asarray(vec, dtype=np.float64), base)
+        if np.abs(wire).max(initial=0.0) > bound:
+            raise ValueError(
+                f"{self.site}: a sum reaches {np.abs(vec).max():.4g}, over the ±{bound * base:.4g} that "
+                f"{self.num_sites} sites can add under these CKKS parameters (rescale the covariates)"
+            )
+        return payload.encrypted_params(encrypt_vector(self._ctx, wire), _layout_json(wire.size), self._fingerprint)
+
+    def _encrypt_iterate(self, iterate: np.ndarray) -> dict:
+        """The next iterate (on the 2^-40 grid) as exact integer limbs: every site evaluates this very point."""
+        from clinfed.he.ckks import encrypt_vector
+
+        scale = 2.0**FIXED_POINT_BITS
+        q = np.rint(np.asarray(iterate, dtype=np.float64) * scale)
+        if np.abs(q).max(initial=0.0) >= 2.0**53:
+            raise ValueError(f"{self.site}: an iterate reaches {np.abs(iterate).max():.4g}: the fit diverged")
+        wire = int_limbs(q, self._limbs()[1])
+        return payload.encrypted_params(encrypt_vector(self._ctx, wire), _layout_json(wire.size), self._fingerprint)
+
+    def _decrypt_iterate(self, params: dict, size: int) -> np.ndarray:
         from clinfed.he.ckks import decrypt_vector
 
+        self._check_sum_params(params, "iterate")
+        wire = decrypt_vector(self._ctx, params[payload.CKKS_KEY], 3 * size)
+        return from_int_limbs(wire, self._limbs()[1]) / 2.0**FIXED_POINT_BITS
+
+    def _check_sum_params(self, params: dict, what: str) -> None:
         if not payload.is_encrypted(params):
             raise SiteRefusal(f"{self.site}: the server sent the {what} in plaintext; this job runs under CKKS")
         if params.get(payload.FINGERPRINT_KEY) != self._fingerprint:
             raise SiteRefusal(f"{self.site}: the {what} was encrypted under another federation's key")
-        return decrypt_vector(self._ctx, params[payload.CKKS_KEY], size)
+
+    def _decrypt(self, params: dict, size: int, what: str) -> np.ndarray:
+        from clinfed.he.ckks import decrypt_vector
+
+        self._check_sum_params(params, what)
+        return from_limbs(decrypt_vector(self._ctx, params[payload.CKKS_KEY], 2 * size), self._limbs()[1])
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name not in TASKS:
@@ -195,10 +273,9 @@ class SumsExecutor(Executor):
                 size = self._m.iterate_size(phase)
                 iterate = None
                 if size and (params or self._answered):  # round 0 alone starts from the method's own β = 0
-                    iterate = self._decrypt(params, size, "iterate")
+                    iterate = self._decrypt_iterate(params, size)
                 self._answered = True
-                local = self._m.site_local(self._data, phase, iterate) / self._m.scale(phase)
-                vec = np.concatenate([local, [1.0]])
+                vec = np.concatenate([self._m.site_local(self._data, phase, iterate), [1.0]])
                 return self._reply(self._encrypt(vec), round_num, start, {})
             return self._step(params, meta, round_num, phase, start)
         except SiteRefusal as exc:
@@ -217,10 +294,10 @@ class SumsExecutor(Executor):
             raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s), fewer than {MIN_CONTRIBUTORS}")
         if count != len(named) or self.site not in named:
             raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s) but the server names {len(named)}")
-        step = self._m.step(summed[:-1] * self._m.scale(phase), phase, self._min_cell(meta))
+        step = self._m.step(summed[:-1], phase, self._min_cell(meta))
         if step.result is None:
             assert step.iterate is not None
-            return self._reply(self._encrypt(step.iterate), round_num, start, {"phase": step.phase})
+            return self._reply(self._encrypt_iterate(step.iterate), round_num, start, {"phase": step.phase})
         release = {
             self._m.block: round_release(step.result),
             "provenance": {
@@ -296,7 +373,7 @@ class SumsController(ModelController):
         min_cell: int = 5,
         release_site: str | None = None,
         job_label: str = "clinical",
-        task_timeout: int = 0,
+        task_timeout: int = TASK_TIMEOUT,
     ):
         super().__init__()
         self.method, self.min_cell, self.release_site = dict(method or {}), min_cell, release_site
@@ -306,7 +383,7 @@ class SumsController(ModelController):
         """One `clinical_sums` task: (entries per site, encrypted sum params or {} when nobody contributed)."""
         from clinfed.he.aggregation import EncryptedSum
 
-        size = self._m.size(phase) + 1
+        size = 2 * (self._m.size(phase) + 1)  # two limbs per value (`two_limbs`)
         meta = {"settings": self._m.digest(), "phase": phase, "round": rnd, "min_cell": self._min_cell}
         results = self.send_model_and_wait(
             task_name=SUMS_TASK,
@@ -493,7 +570,7 @@ class SumsRecipe(Recipe):
         min_cell: int = 5,
         encrypt: bool = True,
         release_site: str | None = None,
-        task_timeout: int = 0,
+        task_timeout: int = TASK_TIMEOUT,
     ):
         if num_sites < MIN_CONTRIBUTORS:
             raise ValueError(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,15 @@ def fixed_point(v: np.ndarray) -> np.ndarray:
     """
     scale = 2.0**FIXED_POINT_BITS
     return np.rint(np.asarray(v, dtype=np.float64) * scale) / scale
+
+
+def _count_free(note: str, min_cell: int) -> str:
+    """`km.enforce_min_cell`'s note without the counts it names (a tail's events, deferred censorings,
+    a withheld group's size): those are the small cells the control keeps out of the release."""
+    if note.startswith("withheld"):
+        return f"withheld: too few patients to form bins of ≥ {min_cell}"
+    note = re.sub(r"\d+ censorings deferred", "censorings under the minimum cell deferred", note)
+    return re.sub(r": \d+ patients \(\d+ events\) released", ": its patients released", note)
 
 
 @dataclass
@@ -164,7 +174,11 @@ class KaplanMeier(Method):
             n_bins=int(self.config["n_bins"]),
             min_cell=min_cell,
         )
-        return Step(result=result, n=round(float(np.sum(summed))), suppressed=notes)
+        return Step(
+            result=result,
+            n=round(float(np.sum(summed))),
+            suppressed={level: _count_free(note, min_cell) for level, note in notes.items()},
+        )
 
 
 # --- Cox ------------------------------------------------------------------------------------------
@@ -309,8 +323,19 @@ class GLM(Method):
         counts = glm.site_counts(y, x, self.names, self.config["outcome"], family)
         try:
             glm.disclosure_check({site: counts}, self.p, min_cell)
-        except ValueError as exc:
-            raise SiteRefusal(str(exc)) from None
+        except ValueError:
+            # The reason goes to the server and into summary.json: name the cause, never the count.
+            if self.p > glm.MAX_PARAM_FRACTION * counts["n"]:
+                raise SiteRefusal(
+                    f"{site}: {self.p} parameters exceed {glm.MAX_PARAM_FRACTION} × this site's rows"
+                ) from None
+            small = next(
+                f"{column} = {level}"
+                for column, levels in counts["levels"].items()
+                for level, rows in levels.items()
+                if int(rows) < min_cell
+            )
+            raise SiteRefusal(f"{site}: {small} has fewer rows than the minimum cell {min_cell}") from None
         return x, y, data[:, -1] if self.config.get("offset") else None
 
     def size(self, phase):

@@ -116,7 +116,8 @@ def run_simulation(req: SimulationRequest) -> dict:
         encrypt=req.encrypt,
         epsilon=epsilon,
         min_cell=req.min_cell,
-        **req.extra,
+        # the analytics jobs check variable names against a `clinfed data split` folder before submitting
+        **{"data_dir": req.data_dir, **req.extra},
     )
     flare_root = root / "flare"
     flare_ws = flare_root / recipe.name

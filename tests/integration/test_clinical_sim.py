@@ -193,9 +193,6 @@ def test_bad_input_is_one_line_exit_2_and_no_ledger(tmp_path):
             text=True,
             timeout=120,
         )
-        if why == "unknown covariate" and proc.returncode != 2:
-            # the sites refuse it at run time; exit 2 needs simulate to hand --data-dir to make_recipe
-            pytest.skip("simulate does not yet pass --data-dir to make_recipe")
         assert proc.returncode == 2, (why, proc.stdout, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1, (why, proc.stderr)

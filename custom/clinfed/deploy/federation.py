@@ -380,6 +380,16 @@ def run_key_exchange(admin: Kit, sites: int, timeout: float = 300.0) -> dict:
     return summary
 
 
+def wait_connected(kits_dir: Path, timeout: float = 180.0) -> None:
+    """Wait, through the project admin's FLARE API session, until every site kit in `kits_dir` is connected."""
+    kits = find_kits(Path(kits_dir))
+    sites = [k for k in kits if k.role == "client"]
+    admins = [k for k in kits if k.role == "admin"]
+    if not sites or not admins:
+        raise ValueError(f"{kits_dir}: needs site and admin kits")
+    _wait_connected(project_admin(admins), sites, timeout, {})
+
+
 def ensure_keys(kits_dir: Path, timeout: float = 300.0) -> dict | None:
     """Run the key exchange for the kits in `kits_dir` if a site or the server lacks its context.
 

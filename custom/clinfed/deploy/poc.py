@@ -73,12 +73,16 @@ def prepare(workspace: Path, sites: int = 3, project: Path = DEFAULT_PROJECT) ->
 
 def start(workspace: Path, timeout: int = 120, project: Path = DEFAULT_PROJECT) -> str:
     """`nvflare poc start` (server and sites; waits until they are ready), then the key exchange if needed."""
-    from clinfed.deploy.federation import ensure_keys
+    from clinfed.deploy.federation import ensure_keys, wait_connected
 
     if not Path(workspace).is_dir():
         raise ValueError(f"POC workspace not found: {workspace} (run clinfed poc prepare first)")
-    output = _nvflare(["start", "--timeout", str(timeout)], workspace, timeout=timeout + 60)
-    summary = ensure_keys(kits_dir(workspace, project), timeout=max(timeout, 180))
+    # FLARE's own readiness wait (`poc start` without --no-wait) was seen to hang past its --timeout on a
+    # loaded 2-core machine; we start the processes and wait for the sites through the admin API, as `up` does.
+    output = _nvflare(["start", "--no-wait"], workspace, timeout=timeout)
+    kits = kits_dir(workspace, project)
+    wait_connected(kits, timeout=timeout)
+    summary = ensure_keys(kits, timeout=max(timeout, 180))
     if summary is not None:
         output += f"\nCKKS key {summary['fingerprint']} made at {summary['holder']}, sent to the other sites sealed\n"
     return output

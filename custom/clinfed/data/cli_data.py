@@ -13,20 +13,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from clinfed.argtypes import positive_float, positive_int
+from clinfed.argtypes import non_negative_int, positive_float, positive_int
 from clinfed.textio import one_line
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:

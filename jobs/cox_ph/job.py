@@ -30,7 +30,10 @@ def make_recipe(
 ) -> SumsRecipe:
     """`rounds` caps the Newton iterations (≤ 25)."""
     if epsilon is not None:
-        raise ValueError("cox_ph has no output DP yet: run it without --epsilon")
+        raise ValueError(
+            "cox_ph has no output DP: one patient's share of its summed gradients has no public bound "
+            "(offered for survival_km and cohort_stats); run it without --epsilon"
+        )
     covariates = list(covariates or [])
     if not covariates:
         raise ValueError("cox_ph needs --covariates a,b,c")

@@ -29,7 +29,10 @@ def make_recipe(
 ) -> SumsRecipe:
     """`rounds` caps the IRLS iterations (≤ 25); `offset` names a column on the log scale (rates)."""
     if epsilon is not None:
-        raise ValueError("glm has no output DP yet: run it without --epsilon")
+        raise ValueError(
+            "glm has no output DP: one patient's share of its summed gradients has no public bound "
+            "(offered for survival_km and cohort_stats); run it without --epsilon"
+        )
     if family not in FAMILIES:
         raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
     covariates = list(covariates or [])

@@ -9,10 +9,15 @@ table. Run it:
 
 The groups (`levels`) and the horizon (the last bin) are agreed before any count leaves a site:
 read from the bundled dataset a `clinfed data split` folder names in its split.json, or given.
+
+`--epsilon E` (optional output DP, δ = 1e-5 unless `delta` is given): the release site adds
+Gaussian noise (Δ₂ = 1: a patient is one event or one censoring in one bin) to the summed counts
+before the curves are derived; every site reserves the spend in its own ledger first and refuses
+the job when its policy or budget cannot take it.
 """
 
 from clinfed.analytics.km import n_bins_for
-from clinfed.analytics.methods import level_text
+from clinfed.analytics.methods import KaplanMeier, dp_config, level_text
 from clinfed.analytics.sums_fl import SumsRecipe, check_split, split_manifest
 
 DEFAULTS = {"sites": 3, "rounds": 1, "min_cell": 5, "time_bin": 30}
@@ -29,11 +34,10 @@ def make_recipe(
     time_bin: float | None = None,
     levels: list[str] | None = None,
     horizon: float | None = None,
+    delta: float | None = None,
     **_: object,
 ) -> SumsRecipe:
     """`rounds` is ignored (one round of counts and a release); `group=None`: one curve of everyone."""
-    if epsilon is not None:
-        raise ValueError("survival_km has no output DP yet: run it without --epsilon")
     time_bin = float(time_bin or DEFAULTS["time_bin"])
     if time_bin <= 0:
         raise ValueError(f"--time-bin must be positive, got {time_bin:g}")
@@ -54,6 +58,8 @@ def make_recipe(
         "time_bin": time_bin,
         "n_bins": n_bins_for(float(horizon), time_bin),
     }
+    if epsilon is not None:
+        method["dp"] = dp_config("survival_km", KaplanMeier.dp_sensitivity, epsilon, delta or 1e-5)
     return SumsRecipe(
         name="survival_km",
         num_sites=sites,

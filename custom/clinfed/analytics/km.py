@@ -59,6 +59,39 @@ def n_bins_for(max_time: float, time_bin: float) -> int:
     return int(bin_index(np.array([max_time]), time_bin)[0])
 
 
+def isotonic_increasing(y: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to `y` in least squares (pool adjacent violators)."""
+    values: list[float] = []
+    weights: list[int] = []
+    for v in np.asarray(y, dtype=float):
+        values.append(float(v))
+        weights.append(1)
+        while len(values) > 1 and values[-2] > values[-1]:
+            w = weights[-2] + weights[-1]
+            values[-2] = (values[-2] * weights[-2] + values[-1] * weights[-1]) / w
+            weights[-2] = w
+            values.pop()
+            weights.pop()
+    return np.repeat(values, weights)
+
+
+def consistent_counts(noisy: np.ndarray, n_rows: int) -> np.ndarray:
+    """Noisy per-bin counts (`n_rows` rows of bins, flat) made non-negative integers, without bias.
+
+    Why not clip each bin at 0: most bins of a fine grid are empty, and max(0, noise) adds ~0.4σ
+    to every one of them (a 500-patient table came back with 857 at σ = 4). Instead each row's
+    cumulative count, which is non-decreasing in truth, is fitted by isotonic regression from 0,
+    rounded, and differenced (Hay et al., "Boosting the accuracy of differentially private
+    histograms through consistency", 2010): non-negative integer counts, pure post-processing.
+    """
+    rows = np.asarray(noisy, dtype=float).reshape(n_rows, -1)
+    out = np.empty_like(rows)
+    for i, row in enumerate(rows):
+        cum = np.rint(np.maximum(isotonic_increasing(np.cumsum(row)), 0.0))
+        out[i] = np.diff(cum, prepend=0.0)
+    return out.ravel()
+
+
 def km_site_local(
     time: np.ndarray,
     event: np.ndarray,

@@ -96,11 +96,22 @@ class Step:
 
 
 class Method:
-    """One analysis: variables, per-phase site vector and size, and the combine/step."""
+    """One analysis: variables, per-phase site vector and size, and the combine/step.
+
+    Output DP (optional, ``config["dp"]``): a method that can bound what one patient changes in its
+    summed vector declares that L2 bound as `dp_sensitivity`; the release site then adds Gaussian
+    noise N(0, (z·Δ₂)²) to every decrypted sum before it steps (`noisy`), and every site charges
+    (z, sample rate 1, `dp_releases` steps) to its own ledger first. A method without a bound
+    (None) refuses a DP config at submission.
+    """
 
     block = ""
     first_phase = ""
     max_rounds = 1
+    #: L2 change of the summed vector when one patient is added or removed; None: no output DP.
+    dp_sensitivity: float | None = None
+    #: Noised sums per job (Gaussian mechanism invocations the ledger composes).
+    dp_releases = 1
 
     def __init__(self, config: Mapping[str, Any]):
         self.config = dict(config)
@@ -128,6 +139,52 @@ class Method:
     def step(self, summed: np.ndarray, phase: str, min_cell: int) -> Step:
         raise NotImplementedError
 
+    # --- output DP --------------------------------------------------------------------------------
+    @property
+    def dp(self) -> dict | None:
+        """The job's output-DP settings ({epsilon, delta, noise_multiplier}) or None."""
+        return self.config.get("dp") or None
+
+    def planned_spends(self) -> list[tuple[float, float, int]]:
+        """What every site charges its ledger for this job: [(z, 1.0, releases)], or nothing without DP."""
+        if self.dp is None:
+            return []
+        return [(float(self.dp["noise_multiplier"]), 1.0, int(self.dp_releases))]
+
+    def noisy(self, summed: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """`summed` plus the Gaussian mechanism's noise (post-processed by `clean_noisy`); as is without DP."""
+        if self.dp is None:
+            return summed
+        assert self.dp_sensitivity is not None
+        sd = float(self.dp["noise_multiplier"]) * self.dp_sensitivity
+        return self.clean_noisy(summed + rng.normal(0.0, sd, summed.shape))
+
+    def clean_noisy(self, noisy: np.ndarray) -> np.ndarray:
+        """Post-processing of a noised sum (free under DP): counts back to non-negative integers."""
+        return noisy
+
+
+def dp_config(method: str, sensitivity: float | None, epsilon: float, delta: float, releases: int = 1) -> dict:
+    """The job's output-DP block: the noise multiplier z that makes `releases` Gaussian releases
+    (ε, δ)-DP under Opacus' RDP accountant, the accountant every site's ledger composes with.
+
+    z is computed here, at submission, and travels in the job config; a site never trusts the ε
+    written next to it: it charges its ledger with z and takes the ε the ledger computes.
+    """
+    if sensitivity is None:
+        raise ValueError(
+            f"{method} has no output DP: one patient's share of its sums has no public bound "
+            "(offered for survival_km and cohort_stats)"
+        )
+    if not epsilon > 0 or not 0 < delta < 1:
+        raise ValueError(f"output DP needs ε > 0 and 0 < δ < 1, got ε={epsilon!r}, δ={delta!r}")
+    from opacus.accountants.utils import get_noise_multiplier
+
+    z = get_noise_multiplier(
+        target_epsilon=float(epsilon), target_delta=float(delta), sample_rate=1.0, steps=int(releases)
+    )
+    return {"epsilon": float(epsilon), "delta": float(delta), "noise_multiplier": float(z), "mechanism": "gaussian"}
+
 
 # --- Kaplan–Meier ---------------------------------------------------------------------------------
 class KaplanMeier(Method):
@@ -138,6 +195,10 @@ class KaplanMeier(Method):
 
     block = "km"
     first_phase = "counts"
+    dp_sensitivity = 1.0  # a patient is one event or one censoring, in one bin of one group
+
+    def clean_noisy(self, noisy):
+        return km.consistent_counts(noisy, 2 * len(self.levels))
 
     @property
     def levels(self) -> list[str]:
@@ -381,4 +442,12 @@ def make_method(config: Mapping[str, Any]) -> Method:
     name = config.get("method")
     if name not in METHODS:
         raise ValueError(f"unknown analytics method {name!r} (known: {', '.join(METHODS)})")
-    return METHODS[name](config)
+    method = METHODS[name](config)
+    dp = method.dp
+    if dp is not None:
+        if method.dp_sensitivity is None:
+            raise ValueError(f"{name} has no output DP: one patient's share of its sums has no public bound")
+        z = dp.get("noise_multiplier")
+        if not isinstance(z, int | float) or not 0 < float(z) < 1e6:
+            raise ValueError(f"output DP needs a positive noise multiplier, got {z!r}")
+    return method

@@ -30,16 +30,25 @@ on its own counts before it sends anything (`glm.disclosure_check`, a refusal); 
 by the server and by the release site in the ciphertext's contributor slot). The minimum cell is the
 largest of the job's and any site's own policy (`local/resources.json` → clinfed.min_cell).
 
-summary.json: ``encrypted: true``, ``rounds`` (per round: phase, per-site status, bytes_sent and
-reason, and the release site's step), ``rounds_completed``, the method's block (`km`, `cox` or
-`glm`, schema of issue 13) and ``provenance[block]``: contributing sites, n used, what was
-suppressed.
+Before round 0 an ``admit`` task asks every site to accept or refuse the whole job (its data load,
+and with output DP the planned spend against the site's budget, `max_job_epsilon` and δ): a
+job refused by so many sites that fewer than three remain stops there, with nothing sent and
+nothing charged. With output DP (`methods.Method.dp`, survival_km only: a patient is one count),
+each site reserves the spend in its ledger before its first vector leaves, and the release site
+adds the Gaussian noise to the decrypted sum before anything is derived from it. Every message
+carries its sender's audit-chain head and the receiver records it (``anchor``), as training does.
+
+summary.json: ``encrypted: true``, ``admission`` (per site), ``rounds`` (per round: phase, per-site
+status, bytes_sent and reason, and the release site's step), ``rounds_completed``, the method's
+block (`km`, `cox` or `glm`, schema of issue 13), ``provenance[block]``: contributing sites, n
+used, what was suppressed, and with output DP ``dp`` and ``privacy.epsilon_charged`` per site.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -58,15 +67,17 @@ from nvflare.recipe.spec import Recipe
 
 from clinfed.analytics.methods import FIXED_POINT_BITS, Method, make_method
 from clinfed.audit import AuditLog, payload_digest
-from clinfed.errors import SiteDataError, SiteRefusal
+from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
 from clinfed.fl.participant import RESOURCES_FILE, SitePolicy, participant_root, server_context, site_context
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
+from clinfed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
 from clinfed.textio import json_default, one_line
 
+ADMIT_TASK = payload.ADMIT_TASK
 SUMS_TASK = "clinical_sums"
 STEP_TASK = "clinical_step"
-TASKS = (SUMS_TASK, STEP_TASK)
+TASKS = (ADMIT_TASK, SUMS_TASK, STEP_TASK)
 VEC_KEY = "sums"
 SUMMARY_FILE = "summary.json"
 SIGNIFICANT_DIGITS = 7
@@ -159,6 +170,7 @@ def _entry(meta: dict) -> dict:
         "reason": meta.get("reason", ""),
         "metrics": meta.get("metrics", {}),
         "bytes_sent": int(meta.get("bytes_sent", 0) or 0),
+        **({"epsilon": float(meta["epsilon"])} if meta.get("epsilon") is not None else {}),
     }
 
 
@@ -178,26 +190,98 @@ class SumsExecutor(Executor):
         self._ready = False
         self._answered = False
         self._data: Any = None
+        self._admission: dict | None = None
+        self._charged: float | None = None
 
     def _setup(self, fl_ctx: FLContext) -> None:
         if self._ready:
             return
-        from clinfed.data.sitedb import find_site_databases, read_site_table
+        from clinfed.data.source import site_table
 
         self._m: Method = make_method(self.method)
         self.root = participant_root(fl_ctx)
         self.policy = SitePolicy.load(self.root)
         self.audit = AuditLog(self.root, self.site)
         self._ctx, self._fingerprint = site_context(self.root, self.site)
-        if not self.policy.data_dir:
-            raise SiteRefusal(f"{self.site}: no data_dir in local/resources.json: this job reads the site's database")
-        dbs = find_site_databases(self.policy.data_dir)
-        if self.site not in dbs:
-            raise SiteDataError(f"{self.site}: no {self.site}.sqlite in {self.policy.data_dir}")
-        table = read_site_table(dbs[self.site], self._m.variables(), site=self.site)
+        # the hospital's database through its policy (SQLAlchemy URL + column mapping), else its SQLite split
+        table = site_table(self.policy, self.site, self._m.variables())
         self._data = self._m.load(table, self.site, self._min_cell({}))
+        self.run_id = str(fl_ctx.get_job_id() or "")
         self.audit.append("job_start", job=self.job_label, encrypted=True, method=self._m.block)
         self._ready = True
+
+    # --- privacy: admission, the ledger, the noise -------------------------------------------------------
+    def _ledger(self) -> PrivacyLedger:
+        return PrivacyLedger(
+            self.root / "local" / LEDGER_FILE,
+            self.site,
+            delta=float(self.policy.delta),
+            accountant=str(self.policy.accountant),
+            audit=self.audit,
+        )
+
+    def _admit(self) -> dict:
+        """Accept or refuse the whole job once, before any sum leaves: with output DP, the planned spend
+        against this site's δ, `max_job_epsilon` and budget (nothing is written to the ledger here)."""
+        if self._admission is not None:
+            return self._admission
+        planned = self._m.planned_spends()
+        admission = {"status": "accepted", "planned_epsilon": 0.0}
+        if planned:
+            dp = self._m.dp or {}
+            if float(dp.get("delta", 0.0)) > self.policy.delta:
+                raise SiteRefusal(
+                    f"{self.site}: the job's δ {float(dp['delta']):g} exceeds this site's δ {self.policy.delta:g}"
+                )
+            ledger = self._ledger()
+            own = ledger.epsilon_of_run_if(self.run_id, planned)
+            if own > self.policy.max_job_epsilon:
+                raise SiteRefusal(
+                    f"{self.site}: the job's output DP costs ε {own:.2f} > this site's max_job_epsilon "
+                    f"{self.policy.max_job_epsilon:g}"
+                )
+            try:
+                projected = ledger.admit(self.policy.epsilon_budget, planned)
+            except BudgetExceeded as exc:
+                raise SiteRefusal(one_line(exc, self.site)) from None
+            admission.update(planned_epsilon=round(own, 6), projected_site_epsilon=round(projected, 6))
+        self.audit.append("job_admitted", job=self.job_label, run=self.run_id, **admission)
+        self._admission = admission
+        return admission
+
+    def _charge(self) -> float:
+        """Reserve this job's output-DP spend before the first vector leaves; the ε this run costs."""
+        if self._charged is None:
+            self._charged = 0.0
+            for z, q, steps in self._m.planned_spends():
+                ledger = self._ledger()
+                try:
+                    ledger.reserve(
+                        self.job_label,
+                        0,
+                        run=self.run_id,
+                        budget=self.policy.epsilon_budget,
+                        noise_multiplier=z,
+                        sample_rate=q,
+                        steps=steps,
+                    )
+                except BudgetExceeded as exc:
+                    raise SiteRefusal(one_line(exc, self.site)) from None
+                self._charged = ledger.epsilon_of_run(self.run_id)
+        return self._charged
+
+    def _anchor(self, meta: dict, round_num: int) -> None:
+        """Record the server's audit-chain head as it sent it (anchoring, `clinfed.audit.verify`)."""
+        head = meta.get(payload.AUDIT_HEAD_KEY)
+        if isinstance(head, list | tuple) and len(head) == 2:
+            self.audit.append(
+                "anchor",
+                job=self.job_label,
+                round=round_num,
+                peer="server",
+                peer_seq=int(head[0]),
+                peer_hash=str(head[1]),
+            )
 
     def _min_cell(self, meta: dict) -> int:
         floors = [self.min_cell, policy_min_cell(self.root), meta.get("min_cell")]
@@ -266,17 +350,23 @@ class SumsExecutor(Executor):
             self._setup(fl_ctx)
             if meta.get("settings") != self._m.digest():
                 raise SiteRefusal(f"{self.site}: the server's analysis settings differ from this site's job config")
+            self._anchor(meta, round_num)
             start = time.monotonic()
             phase = str(meta.get("phase", ""))
             params = incoming.params or {}
+            if task_name == ADMIT_TASK:
+                return self._reply({}, round_num, start, {"admission": self._admit()})
             if task_name == SUMS_TASK:
+                self._admit()  # a server that skipped admission gets the same checks here
+                epsilon = self._charge()
                 size = self._m.iterate_size(phase)
                 iterate = None
                 if size and (params or self._answered):  # round 0 alone starts from the method's own β = 0
                     iterate = self._decrypt_iterate(params, size)
                 self._answered = True
                 vec = np.concatenate([self._m.site_local(self._data, phase, iterate), [1.0]])
-                return self._reply(self._encrypt(vec), round_num, start, {})
+                extra = {"epsilon": epsilon} if self._m.dp is not None else {}
+                return self._reply(self._encrypt(vec), round_num, start, extra)
             return self._step(params, meta, round_num, phase, start)
         except SiteRefusal as exc:
             return self._status("refused", one_line(exc, self.site), round_num)
@@ -294,7 +384,9 @@ class SumsExecutor(Executor):
             raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s), fewer than {MIN_CONTRIBUTORS}")
         if count != len(named) or self.site not in named:
             raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s) but the server names {len(named)}")
-        step = self._m.step(summed[:-1], phase, self._min_cell(meta))
+        # Output DP: the noise goes on before anything is derived from the sum (fresh OS entropy).
+        sums = self._m.noisy(summed[:-1], np.random.default_rng(secrets.randbits(128)))
+        step = self._m.step(sums, phase, self._min_cell(meta))
         if step.result is None:
             assert step.iterate is not None
             return self._reply(self._encrypt_iterate(step.iterate), round_num, start, {"phase": step.phase})
@@ -304,6 +396,8 @@ class SumsExecutor(Executor):
                 self._m.block: {"sites": sorted(named), "n": int(step.n), "suppressed": step.suppressed},
             },
         }
+        if self._m.dp is not None:
+            release["dp"] = {**self._m.dp, "sensitivity": self._m.dp_sensitivity, "releases": self._m.dp_releases}
         text = json.dumps(release, sort_keys=True, default=json_default)
         self._save_plot(release[self._m.block])
         return self._reply({}, round_num, start, {"release_json": text}, released=len(text))
@@ -345,14 +439,16 @@ class SumsExecutor(Executor):
             "sha256": digest,
             "metrics": {"seconds": round(time.monotonic() - start, 4)},
             "min_cell_policy": policy_min_cell(self.root),
+            payload.AUDIT_HEAD_KEY: list(self.audit.head),
             **extra,
         }
         return FLModelUtils.to_shareable(FLModel(params=params, meta=meta, current_round=round_num))
 
     def _status(self, status: str, reason: str, round_num: int) -> Shareable:
+        meta = {"status": status, "reason": reason}
         if getattr(self, "audit", None) is not None:
             self.audit.append(status, job=self.job_label, round=round_num, site=self.site, reason=reason)
-        meta = {"status": status, "reason": reason}
+            meta[payload.AUDIT_HEAD_KEY] = list(self.audit.head)
         return FLModelUtils.to_shareable(FLModel(params={}, meta=meta, current_round=round_num))
 
 
@@ -384,7 +480,7 @@ class SumsController(ModelController):
         from clinfed.he.aggregation import EncryptedSum
 
         size = 2 * (self._m.size(phase) + 1)  # two limbs per value (`two_limbs`)
-        meta = {"settings": self._m.digest(), "phase": phase, "round": rnd, "min_cell": self._min_cell}
+        meta = {**self._meta(phase, rnd), "min_cell": self._min_cell}
         results = self.send_model_and_wait(
             task_name=SUMS_TASK,
             data=FLModel(params=iterate, meta=meta),
@@ -400,6 +496,7 @@ class SumsController(ModelController):
             site = rmeta.get("client_name", "?")
             entry = _entry(rmeta)
             params = result.params or {}
+            self._anchor(site, rmeta, rnd)
             if entry["status"] == "ok":
                 payload.log_update(self.audit, "update_received", params, job=self.job_label, round_num=rnd, site=site)
                 try:
@@ -435,8 +532,51 @@ class SumsController(ModelController):
         self.audit.append("aggregation", job=self.job_label, round=rnd, sites=ok, encrypted=True)
         return entries, payload.encrypted_params(cts, layout, self.fingerprint)
 
+    def _meta(self, phase: str, rnd: int) -> dict:
+        """What every task carries: the settings digest, phase, round and the server's audit-chain head."""
+        return {
+            "settings": self._m.digest(),
+            "phase": phase,
+            "round": rnd,
+            payload.AUDIT_HEAD_KEY: list(self.audit.head),
+        }
+
+    def _anchor(self, site: str, meta: dict, rnd: int) -> None:
+        """Record the site's audit-chain head as it reported it (anchoring, `clinfed.audit.verify`)."""
+        head = meta.get(payload.AUDIT_HEAD_KEY)
+        if isinstance(head, list | tuple) and len(head) == 2:
+            self.audit.append(
+                "anchor", job=self.job_label, round=rnd, peer=site, peer_seq=int(head[0]), peer_hash=str(head[1])
+            )
+
+    def _admit(self, targets: list[str]) -> dict[str, dict]:
+        """The `admit` task: each site accepts or refuses the whole job; (entries per site)."""
+        results = self.send_model_and_wait(
+            task_name=ADMIT_TASK,
+            data=FLModel(params={}, meta=self._meta(self._m.first_phase, 0)),
+            targets=targets,
+            min_responses=len(targets),
+            timeout=self.task_timeout,
+        )
+        entries: dict[str, dict] = {}
+        for result in results:
+            rmeta = result.meta or {}
+            site = rmeta.get("client_name", "?")
+            self._anchor(site, rmeta, 0)
+            entry = {"status": rmeta.get("status", "failed"), "reason": rmeta.get("reason", "")}
+            if entry["status"] == "ok":
+                entry = {**entry, **(rmeta.get("admission") or {}), "status": "accepted"}
+            else:
+                self.warning(entry["reason"] or f"{site}: {entry['status']}")
+            entries[site] = entry
+        for site in targets:
+            entries.setdefault(
+                site, {"status": "failed", "reason": f"{site}: no answer to admission (timed out or died)"}
+            )
+        return entries
+
     def _step(self, rnd: int, site: str, phase: str, agg: dict, sites: list[str]) -> tuple[dict, FLModel | None]:
-        meta = {"settings": self._m.digest(), "phase": phase, "round": rnd, "sites": sites, "min_cell": self._min_cell}
+        meta = {**self._meta(phase, rnd), "sites": sites, "min_cell": self._min_cell}
         results = self.send_model_and_wait(
             task_name=STEP_TASK,
             data=FLModel(params=agg, meta=meta),
@@ -452,6 +592,7 @@ class SumsController(ModelController):
                 "bytes_sent": 0,
             }, None
         rmeta = results[0].meta or {}
+        self._anchor(site, rmeta, rnd)
         return _entry(rmeta), results[0]
 
     def run(self) -> None:
@@ -468,7 +609,15 @@ class SumsController(ModelController):
         release: dict = {}
         phase, iterate, active = self._m.first_phase, {}, targets
         started = time.monotonic()
+        admission: dict[str, dict] = {}
         try:
+            admission = self._admit(targets)
+            active = sorted((s for s, e in admission.items() if e["status"] == "accepted"), key=lambda s: (len(s), s))
+            if len(active) < MIN_CONTRIBUTORS:
+                why = "; ".join(e["reason"] for e in admission.values() if e["status"] != "accepted")
+                raise _Stop(f"only {len(active)} site(s) accepted the job (at least {MIN_CONTRIBUTORS} needed): {why}")
+            if chosen not in active:
+                raise _Stop(f"the release site {chosen} refused the job: {admission[chosen]['reason']}")
             for rnd in range(self._m.max_rounds):
                 entries, agg = self._sum_round(rnd, phase, iterate, active)
                 record = {"round": rnd, "phase": phase, "sites": entries}
@@ -501,7 +650,7 @@ class SumsController(ModelController):
             outcome["reason"] = str(stop)
             self.warning(f"{self.job_label}: nothing released: {stop}")
         self.audit.append("job_end", job=self.job_label, rounds_completed=len(rounds), outcome=outcome["status"])
-        self._write_summary(targets, rounds, outcome, release, time.monotonic() - started)
+        self._write_summary(targets, rounds, outcome, release, time.monotonic() - started, admission)
 
     def _read_release(self, rnd: int, site: str, text: str) -> dict:
         self.audit.append(
@@ -523,7 +672,7 @@ class SumsController(ModelController):
         return release
 
     def _write_summary(
-        self, sites: list[str], rounds: list[dict], outcome: dict, release: dict, seconds: float
+        self, sites: list[str], rounds: list[dict], outcome: dict, release: dict, seconds: float, admission: dict
     ) -> None:
         contributors = set(outcome["contributors"]) if outcome["status"] == "released" else set()
         per_round = [sum(e["bytes_sent"] for e in r["sites"].values()) for r in rounds]
@@ -548,7 +697,15 @@ class SumsController(ModelController):
             },
             self._m.block: release.get(self._m.block),
             "provenance": release.get("provenance", {}),
+            "admission": admission,
         }
+        if self._m.dp is not None:
+            summary["dp"] = release.get("dp")
+            summary["privacy"] = {  # ε each site's ledger charged for this run (0: it sent nothing)
+                "epsilon_charged": {
+                    s: float(rounds[0]["sites"].get(s, {}).get("epsilon", 0.0)) if rounds else 0.0 for s in sites
+                }
+            }
         path = Path(self.get_run_dir()) / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2, default=json_default))
         self.info(f"summary written to {path}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvflare.apis.fl_context import FLContext
@@ -86,6 +86,67 @@ def find_context_file(root: Path, filename: str) -> Path | None:
 METRIC_POLICIES = ("full", "round", "withhold")
 
 
+#: Keys of the policy's "database" section (anything else is refused: a typo must not be ignored).
+DATABASE_KEYS = ("url", "url_env", "password_env", "table", "columns")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class SiteDatabase:
+    """Where this hospital's patients are: the policy's "database" section (see docs/site-policy.md).
+
+    `url` (an SQLAlchemy URL) or `url_env` (the name of an environment variable holding one), never
+    both; `password_env` optionally names a variable holding the password of a URL written without
+    one. Environment variables are read when a job reads the data, not here, and no secret is kept
+    in this object's repr. `table` is a table or view (``schema.name`` allowed); `columns` maps the
+    variables jobs name onto this site's own column names (a variable not in it is the column of the
+    same name).
+    """
+
+    url: str | None = field(default=None, repr=False)
+    url_env: str | None = None
+    password_env: str | None = None
+    table: str = "patients"
+    columns: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, section, site: str) -> SiteDatabase:
+        """The section validated; a one-line SiteRefusal naming the key otherwise (never echoing a URL)."""
+
+        def refuse(why: str) -> SiteRefusal:
+            return SiteRefusal(f"{site}: local policy database {why}")
+
+        if not isinstance(section, dict):
+            raise refuse("must be an object {url or url_env, table, columns}")
+        unknown = sorted(str(k) for k in section if k not in DATABASE_KEYS)
+        if unknown:
+            raise refuse(f"has unknown key(s) {', '.join(unknown)} (allowed: {', '.join(DATABASE_KEYS)})")
+        url, url_env = section.get("url"), section.get("url_env")
+        if (url is None) == (url_env is None):
+            raise refuse("needs exactly one of url (an SQLAlchemy URL) or url_env (a variable holding one)")
+        if url is not None and (not isinstance(url, str) or not url.strip()):
+            raise refuse("url must be a non-empty string (an SQLAlchemy URL)")
+        for key in ("url_env", "password_env"):
+            name = section.get(key)
+            if name is not None and (not isinstance(name, str) or not _ENV_NAME.fullmatch(name)):
+                raise refuse(f"{key} must name an environment variable (letters, digits, _)")
+        table = section.get("table", cls.table)
+        if not isinstance(table, str) or not table.strip():
+            raise refuse("table must be a non-empty table or view name")
+        columns = section.get("columns", {})
+        if not isinstance(columns, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) and v.strip() for k, v in columns.items()
+        ):
+            raise refuse('columns must map variable names to non-empty column names, e.g. {"time": "futime"}')
+        return cls(
+            url=url,
+            url_env=url_env,
+            password_env=section.get("password_env"),
+            table=table.strip(),
+            columns=dict(columns),
+        )
+
+
 @dataclass
 class SitePolicy:
     """The hospital's own settings, from `local/resources.json` → "clinfed". A job is untrusted input:
@@ -97,6 +158,7 @@ class SitePolicy:
 
     epsilon_budget: float | None = None  # lifetime ε of the site across jobs and mechanisms
     data_dir: str | None = None
+    database: SiteDatabase | None = None  # the hospital's own database; read before data_dir
     require_encryption: bool = False
     require_dp: bool = True  # a job with DP disabled is refused before training
     delta: float = 1e-5  # the site's δ: every spend is accounted at it; a job may ask for a smaller δ only
@@ -117,6 +179,9 @@ class SitePolicy:
         policy = cls(
             epsilon_budget=float(budget) if budget is not None else None,
             data_dir=section.get("data_dir"),
+            database=(
+                SiteDatabase.parse(section["database"], root.name) if section.get("database") is not None else None
+            ),
             require_encryption=bool(section.get("require_encryption", defaults.require_encryption)),
             require_dp=bool(section.get("require_dp", defaults.require_dp)),
             delta=float(section.get("delta", defaults.delta)),

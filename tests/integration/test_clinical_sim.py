@@ -177,11 +177,31 @@ def test_bad_input_is_one_line_exit_2_and_no_ledger(tmp_path):
         load_job("cox_ph").make_recipe(sites=3, data_dir=str(data), covariates=["age", "nope"])
     with pytest.raises(ValueError, match="text"):
         load_job("cox_ph").make_recipe(sites=3, data_dir=str(data), covariates=["age", "horTh"])
+    with pytest.raises(ValueError, match="no output DP"):  # a method without a per-patient bound
+        load_job("cox_ph").make_recipe(sites=3, data_dir=str(data), covariates=["age"], epsilon=1.0)
+    # A site with no events (its split.json says so): a Cox fit is refused before anything runs.
+    import json
+
+    manifest = json.loads((data / "split.json").read_text())
+    manifest["sites"]["site-2"]["events"] = 0
+    no_events = tmp_path / "no_events"
+    no_events.mkdir()
+    (no_events / "split.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="site-2 has no events"):
+        load_job("cox_ph").make_recipe(sites=3, data_dir=str(no_events), covariates=["age"])
     with pytest.raises(ValueError, match="no column 'nope'"):
         load_job("survival_km").make_recipe(sites=3, data_dir=str(data), group="nope")
     with pytest.raises(ValueError, match="at least 3 sites"):
         load_job("glm").make_recipe(sites=2, outcome="event", covariates=["age"])
     out = tmp_path / "out"
+    split = subprocess.run(
+        [sys.executable, "-m", "clinfed.cli", "data", "split", "--dataset", "nope", "--sites", "3", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert split.returncode == 2 and "unknown dataset 'nope'" in split.stderr, split.stderr
+    assert len(split.stderr.strip().splitlines()) == 1 and not out.exists()
     cases = {
         "fewer than 3 sites": ["cox_ph", "--sites", "2", "--covariates", "age"],
         "unknown covariate": ["cox_ph", "--sites", "3", "--covariates", "age,no_such_column"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def run_simulation(req: SimulationRequest) -> dict:
     )
     flare_root = root / "flare"
     flare_ws = flare_root / recipe.name
+    started = time.time()
     allow_clinfed_components(flare_ws)
     # One process per site, each with its own torch thread pool: more threads than cores only thrash.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // req.sites)))
@@ -145,7 +147,8 @@ def run_simulation(req: SimulationRequest) -> dict:
         summary["policy_override"] = {"require_dp": False, "by": "clinfed simulate --no-dp (simulator only)"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for png in sorted(root.glob(f"site-*/reports/{recipe.name}-*.png")):
-        shutil.copyfile(png, out / png.name)
+        if png.stat().st_mtime >= started:  # a reused workspace keeps earlier runs' figures: not this run's
+            shutil.copyfile(png, out / png.name)
     if summary.get("rounds") and summary["rounds"][0]["sites"]:
         from clinfed.plots import plot_rounds
 

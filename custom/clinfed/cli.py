@@ -40,6 +40,17 @@ def job_name(text: str) -> str:
     return text
 
 
+def he_contenders(text: str) -> list[str]:
+    """`--contenders a,b`: names checked against the HE bench's contenders (argparse: exit 2 otherwise)."""
+    from clinfed.bench.he_bench import CONTENDERS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTENDERS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown contender(s) {unknown or text!r} (known: {', '.join(CONTENDERS)})")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clinfed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -67,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--time-bin", type=positive_float, default=None, metavar="DAYS", help="event-time bin width")
     sim.add_argument("--family", choices=["binomial", "gaussian", "poisson"], default=None, help="glm: family")
     sim.add_argument("--outcome", type=str, default=None, metavar="COL", help="glm: outcome column")
+    # --- cohort_stats on a `clinfed data split` folder (issue 13; --group above names its group column) ---
+    sim.add_argument("--features", type=str, default=None, metavar="A,B", help="cohort_stats: numeric columns")
+    sim.add_argument("--proportions", type=str, default=None, metavar="C,D", help="cohort_stats: categorical columns")
+    sim.add_argument("--rate", type=str, default=None, metavar="EVENT:TIME", help="cohort_stats: incidence rate")
+    sim.add_argument("--rate-per", type=positive_float, default=None, metavar="N", help="rate per N person-time")
+    sim.add_argument("--rate-unit", type=str, default=None, metavar="TEXT", help="person-time unit, e.g. person-days")
+    # --- end of cohort_stats options ---
 
     exp = sub.add_parser("export", help="write a plain FLARE job folder, ready to submit")
     exp.add_argument("job", type=job_name)
@@ -80,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     he = bench_sub.add_parser("he", help="plaintext FedAvg vs FLARE's HE vs clinfed's CKKS aggregation")
     he.add_argument("--params", type=positive_int, default=1_000_000)
     he.add_argument("--sites", type=positive_int, default=3)
+    he.add_argument(
+        "--contenders",
+        type=he_contenders,
+        default=None,
+        metavar="A,B",
+        help="some of plaintext,flare_he,ours,ours_flare_params,ours_compact (default: all)",
+    )
+    he.add_argument("--repeats", type=positive_int, default=3, help="rounds per contender; the table shows medians")
     he.add_argument("--json", type=Path, default=None)
     dp = bench_sub.add_parser("dp", help="one local epoch, non-private vs DP-SGD")
     dp.add_argument("--json", type=Path, default=None)
@@ -124,7 +150,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "he":
         from clinfed.bench.he_bench import format_table, run_he_bench
 
-        result = run_he_bench(params=args.params, sites=args.sites)
+        result = run_he_bench(params=args.params, sites=args.sites, contenders=args.contenders, repeats=args.repeats)
     elif args.bench == "dp":
         from clinfed.bench.dp_bench import format_table, run_dp_bench
 
@@ -198,6 +224,8 @@ def _round_table(summary: dict) -> str:
 
 
 ANALYTICS_OPTIONS = ("cohort", "covariates", "strata", "group", "time_bin", "family", "outcome")
+# cohort_stats' options (issue 13): handed to make_recipe as given ("a,b" and "event:time" parsed there)
+ANALYTICS_OPTIONS += ("features", "proportions", "rate", "rate_per", "rate_unit")
 
 
 def _analytics_options(args: argparse.Namespace) -> dict:

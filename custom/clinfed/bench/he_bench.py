@@ -1,43 +1,83 @@
-"""One FedAvg round three ways, side by side: plaintext, FLARE's own HE, and clinfed's packed CKKS.
+"""One FedAvg round five ways, side by side: plaintext, FLARE's own HE, and clinfed's CKKS paths.
 
-Each contender aggregates the same site updates (a layered float32 model of ``params`` values with
-16-value biases and norm scales, as a MONAI-style CNN has) and is scored on:
+Contenders (``CONTENDERS``; ``contenders=`` picks some):
+
+- ``plaintext``: float32 updates, weighted sum at the server (FLARE's plain FedAvg).
+- ``flare_he``: FLARE's own HE, driven through its components (``HEModelEncryptor`` → fobs →
+  ``HEInTimeAccumulateWeightedAggregator`` → fobs → ``HEModelDecryptor``) with real FLContext,
+  Shareable and DXO objects and the context FLARE's ``HEBuilder`` provisions (N=8192, [60, 40, 40],
+  2^40, symmetric), one TenSEAL vector per layer.
+- ``ours``: clinfed's default path (``weighted_encrypt`` / ``EncryptedSum`` / ``decrypt_average``,
+  N=4096 [60, 40] 2^36, seeded, the whole model packed into one vector).
+- ``ours_flare_params``: the same code and wire format at FLARE's parameters (N=8192, [60, 40, 40],
+  2^40), so the ratio to FLARE splits into engineering (``flare_he`` → ``ours_flare_params``) and
+  parameter choice (``ours_flare_params`` → ``ours``).
+- ``ours_compact``: the opt-in compact format (``clinfed.he.compact``: N=4096 [31, 31 | 40] 2^14,
+  integers quantised to the job's grid, two 22-bit fields per half slot, both halves of each slot,
+  bit-packed seeded uploads). Its ``value_bound`` is the largest |weight·value| any site sends (the
+  tightest bound a job could configure from its clipping bound; a looser bound costs precision in
+  proportion) and ``max_sites`` is ``sites``.
+
+Every contender aggregates the same site updates (a layered float32 model of ``params`` values with
+16-value biases and norm scales, as a MONAI-style CNN has; each site's is the global model plus ~1 %
+noise, generated when that site encrypts so that memory does not grow with ``sites``). A round
+streams: site i encrypts, the server ingests site i's upload, the update and the upload are
+dropped, then site i+1; the server thus ingests ``sites`` distinct uploads. Each contender runs
+``repeats`` rounds (≥ 3 by default), interleaved with the other contenders' so that background load
+hits all alike, and reports per field:
 
 - ``bytes_per_param``: bytes one site puts on the wire for its update, over the parameter count.
-  Plaintext is float32 (4). For both HE contenders it is the FLARE-serialised (``fobs``) Shareable
-  that carries the update, i.e. what FLARE actually sends; ``ciphertext_bytes_per_param`` counts
-  the ciphertexts alone, and ``download_bytes_per_param`` the aggregate sent back.
-- ``encrypt_seconds``: one site's weighting + encryption + serialisation (sites run in parallel,
-  so one site's time is what a round waits for; the mean over sites).
+  Plaintext is float32 (4). For HE contenders it is the FLARE-serialised (``fobs``) Shareable that
+  carries the update, i.e. what FLARE actually sends; ``ciphertext_bytes_per_param`` counts the
+  ciphertexts alone, and ``download_bytes_per_param`` the aggregate sent back (fobs, same way).
+- ``encrypt_seconds``: one site's weighting + encryption + serialisation, the mean over sites
+  (sites run in parallel, so one site's time is what a round waits for).
 - ``aggregate_seconds``: the server's work for all sites (deserialise, vet, add, serialise).
 - ``decrypt_seconds``: one site's deserialisation + decryption + division.
 - ``round_seconds``: the sum of the three, the HE cost on a round's critical path.
 - ``max_rel_error``: max |aggregate − exact FedAvg| / max |exact FedAvg| (float64 reference).
+- ``server_peak_rss_mb`` / ``site_peak_rss_mb``: peak resident memory while that role's code runs,
+  *above* the process's resident memory at the start of the round (which holds the interpreter,
+  FLARE, TenSEAL, keys, the global model and the float64 reference, common to all contenders). On
+  Linux the kernel's high-water mark is reset (``/proc/self/clear_refs``) before each section and
+  ``VmHWM`` read after it, so it is a true peak of the process during the section; elsewhere it falls
+  back to the growth of ``ru_maxrss``, which cannot be reset and reads 0 when an earlier section
+  peaked higher (``rss_method`` says which). The site's figure covers encrypting site 1's update
+  (with that float32 update resident) and decrypting the aggregate (with the download resident);
+  the server's covers ingesting each upload (with it resident, as an upload in flight is) and
+  serialising the sum. All roles share one process: freed heap is handed back to the OS
+  (``malloc_trim``) before the round and before decryption, but memory the allocator keeps can
+  still hide part of a section's growth, so read them as lower bounds within a few MB.
 
-FLARE's HE is driven through its own components (``HEModelEncryptor`` → fobs →
-``HEInTimeAccumulateWeightedAggregator`` → fobs → ``HEModelDecryptor``) with real FLContext,
-Shareable and DXO objects, and the context FLARE's ``HEBuilder`` provisions (N=8192,
-[60, 40, 40], 2^40, symmetric) written to a temporary startup kit. Smallest workaround: FLARE loads
-that file through ``SecurityContentService``, a process-wide singleton bound to the first startup
-folder it sees; the bench points it at the temporary kit for the two START_RUN events and then
-restores whatever was there, so FLARE's own loader (``load_tenseal_context_from_workspace``, in
-non-secure mode since the temporary kit is unsigned) reads the files.
+Times, bytes and memory are the median over the repeats; ``max_rel_error`` the worst repeat;
+``round_seconds_runs`` lists every repeat's round time.
+
+FLARE's HE loads its context through ``SecurityContentService``, a process-wide singleton bound to
+the first startup folder it sees; the bench points it at a temporary kit (written by FLARE's own
+``HEBuilder``) for the START_RUN events and then restores whatever was there, so FLARE's own loader
+(``load_tenseal_context_from_workspace``, in non-secure mode since the kit is unsigned) reads it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
+import math
 import os
+import resource
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+CONTENDERS = ("plaintext", "flare_he", "ours", "ours_flare_params", "ours_compact")
 BIAS = 16  # the smallest layers: a 16-channel bias or norm scale costs FLARE a whole ciphertext
 
 
@@ -64,20 +104,27 @@ def bench_model(params: int, seed: int = 0) -> dict[str, np.ndarray]:
     return model
 
 
-def _site_updates(model: dict[str, np.ndarray], sites: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """Each site's model: the global one plus a local step of ~1 % of each layer's scale."""
-    rng = np.random.default_rng(seed + 1)
-    return [
-        {k: (v + rng.normal(0, 0.01 * (float(np.std(v)) or 1.0), v.shape)).astype(np.float32) for k, v in model.items()}
-        for _ in range(sites)
-    ]
+def _layer_scales(model: dict[str, np.ndarray]) -> dict[str, float]:
+    return {k: 0.01 * (float(np.std(v)) or 1.0) for k, v in model.items()}
 
 
-def _fedavg(updates: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
-    total = sum(weights)
-    return {
-        k: sum(w * u[k].astype(np.float64) for w, u in zip(weights, updates, strict=True)) / total for k in updates[0]
-    }
+def _site_update(model: dict[str, np.ndarray], scales: dict[str, float], site: int, seed: int) -> dict[str, np.ndarray]:
+    """Site ``site``'s model: the global one plus a local step of ~1 % of each layer's scale (reproducible)."""
+    rng = np.random.default_rng([seed + 1, site])
+    return {k: (v + rng.normal(0, scales[k], v.shape)).astype(np.float32) for k, v in model.items()}
+
+
+def _reference(model, scales, weights: Sequence[float], seed: int) -> tuple[dict[str, np.ndarray], float]:
+    """Exact FedAvg in float64, one site at a time; and the largest |weight·value| any site sends."""
+    total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in model.items()}
+    peak = 0.0
+    for i, w in enumerate(weights):
+        update = _site_update(model, scales, i, seed)
+        for k, v in update.items():
+            total[k] += w * v.astype(np.float64)
+            peak = max(peak, w * float(np.max(np.abs(v))))
+    whole = sum(weights)
+    return {k: v / whole for k, v in total.items()}, peak
 
 
 def _max_rel_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
@@ -118,31 +165,6 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _result(name: str, params: int, sites: int, **values) -> dict:
-    out = {"contender": name, "params": params, "sites": sites, **values}
-    out["round_seconds"] = out["encrypt_seconds"] + out["aggregate_seconds"] + out["decrypt_seconds"]
-    return out
-
-
-# --- (a) plaintext FedAvg ------------------------------------------------------------------------
-def _bench_plaintext(updates, weights, reference, params: int) -> dict:
-    start = time.perf_counter()
-    total = sum(weights)
-    avg = {k: sum(w * u[k] for w, u in zip(weights, updates, strict=True)) / total for k in updates[0]}
-    aggregate = time.perf_counter() - start
-    nbytes = sum(v.nbytes for v in updates[0].values())
-    return _result(
-        "plaintext",
-        params,
-        len(updates),
-        bytes_per_param=nbytes / params,
-        encrypt_seconds=0.0,
-        aggregate_seconds=aggregate,
-        decrypt_seconds=0.0,
-        max_rel_error=_max_rel_error(avg, reference),
-    )
-
-
 # --- (b) FLARE's HE --------------------------------------------------------------------------------
 def _flare_ctx(site: str | None = None):
     from nvflare.apis.fl_constant import FLContextKey, ReservedKey
@@ -171,210 +193,534 @@ def _flare_startup_kit(startup: Path) -> Iterator[None]:
         Service.security_content_manager, Service.content_folder = saved
 
 
-def _bench_flare(updates, weights, reference, params: int, workdir: Path) -> dict:
-    import tenseal as ts
-    from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-    from nvflare.apis.event_type import EventType
-    from nvflare.apis.fl_constant import ReservedKey
-    from nvflare.app_common.app_constant import AppConstants
-    from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
-    from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
-    from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
-    from nvflare.fuel.utils import fobs
-    from nvflare.lighter.impl.he import HEBuilder
+# --- memory ------------------------------------------------------------------------------------------
+class _Memory:
+    """Peak resident memory of code sections (see the module docstring for what it does and does not see)."""
 
-    builder = HEBuilder()  # FLARE's provisioning defaults
-    builder.initialize(None, None)  # builds the TenSEAL context; project/provision args are unused
-    startup = workdir / "flare" / "startup"
-    startup.mkdir(parents=True)
-    (startup / "client_context.tenseal").write_bytes(builder.get_serialized_context(is_client=True))
-    (startup / "server_context.tenseal").write_bytes(builder.get_serialized_context(is_client=False))
+    def __init__(self) -> None:
+        self.method = "ru_maxrss growth"
+        try:
+            self._reset()
+            if self._status("VmHWM") is not None:
+                self.method = "VmHWM after clear_refs reset"
+        except OSError:
+            pass
 
-    names = [f"site-{i + 1}" for i in range(len(updates))]
-    encryptors = {s: HEModelEncryptor() for s in names}  # weigh_by_local_iter: weight before encryption
-    decryptor = HEModelDecryptor()
-    aggregator = HEInTimeAccumulateWeightedAggregator(weigh_by_local_iter=False)
-    server_ctx = _flare_ctx()
-    server_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
-    with _flare_startup_kit(startup):
-        for site, enc in encryptors.items():
-            enc.handle_event(EventType.START_RUN, _flare_ctx(site))
-        decryptor.handle_event(EventType.START_RUN, _flare_ctx(names[0]))
-        aggregator.handle_event(EventType.START_RUN, server_ctx)
+    @staticmethod
+    def _reset() -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
 
-    wires, enc_times, ct_bytes = [], [], 0
-    with _quiet():
-        for site, update, weight in zip(names, updates, weights, strict=True):
-            dxo = DXO(DataKind.WEIGHT_DIFF, data=dict(update), meta={MetaKey.NUM_STEPS_CURRENT_ROUND: weight})
-            shareable = dxo.to_shareable()
-            start = time.perf_counter()
-            encrypted = encryptors[site].process_dxo(dxo, shareable, _flare_ctx(site))
+    @staticmethod
+    def _status(key: str) -> float | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return float(line.split()[1]) / 1024.0
+        except OSError:
+            return None
+        return None
+
+    @staticmethod
+    def _maxrss_mb() -> float:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+    @staticmethod
+    def trim() -> None:
+        """Collect garbage and hand freed heap back to the OS (glibc ``malloc_trim``), so that memory an
+        earlier contender freed but the allocator kept does not hide the next section's growth."""
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)
+
+    def rss_mb(self) -> float:
+        now = self._status("VmRSS")
+        return now if now is not None else self._maxrss_mb()
+
+    @contextlib.contextmanager
+    def section(self) -> Iterator[list[float]]:
+        """Yields a one-item list that holds the peak RSS (MB) of the section once it ends."""
+        box = [0.0]
+        if self.method.startswith("VmHWM"):
+            self._reset()
+        try:
+            yield box
+        finally:
+            peak = self._status("VmHWM") if self.method.startswith("VmHWM") else None
+            box[0] = peak if peak is not None else self._maxrss_mb()
+
+
+# --- contenders ----------------------------------------------------------------------------------------
+class _Contender:
+    """One aggregation path, split into the roles' steps; subclasses fill them in."""
+
+    name = ""
+    timed_sites = True  # plaintext has no site-side crypto: its encrypt/decrypt seconds are 0
+
+    def start_round(self) -> None:
+        """Fresh server state for a round (not timed)."""
+
+    def encrypt(self, site: str, update: dict[str, np.ndarray], weight: float) -> tuple[Any, int]:
+        """(what the site sends, bytes of ciphertext in it)."""
+        raise NotImplementedError
+
+    def ingest(self, site: str, wire: Any) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> Any:
+        """The server's aggregate as sent back; drops the server state."""
+        raise NotImplementedError
+
+    def decrypt(self, back: Any) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def size(self, wire: Any) -> int:
+        return len(wire)
+
+    def info(self) -> dict:
+        return {}
+
+
+class _Plaintext(_Contender):
+    name = "plaintext"
+    timed_sites = False
+
+    def __init__(self, weights: Sequence[float]):
+        self._weights = dict(zip((f"site-{i + 1}" for i in range(len(weights))), weights, strict=True))
+
+    def start_round(self) -> None:
+        self._sum: dict[str, np.ndarray] | None = None
+        self._total = 0.0
+
+    def encrypt(self, site, update, weight):
+        return update, 0
+
+    def ingest(self, site, wire):
+        w = self._weights[site]
+        if self._sum is None:
+            self._sum = {k: w * v for k, v in wire.items()}
+        else:
+            for k, v in wire.items():
+                self._sum[k] += w * v
+        self._total += w
+
+    def finish(self):
+        out = {k: v / self._total for k, v in self._sum.items()}
+        self._sum = None
+        return out
+
+    def decrypt(self, back):
+        return back
+
+    def size(self, wire) -> int:
+        return sum(v.nbytes for v in wire.values())
+
+
+class _FlareHE(_Contender):
+    name = "flare_he"
+
+    def __init__(self, sites: int, workdir: Path):
+        from nvflare.apis.event_type import EventType
+        from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
+        from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
+        from nvflare.lighter.impl.he import HEBuilder
+
+        self.builder = HEBuilder()  # FLARE's provisioning defaults
+        self.builder.initialize(None, None)  # builds the TenSEAL context; project/provision args are unused
+        self.startup = workdir / "flare" / "startup"
+        self.startup.mkdir(parents=True)
+        (self.startup / "client_context.tenseal").write_bytes(self.builder.get_serialized_context(is_client=True))
+        (self.startup / "server_context.tenseal").write_bytes(self.builder.get_serialized_context(is_client=False))
+        self.names = [f"site-{i + 1}" for i in range(sites)]
+        self.encryptors = {s: HEModelEncryptor() for s in self.names}  # weigh_by_local_iter: weight first
+        self.decryptor = HEModelDecryptor()
+        with _flare_startup_kit(self.startup), _quiet():
+            for site, enc in self.encryptors.items():
+                enc.handle_event(EventType.START_RUN, _flare_ctx(site))
+            self.decryptor.handle_event(EventType.START_RUN, _flare_ctx(self.names[0]))
+        self.ct_per_update = 0
+
+    def start_round(self) -> None:
+        from nvflare.apis.event_type import EventType
+        from nvflare.app_common.app_constant import AppConstants
+        from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
+
+        self.aggregator = HEInTimeAccumulateWeightedAggregator(weigh_by_local_iter=False)
+        self.server_ctx = _flare_ctx()
+        self.server_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
+        with _flare_startup_kit(self.startup), _quiet():
+            self.aggregator.handle_event(EventType.START_RUN, self.server_ctx)
+
+    def encrypt(self, site, update, weight):
+        import tenseal as ts
+        from nvflare.apis.dxo import DXO, DataKind, MetaKey
+        from nvflare.app_common.app_constant import AppConstants
+        from nvflare.fuel.utils import fobs
+
+        dxo = DXO(DataKind.WEIGHT_DIFF, data=dict(update), meta={MetaKey.NUM_STEPS_CURRENT_ROUND: weight})
+        with _quiet():
+            encrypted = self.encryptors[site].process_dxo(dxo, dxo.to_shareable(), _flare_ctx(site))
             out = encrypted.to_shareable()
             out.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
             wire = fobs.dumps(out)
-            enc_times.append(time.perf_counter() - start)
-            if site == names[0]:
-                ct_bytes = sum(len(v.serialize()) for v in encrypted.data.values() if isinstance(v, ts.CKKSVector))
-            wires.append((site, wire))
+        half = self.builder.poly_modulus_degree // 2
+        self.ct_per_update = sum(-(-v.size // half) for v in update.values())
+        return wire, sum(len(v.serialize()) for v in encrypted.data.values() if isinstance(v, ts.CKKSVector))
 
-        start = time.perf_counter()
-        for site, wire in wires:
+    def ingest(self, site, wire):
+        from nvflare.apis.fl_constant import ReservedKey
+        from nvflare.fuel.utils import fobs
+
+        with _quiet():
             incoming = fobs.loads(wire)
             incoming.set_peer_props({ReservedKey.IDENTITY_NAME: site})
-            if not aggregator.accept(incoming, server_ctx):
+            if not self.aggregator.accept(incoming, self.server_ctx):
                 raise RuntimeError(f"FLARE's HE aggregator refused {site}'s update")
-        back = fobs.dumps(aggregator.aggregate(server_ctx))
-        aggregate = time.perf_counter() - start
 
-        start = time.perf_counter()
-        shareable = fobs.loads(back)
-        dxo = decryptor.process_dxo(from_shareable(shareable), shareable, _flare_ctx(names[0]))
-        avg = {k: np.asarray(v, dtype=np.float64) for k, v in dxo.data.items()}
-        decrypt = time.perf_counter() - start
+    def finish(self):
+        from nvflare.fuel.utils import fobs
 
-    return _result(
-        "flare_he",
-        params,
-        len(updates),
-        bytes_per_param=len(wires[0][1]) / params,
-        ciphertext_bytes_per_param=ct_bytes / params,
-        download_bytes_per_param=len(back) / params,
-        encrypt_seconds=float(np.mean(enc_times)),
-        aggregate_seconds=aggregate,
-        decrypt_seconds=decrypt,
-        max_rel_error=_max_rel_error(avg, reference),
-        ciphertexts_per_update=sum(-(-v.size // (builder.poly_modulus_degree // 2)) for v in updates[0].values()),
-        context={
-            "poly_modulus_degree": builder.poly_modulus_degree,
-            "coeff_mod_bit_sizes": list(builder.coeff_mod_bit_sizes),
-            "global_scale_bits": builder.scale_bits,
-            "encryption": "symmetric, one TenSEAL vector per layer",
-        },
-    )
+        with _quiet():
+            back = fobs.dumps(self.aggregator.aggregate(self.server_ctx))
+        self.aggregator = None
+        return back
+
+    def decrypt(self, back):
+        from nvflare.apis.dxo import from_shareable
+        from nvflare.fuel.utils import fobs
+
+        with _quiet():
+            shareable = fobs.loads(back)
+            dxo = self.decryptor.process_dxo(from_shareable(shareable), shareable, _flare_ctx(self.names[0]))
+        return {k: np.asarray(v, dtype=np.float64) for k, v in dxo.data.items()}
+
+    def info(self) -> dict:
+        return {
+            "ciphertexts_per_update": self.ct_per_update,
+            "context": {
+                "poly_modulus_degree": self.builder.poly_modulus_degree,
+                "coeff_mod_bit_sizes": list(self.builder.coeff_mod_bit_sizes),
+                "global_scale_bits": self.builder.scale_bits,
+                "encryption": "symmetric, one TenSEAL vector per layer",
+            },
+        }
 
 
-# --- (c) clinfed ------------------------------------------------------------------------------------
-def _bench_ours(updates, weights, reference, params: int, workdir: Path) -> dict:
-    from nvflare.apis.dxo import DXO, DataKind, from_shareable
-    from nvflare.fuel.utils import fobs
+class _Ours(_Contender):
+    """clinfed's default path (``ours``), or the same code at other CKKS parameters (``ours_flare_params``)."""
 
-    from clinfed.he import (
-        DEFAULT_PARAMS,
-        EncryptedSum,
-        context_fingerprint,
-        decrypt_average,
-        layout_from_json,
-        layout_to_json,
-        load_server_context,
-        load_site_context,
-        weighted_encrypt,
-        write_context_pair,
-    )
+    def __init__(self, name: str, params, sites: int, workdir: Path):
+        from clinfed.he import context_fingerprint, load_server_context, load_site_context, write_context_pair
 
-    site_file, server_file = workdir / "ours" / "site_context.tenseal", workdir / "ours" / "server_context.tenseal"
-    write_context_pair(site_file, server_file, DEFAULT_PARAMS)
-    names = [f"site-{i + 1}" for i in range(len(updates))]
-    site_ctx, server_ctx = load_site_context(site_file), load_server_context(server_file)
-    fingerprint = context_fingerprint(site_ctx)
-    server_fingerprint = context_fingerprint(server_ctx)
+        self.name, self.params, self.sites = name, params, sites
+        folder = workdir / name
+        folder.mkdir(parents=True)
+        write_context_pair(folder / "site_context.tenseal", folder / "server_context.tenseal", params)
+        self.site_ctx = load_site_context(folder / "site_context.tenseal")
+        self.server_ctx = load_server_context(folder / "server_context.tenseal")
+        self.fingerprint = context_fingerprint(self.site_ctx)
+        self.server_fingerprint = context_fingerprint(self.server_ctx)
+        self.ct_per_update = 0
 
-    wires, enc_times, ct_bytes = [], [], 0
-    for site, update, weight in zip(names, updates, weights, strict=True):
-        start = time.perf_counter()
-        cts, layout = weighted_encrypt(site_ctx, update, weight, sites=len(updates))
-        data = {"ckks": cts, "layout": layout_to_json(layout), "fingerprint": fingerprint}
-        wire = fobs.dumps(DXO(DataKind.WEIGHT_DIFF, data=data, meta={"weight": weight}).to_shareable())
-        enc_times.append(time.perf_counter() - start)
-        if site == names[0]:
-            ct_bytes = sum(map(len, cts))
-        wires.append((site, wire))
+    def start_round(self) -> None:
+        from clinfed.he import EncryptedSum
 
-    start = time.perf_counter()
-    acc = EncryptedSum(server_ctx, server_fingerprint)
-    layout_json = ""
-    for site, wire in wires:
+        self.acc = EncryptedSum(self.server_ctx, self.server_fingerprint)
+        self.layout_json = ""
+
+    def encrypt(self, site, update, weight):
+        from nvflare.apis.dxo import DXO, DataKind
+        from nvflare.fuel.utils import fobs
+
+        from clinfed.he import layout_to_json, weighted_encrypt
+
+        cts, layout = weighted_encrypt(self.site_ctx, update, weight, sites=self.sites)
+        data = {"ckks": cts, "layout": layout_to_json(layout), "fingerprint": self.fingerprint}
+        self.ct_per_update = len(cts)
+        return fobs.dumps(DXO(DataKind.WEIGHT_DIFF, data=data, meta={"weight": weight}).to_shareable()), sum(
+            map(len, cts)
+        )
+
+    def ingest(self, site, wire):
+        from nvflare.apis.dxo import from_shareable
+        from nvflare.fuel.utils import fobs
+
         dxo = from_shareable(fobs.loads(wire))
-        acc.add(site, dxo.data["ckks"], dxo.get_meta_prop("weight"), dxo.data["fingerprint"])
-        layout_json = dxo.data["layout"]
-    total_cts, total_weight, _ = acc.result()
-    data = {"ckks": total_cts, "layout": layout_json, "fingerprint": server_fingerprint}
-    back = fobs.dumps(DXO(DataKind.WEIGHTS, data=data, meta={"total_weight": total_weight}).to_shareable())
-    aggregate = time.perf_counter() - start
+        self.acc.add(site, dxo.data["ckks"], dxo.get_meta_prop("weight"), dxo.data["fingerprint"])
+        self.layout_json = dxo.data["layout"]
 
-    start = time.perf_counter()
-    dxo = from_shareable(fobs.loads(back))
-    avg = decrypt_average(
-        site_ctx, dxo.data["ckks"], dxo.get_meta_prop("total_weight"), layout_from_json(dxo.data["layout"])
-    )
-    decrypt = time.perf_counter() - start
+    def finish(self):
+        from nvflare.apis.dxo import DXO, DataKind
+        from nvflare.fuel.utils import fobs
 
-    return _result(
-        "ours",
-        params,
-        len(updates),
-        bytes_per_param=len(wires[0][1]) / params,
-        ciphertext_bytes_per_param=ct_bytes / params,
-        download_bytes_per_param=len(back) / params,
-        encrypt_seconds=float(np.mean(enc_times)),
-        aggregate_seconds=aggregate,
-        decrypt_seconds=decrypt,
-        max_rel_error=_max_rel_error(avg, reference),
-        ciphertexts_per_update=len(total_cts),
-        context={**DEFAULT_PARAMS.as_dict(), "encryption": "symmetric, seeded, whole model packed"},
-    )
+        total_cts, total_weight, _ = self.acc.result()
+        self.acc = None
+        data = {"ckks": total_cts, "layout": self.layout_json, "fingerprint": self.server_fingerprint}
+        return fobs.dumps(DXO(DataKind.WEIGHTS, data=data, meta={"total_weight": total_weight}).to_shareable())
+
+    def decrypt(self, back):
+        from nvflare.apis.dxo import from_shareable
+        from nvflare.fuel.utils import fobs
+
+        from clinfed.he import decrypt_average, layout_from_json
+
+        dxo = from_shareable(fobs.loads(back))
+        return decrypt_average(
+            self.site_ctx, dxo.data["ckks"], dxo.get_meta_prop("total_weight"), layout_from_json(dxo.data["layout"])
+        )
+
+    def info(self) -> dict:
+        return {
+            "ciphertexts_per_update": self.ct_per_update,
+            "context": {**self.params.as_dict(), "encryption": "symmetric, seeded, whole model packed"},
+        }
 
 
-def run_he_bench(params: int = 1_000_000, sites: int = 3, seed: int = 0) -> dict:
-    """Run one aggregation round per contender; returns ``{"plaintext", "flare_he", "ours"}`` dicts."""
+class _OursCompact(_Ours):
+    """The opt-in compact format (``clinfed.he.compact``)."""
+
+    def __init__(self, sites: int, value_bound: float):
+        from clinfed.he import context_fingerprint, public_context
+        from clinfed.he.compact import CompactSpec, create_compact_context
+
+        self.name, self.sites = "ours_compact", sites
+        self.spec = CompactSpec(value_bound, sites)
+        self.site_ctx = create_compact_context(self.spec.params)
+        self.server_ctx = public_context(self.site_ctx)
+        self.fingerprint = context_fingerprint(self.site_ctx)
+        self.server_fingerprint = context_fingerprint(self.server_ctx)
+        self.spec_json = self.spec.to_json()
+        self.ct_per_update = 0
+
+    def start_round(self) -> None:
+        from clinfed.he.compact import CompactSum
+
+        self.acc = CompactSum(self.server_ctx, self.spec, self.server_fingerprint)
+        self.layout_json = ""
+
+    def encrypt(self, site, update, weight):
+        from nvflare.apis.dxo import DXO, DataKind
+        from nvflare.fuel.utils import fobs
+
+        from clinfed.he import layout_to_json
+        from clinfed.he.compact import compact_encrypt
+
+        cts, layout = compact_encrypt(self.site_ctx, update, weight, self.spec)
+        data = {"ckks": cts, "layout": layout_to_json(layout), "fingerprint": self.fingerprint, "spec": self.spec_json}
+        self.ct_per_update = len(cts)
+        return fobs.dumps(DXO(DataKind.WEIGHT_DIFF, data=data, meta={"weight": weight}).to_shareable()), sum(
+            map(len, cts)
+        )
+
+    def ingest(self, site, wire):
+        from nvflare.apis.dxo import from_shareable
+        from nvflare.fuel.utils import fobs
+
+        dxo = from_shareable(fobs.loads(wire))
+        self.acc.add(site, dxo.data["ckks"], dxo.get_meta_prop("weight"), dxo.data["fingerprint"], dxo.data["spec"])
+        self.layout_json = dxo.data["layout"]
+
+    def decrypt(self, back):
+        from nvflare.apis.dxo import from_shareable
+        from nvflare.fuel.utils import fobs
+
+        from clinfed.he import layout_from_json
+        from clinfed.he.compact import compact_decrypt_average
+
+        dxo = from_shareable(fobs.loads(back))
+        layout = layout_from_json(dxo.data["layout"])
+        return compact_decrypt_average(
+            self.site_ctx, dxo.data["ckks"], dxo.get_meta_prop("total_weight"), layout, self.spec
+        )
+
+    def info(self) -> dict:
+        return {
+            "ciphertexts_per_update": self.ct_per_update,
+            "value_bound": self.spec.value_bound,
+            "quantum": self.spec.quantum,
+            "context": {
+                **self.spec.params.as_dict(),
+                "max_sites": self.spec.max_sites,
+                "encryption": "symmetric, seeded, integer fields, complex slots, bit-packed",
+            },
+        }
+
+
+# --- the round -----------------------------------------------------------------------------------------
+def _round(c: _Contender, model, scales, weights, seed: int, reference, mem: _Memory) -> dict:
+    """One streamed round of contender ``c``: per-role times, bytes, peak memory and error."""
+    names = [f"site-{i + 1}" for i in range(len(weights))]
+    c.start_round()
+    mem.trim()
+    base = mem.rss_mb()
+    enc_times: list[float] = []
+    aggregate = 0.0
+    site_peak = server_peak = 0.0
+    up = ct_bytes = 0
+    for i, (site, weight) in enumerate(zip(names, weights, strict=True)):
+        update = _site_update(model, scales, i, seed)
+        with mem.section() as peak:
+            start = time.perf_counter()
+            wire, cts = c.encrypt(site, update, weight)
+            enc_times.append(time.perf_counter() - start)
+        if i == 0:
+            site_peak, up, ct_bytes = peak[0] - base, c.size(wire), cts
+        del update
+        with mem.section() as peak:
+            start = time.perf_counter()
+            c.ingest(site, wire)
+            aggregate += time.perf_counter() - start
+        server_peak = max(server_peak, peak[0] - base)
+        del wire
+    with mem.section() as peak:
+        start = time.perf_counter()
+        back = c.finish()
+        aggregate += time.perf_counter() - start
+    server_peak = max(server_peak, peak[0] - base)
+    mem.trim()
+    with mem.section() as peak:
+        start = time.perf_counter()
+        avg = c.decrypt(back)
+        decrypt = time.perf_counter() - start
+    site_peak = max(site_peak, peak[0] - base)
+    params = sum(v.size for v in model.values())
+    row = {
+        "bytes_per_param": up / params,
+        "download_bytes_per_param": c.size(back) / params,
+        "encrypt_seconds": float(np.mean(enc_times)) if c.timed_sites else 0.0,
+        "aggregate_seconds": aggregate,
+        "decrypt_seconds": decrypt if c.timed_sites else 0.0,
+        "max_rel_error": _max_rel_error(avg, reference),
+        "server_peak_rss_mb": max(server_peak, 0.0),
+        "site_peak_rss_mb": max(site_peak, 0.0),
+    }
+    if ct_bytes:
+        row["ciphertext_bytes_per_param"] = ct_bytes / params
+    return row
+
+
+def _parse_contenders(contenders: str | Sequence[str] | None) -> list[str]:
+    if contenders is None:
+        return list(CONTENDERS)
+    names = [n.strip() for n in contenders.split(",")] if isinstance(contenders, str) else list(contenders)
+    names = [n for n in names if n]
+    unknown = sorted(set(names) - set(CONTENDERS))
+    if unknown or not names:
+        raise ValueError(f"unknown contender(s) {unknown or names}; choose from {', '.join(CONTENDERS)}")
+    return [n for n in CONTENDERS if n in names]  # the table's order, each once
+
+
+def run_he_bench(
+    params: int = 1_000_000,
+    sites: int = 3,
+    seed: int = 0,
+    contenders: str | Sequence[str] | None = None,
+    repeats: int = 3,
+) -> dict:
+    """Run ``repeats`` streamed rounds per contender; returns ``{contender: row}`` in ``CONTENDERS`` order.
+
+    ``contenders``: names or a comma-separated string (default: all). Each row has the fields the
+    module docstring lists, medians over the repeats (``max_rel_error``: the worst repeat).
+    """
+    from clinfed.he.aggregation import MIN_CONTRIBUTORS
+    from clinfed.he.params import CKKSParams
+
     if sites < 1:
         raise ValueError(f"sites must be positive, got {sites}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be positive, got {repeats}")
+    names = _parse_contenders(contenders)
+    if sites < MIN_CONTRIBUTORS and any(n.startswith("ours") for n in names):
+        raise ValueError(f"clinfed's sites refuse to decrypt a sum of fewer than {MIN_CONTRIBUTORS} updates")
     model = bench_model(params, seed)
-    updates = _site_updates(model, sites, seed)
+    scales = _layer_scales(model)
     weights = _weights(sites)
-    reference = _fedavg(updates, weights)
+    reference, peak_weighted = _reference(model, scales, weights, seed)
+    mem = _Memory()
+    runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="clinfed-he-bench-") as tmp:
         work = Path(tmp)
-        return {
-            "plaintext": _bench_plaintext(updates, weights, reference, params),
-            "flare_he": _bench_flare(updates, weights, reference, params, work),
-            "ours": _bench_ours(updates, weights, reference, params, work),
-        }
+        built: dict[str, _Contender] = {}
+        for name in names:
+            if name == "plaintext":
+                built[name] = _Plaintext(weights)
+            elif name == "flare_he":
+                built[name] = _FlareHE(sites, work)
+            elif name == "ours":
+                from clinfed.he import DEFAULT_PARAMS
+
+                built[name] = _Ours(name, DEFAULT_PARAMS, sites, work)
+            elif name == "ours_flare_params":
+                built[name] = _Ours(name, CKKSParams(8192, (60, 40, 40), 40), sites, work)
+            else:
+                built[name] = _OursCompact(sites, peak_weighted)
+        for _ in range(repeats):
+            for name in names:
+                runs[name].append(_round(built[name], model, scales, weights, seed, reference, mem))
+        out = {}
+        for name in names:
+            rows = runs[name]
+            row: dict[str, Any] = {"contender": name, "params": params, "sites": sites, "repeats": repeats}
+            for key in rows[0]:
+                values = [r[key] for r in rows]
+                row[key] = max(values) if key == "max_rel_error" else float(statistics.median(values))
+            rounds = [r["encrypt_seconds"] + r["aggregate_seconds"] + r["decrypt_seconds"] for r in rows]
+            row["round_seconds"] = row["encrypt_seconds"] + row["aggregate_seconds"] + row["decrypt_seconds"]
+            row["round_seconds_runs"] = rounds
+            row["rss_method"] = mem.method
+            row.update(built[name].info())
+            out[name] = row
+        return out
 
 
 def format_table(result: dict) -> str:
     """One row per contender, then how ours compares with FLARE's HE and with plaintext."""
     header = (
-        f"{'contender':<10} {'B/param':>8} {'ct B/p':>7} {'down B/p':>8} {'encrypt s':>9} "
-        f"{'aggregate s':>11} {'decrypt s':>9} {'round s':>8} {'max rel err':>11}"
+        f"{'contender':<17} {'B/param':>8} {'ct B/p':>7} {'down B/p':>8} {'encrypt s':>9} {'aggregate s':>11} "
+        f"{'decrypt s':>9} {'round s':>8} {'max rel err':>11} {'server MB':>9} {'site MB':>8}"
     )
     lines = [header, "-" * len(header)]
     for name, row in result.items():
         wire = row["bytes_per_param"]
         ct, down = row.get("ciphertext_bytes_per_param", wire), row.get("download_bytes_per_param", wire)
         lines.append(
-            f"{name:<10} {wire:>8.2f} {ct:>7.2f} {down:>8.2f} {row['encrypt_seconds']:>9.3f} "
+            f"{name:<17} {wire:>8.2f} {ct:>7.2f} {down:>8.2f} {row['encrypt_seconds']:>9.3f} "
             f"{row['aggregate_seconds']:>11.3f} {row['decrypt_seconds']:>9.3f} {row['round_seconds']:>8.3f} "
-            f"{row['max_rel_error']:>11.1e}"
+            f"{row['max_rel_error']:>11.1e} {row.get('server_peak_rss_mb', math.nan):>9.1f} "
+            f"{row.get('site_peak_rss_mb', math.nan):>8.1f}"
         )
     first = next(iter(result.values()))
-    lines.append(f"({first['params']:,} parameters, {first['sites']} sites; seconds: one site's encrypt/decrypt,")
-    lines.append(" the server's aggregate for all sites; B/param: one site's FLARE-serialised update)")
-    if "ours" in result and "flare_he" in result:
-        ours, flare = result["ours"], result["flare_he"]
-        line = (
-            f"ours vs FLARE HE: {ours['bytes_per_param'] / flare['bytes_per_param']:.2f}x bytes, "
-            f"{ours['round_seconds'] / flare['round_seconds']:.2f}x round time"
-        )
-        if "plaintext" in result:
-            line += f"; vs plaintext: {ours['bytes_per_param'] / result['plaintext']['bytes_per_param']:.1f}x bytes"
-        lines.append(line)
+    repeats = first.get("repeats", 1)
+    lines.append(
+        f"({first['params']:,} parameters, {first['sites']} sites, median of {repeats} round(s); seconds: one "
+        "site's encrypt/decrypt, the server's aggregate for all sites;"
+    )
+    lines.append(" B/param: one site's FLARE-serialised update; MB: peak RSS above the round's start, per role)")
+    flare = result.get("flare_he")
+    for name in ("ours", "ours_flare_params", "ours_compact"):
+        if name in result and flare is not None:
+            ours = result[name]
+            line = (
+                f"{name} vs FLARE HE: {ours['bytes_per_param'] / flare['bytes_per_param']:.2f}x bytes, "
+                f"{ours['round_seconds'] / flare['round_seconds']:.2f}x round time"
+            )
+            if "plaintext" in result:
+                line += f"; vs plaintext: {ours['bytes_per_param'] / result['plaintext']['bytes_per_param']:.2f}x bytes"
+            lines.append(line)
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m clinfed.bench.he_bench [params] [sites]
+if __name__ == "__main__":  # python -m clinfed.bench.he_bench [params] [sites] [contenders] [repeats]
     import json
 
-    args = [int(a) for a in sys.argv[1:3]]
-    outcome = run_he_bench(*args)
+    argv = sys.argv[1:]
+    outcome = run_he_bench(
+        params=int(argv[0]) if argv else 1_000_000,
+        sites=int(argv[1]) if len(argv) > 1 else 3,
+        contenders=argv[2] if len(argv) > 2 else None,
+        repeats=int(argv[3]) if len(argv) > 3 else 3,
+    )
     print(format_table(outcome))
     print(json.dumps(outcome, indent=2))

@@ -14,6 +14,16 @@ from clinfed.he.ckks import (
     slot_count,
     sum_ciphertexts,
 )
+from clinfed.he.compact import (
+    COMPACT_PARAMS,
+    CompactParams,
+    CompactSpec,
+    CompactSum,
+    compact_context_pair,
+    compact_decrypt_average,
+    compact_decrypt_sum,
+    compact_encrypt,
+)
 from clinfed.he.context import (
     HEContextError,
     context_fingerprint,
@@ -28,14 +38,22 @@ from clinfed.he.packing import Layout, flatten, layout_from_json, layout_to_json
 from clinfed.he.params import DEFAULT_PARAMS, CKKSParams, max_abs_value
 
 __all__ = [
+    "COMPACT_PARAMS",
     "DEFAULT_PARAMS",
     "CKKSParams",
+    "CompactParams",
+    "CompactSpec",
+    "CompactSum",
     "EncryptedSum",
     "HEContextError",
     "InvalidCiphertext",
     "Layout",
     "PlainWeightedSum",
     "check_ciphertexts",
+    "compact_context_pair",
+    "compact_decrypt_average",
+    "compact_decrypt_sum",
+    "compact_encrypt",
     "context_fingerprint",
     "context_params",
     "create_context",

@@ -1,0 +1,780 @@
+"""Compact encrypted FedAvg: ≤ 4 bytes per parameter up, ≤ 8 down, exact in the quantised sense.
+
+Opt-in. Nothing here changes :mod:`clinfed.he.ckks` or :data:`clinfed.he.params.DEFAULT_PARAMS`; the
+compact format has its own parameters, its own context (keys) and its own wire format, and the
+default path keeps working as before. The arithmetic and the security level are written out in
+``docs/he-parameters.md``; in short:
+
+* **Parameters** (:data:`COMPACT_PARAMS`): N = 4096, coefficient modulus [31, 31 | 40] (two data
+  primes, SEAL's special prime last), 102 bits in all ≤ the 109 that the HomomorphicEncryption.org
+  table allows N = 4096 for **128-bit security**; scale 2^14.
+* **Integers, not reals.** A site multiplies its update by its aggregation weight, then quantises
+  every value to an integer multiple of the job's quantum δ = ``value_bound`` / M with
+  M = ⌊(2^21 − 1) / max_sites⌋ (:class:`CompactSpec`); a 22-bit signed *field* then holds the sum of
+  up to ``max_sites`` such integers without overflow. A value beyond ``value_bound`` is refused
+  (ValueError) before anything is encrypted.
+* **Two fields per half slot, both halves of each slot.** TenSEAL's ``ckks_vector`` takes real
+  vectors only, but the SEAL encoder shipped in the same wheel (``tenseal.sealapi.CKKSEncoder``)
+  encodes complex vectors, so each of the N/2 slots carries two reals (real and imaginary halves),
+  and each half carries the integer T = f0 + f1·2^22 (two fields). One ciphertext thus holds
+  2·N = 8192 values. Sums of ciphertexts are sums of T; after decryption each half is rounded to
+  the nearest integer (the CKKS error is ~0.04 at 20 sites, far below the 0.5 that rounding
+  forgives) and split back into fields with balanced digits. The decrypted sum is therefore
+  *exactly* Σ_sites round(w·x/δ): the only error is the quantisation, |error of the sum| ≤
+  sites·δ/2, and of the average ≤ sites·δ / (2·Σw). Because the output is an exact integer, it
+  reveals nothing of the CKKS error, so no noise flooding is needed (compare ``aggregation.flood``).
+* **Wire format.** A seeded upload is c0 plus SEAL's 64-byte PRNG seed for c1; instead of SEAL's
+  zstd (which stores a 31-bit residue in ~6.5 bytes), every residue is bit-packed to the bit length
+  of its prime. Upload: 62 bits per coefficient, N coefficients per 2N values: 3.875 B/param plus
+  69 bytes per ciphertext; download (c0 and c1): 7.75 B/param. The server rebuilds SEAL's own
+  (uncompressed) serialisation from its context and lets SEAL load it, so SEAL still vets every
+  coefficient and expands the seed; metadata (parameters id, scale) never comes from the sender.
+
+A contributor count travels in the first field, as in :mod:`clinfed.he.aggregation`: sites refuse
+to decrypt a sum of fewer than ``MIN_CONTRIBUTORS`` updates, whatever the server says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import importlib
+import json
+import math
+import struct
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tenseal as ts
+import tenseal.sealapi as sa
+
+from clinfed.he.aggregation import MIN_CONTRIBUTORS, TooFewContributors
+from clinfed.he.ckks import _SEAL_ERRORS, InvalidCiphertext, _seal_dump, _seal_restore
+from clinfed.he.context import HEContextError, context_fingerprint, context_parts, context_scheme
+from clinfed.he.packing import Layout, flatten, unflatten
+from clinfed.he.params import MAX_COEFF_BITS_128
+from clinfed.textio import one_line
+
+# SEAL's fresh-encryption noise: centred binomial, variance 10.5 (σ ≈ 3.24) per coefficient; each
+# site's encoding adds a rounding error of variance 1/12 per coefficient.
+_NOISE_VAR_PER_SITE = 10.5 + 1.0 / 12.0
+# The decoder rounds each half slot; it needs the summed noise below 0.5. We ask 10σ of it (a
+# Gaussian tail of 1e-23 per value) and refuse, at decryption, any half slot farther than
+# _ROUND_TOLERANCE from an integer (a wrong key or a corrupted sum, never honest noise).
+_NOISE_SIGMAS = 10.0
+_ROUND_TOLERANCE = 0.45
+# Largest |integer| per half slot that float64 (SEAL's encoder and decoder FFTs) carries exactly
+# with margin: measured error 0.17 at 2^45 with 20 sites' noise included (docs/he-parameters.md).
+_MAX_HALF_SLOT_BITS = 46
+_SAFETY_BITS = 1  # below the worst-case (constant vector) wraparound bound
+
+_MAGIC = b"CFK"
+_VERSION = 1
+_SEEDED, _FULL = b"S", b"F"
+_HEADER = len(_MAGIC) + 2
+_SEED_BYTES = 65  # SEAL's UniformRandomGeneratorInfo: 1 byte PRNG type + 64-byte seed
+
+
+@dataclass(frozen=True)
+class CompactParams:
+    """CKKS parameters and integer packing of the compact format.
+
+    ``coeff_mod_bit_sizes`` ends with SEAL's special prime (never on the wire); the others are the
+    data primes. Each half slot (real or imaginary part) holds ``fields`` signed integers of
+    ``field_bits`` bits; ``scale_bits`` sets the CKKS scale Δ.
+    """
+
+    poly_modulus_degree: int = 4096
+    coeff_mod_bit_sizes: tuple[int, ...] = (31, 31, 40)
+    scale_bits: int = 14
+    field_bits: int = 22
+    fields: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coeff_mod_bit_sizes", tuple(int(b) for b in self.coeff_mod_bit_sizes))
+        n = self.poly_modulus_degree
+        if n not in MAX_COEFF_BITS_128:
+            raise ValueError(f"poly_modulus_degree must be one of {sorted(MAX_COEFF_BITS_128)}, got {n}")
+        if len(self.coeff_mod_bit_sizes) < 2 or any(not 20 <= b <= 60 for b in self.coeff_mod_bit_sizes):
+            raise ValueError(
+                "coeff_mod_bit_sizes must be ≥ 2 primes of 20 to 60 bits (data primes, then SEAL's special prime; "
+                f"TenSEAL contexts need key switching, so a single prime is refused), got {self.coeff_mod_bit_sizes}"
+            )
+        if self.total_coeff_bits > MAX_COEFF_BITS_128[n]:
+            raise ValueError(
+                f"{self.total_coeff_bits} coefficient bits exceed the {MAX_COEFF_BITS_128[n]} that N={n} "
+                "allows for 128-bit security"
+            )
+        if not 8 <= self.field_bits <= 40 or not 1 <= self.fields <= 4:
+            raise ValueError(f"field_bits must be 8..40 and fields 1..4, got {self.field_bits}, {self.fields}")
+        if self.half_slot_bits > _MAX_HALF_SLOT_BITS:
+            raise ValueError(
+                f"{self.fields} fields of {self.field_bits} bits need {self.half_slot_bits} bits per half slot; "
+                f"float64 decoding is exact only up to {_MAX_HALF_SLOT_BITS}"
+            )
+        if self.max_sites < 1:
+            raise ValueError(
+                f"scale 2^{self.scale_bits} leaves the CKKS noise of even one site too close to the rounding bound"
+            )
+        # worst-case coefficient: √2·Δ·2^(half_slot_bits − 1) must stay under q/2 > 2^(data_bits − k − 1)
+        need = 0.5 + self.scale_bits + self.half_slot_bits - 1 + _SAFETY_BITS
+        room = self.data_bits - len(self.data_primes) - 1
+        if need > room:
+            raise ValueError(
+                f"{self.fields}×{self.field_bits}-bit fields at scale 2^{self.scale_bits} need {need:g} bits under "
+                f"q/2, the data primes {self.data_primes} give {room}"
+            )
+
+    @property
+    def data_primes(self) -> tuple[int, ...]:
+        return self.coeff_mod_bit_sizes[:-1]
+
+    @property
+    def data_bits(self) -> int:
+        return sum(self.data_primes)
+
+    @property
+    def total_coeff_bits(self) -> int:
+        return sum(self.coeff_mod_bit_sizes)
+
+    @property
+    def half_slot_bits(self) -> int:
+        return self.field_bits * self.fields
+
+    @property
+    def values_per_ciphertext(self) -> int:
+        """N/2 complex slots x 2 halves x ``fields``."""
+        return self.poly_modulus_degree * self.fields
+
+    @property
+    def max_sites(self) -> int:
+        """Most sites whose summed CKKS noise stays ``_NOISE_SIGMAS`` standard deviations under 0.5.
+
+        The decoded error of a half slot is (1/Δ)·Σ_i e_i·ζ^i over N noise coefficients of variance
+        sites·``_NOISE_VAR_PER_SITE``: standard deviation √(N/2 · sites · var) / Δ.
+        """
+        sigma_allowed = 0.5 / _NOISE_SIGMAS * 2.0**self.scale_bits
+        return int(sigma_allowed**2 / (self.poly_modulus_degree / 2 * _NOISE_VAR_PER_SITE))
+
+    def upload_bytes_per_value(self) -> float:
+        """Asymptotic upload size (seeded: c0 only), excluding the 70 bytes per ciphertext."""
+        return self.data_bits / 8 / self.fields
+
+    def as_dict(self) -> dict:
+        return {
+            "poly_modulus_degree": self.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes),
+            "global_scale_bits": self.scale_bits,
+            "field_bits": self.field_bits,
+            "fields_per_half_slot": self.fields,
+            "values_per_ciphertext": self.values_per_ciphertext,
+            "security_bits": 128,
+        }
+
+
+COMPACT_PARAMS = CompactParams()
+
+
+@dataclass(frozen=True)
+class CompactSpec:
+    """What every site and the server of a job agree on before a round: bound, sites, parameters.
+
+    ``value_bound`` bounds |weight·x| for every value a site sends (a DP job clips its noised update
+    to it); ``max_sites`` is the most updates one sum may hold (the server refuses more). Together
+    they fix the quantum δ = value_bound / M, M = ⌊(2^(field_bits−1) − 1) / max_sites⌋.
+    """
+
+    value_bound: float
+    max_sites: int
+    params: CompactParams = COMPACT_PARAMS
+
+    def __post_init__(self) -> None:
+        bound = float(self.value_bound)
+        if not math.isfinite(bound) or bound <= 0:
+            raise ValueError(f"value_bound must be a positive finite number, got {self.value_bound!r}")
+        object.__setattr__(self, "value_bound", bound)
+        sites = int(self.max_sites)
+        if not 1 <= sites <= self.params.max_sites:
+            raise ValueError(
+                f"max_sites must be 1..{self.params.max_sites} under these parameters (CKKS noise grows with "
+                f"the number of summed updates), got {self.max_sites!r}"
+            )
+        object.__setattr__(self, "max_sites", sites)
+
+    @property
+    def per_site_limit(self) -> int:
+        """M: the largest |integer| one site may put in a field."""
+        return (2 ** (self.params.field_bits - 1) - 1) // self.max_sites
+
+    @property
+    def quantum(self) -> float:
+        """δ: the grid every weighted value is rounded to."""
+        return self.value_bound / self.per_site_limit
+
+    def sum_error_bound(self, sites: int | None = None) -> float:
+        """Worst-case |decrypted sum − exact sum| per value: sites·δ/2 (rounding only; decoding is exact)."""
+        return (self.max_sites if sites is None else sites) * self.quantum / 2
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"version": _VERSION, "value_bound": self.value_bound, "max_sites": self.max_sites,
+             "params": {"poly_modulus_degree": self.params.poly_modulus_degree,
+                        "coeff_mod_bit_sizes": list(self.params.coeff_mod_bit_sizes),
+                        "scale_bits": self.params.scale_bits, "field_bits": self.params.field_bits,
+                        "fields": self.params.fields}},
+            separators=(",", ":"),
+        )  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> CompactSpec:
+        try:
+            obj = json.loads(text)
+            if obj.get("version") != _VERSION:
+                raise ValueError(f"malformed compact spec: unsupported version {obj.get('version')!r}")
+            return cls(float(obj["value_bound"]), int(obj["max_sites"]), CompactParams(**obj["params"]))
+        except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"malformed compact spec: {exc}") from exc
+
+
+def compact_ciphertext_count(params: CompactParams, size: int) -> int:
+    """Ciphertexts for ``size`` values plus the contributor count."""
+    if size < 0:
+        raise ValueError(f"size must be non-negative, got {size}")
+    return math.ceil((size + 1) / params.values_per_ciphertext)
+
+
+# --- integer packing (pure numpy) ------------------------------------------------------------------
+def quantize(vec: np.ndarray, spec: CompactSpec, names: Layout | None = None) -> np.ndarray:
+    """round(vec / δ) as int64; ValueError (one line, naming the layer when ``names`` is given) when
+    any |value| exceeds ``spec.value_bound`` or is not finite: refused before anything is encrypted."""
+    flat = np.asarray(vec, dtype=np.float64).reshape(-1)
+    bad = ~np.isfinite(flat)
+    if bad.any():
+        where = f" (first in layer '{names.locate(int(np.argmax(bad)))}')" if names is not None else ""
+        raise ValueError(f"update holds {int(bad.sum())} NaN/Inf values{where}; refusing to encrypt it")
+    if flat.size:
+        peak = int(np.argmax(np.abs(flat)))
+        if abs(flat[peak]) > spec.value_bound:
+            where = f" in layer '{names.locate(peak)}'" if names is not None else f" at position {peak}"
+            raise ValueError(
+                f"weighted value {flat[peak]:.6g}{where} exceeds the job's value_bound ±{spec.value_bound:.6g}, "
+                f"past which {spec.max_sites} sites' sum would overflow its field; clip the update or raise the bound"
+            )
+    ints = np.rint(flat / spec.quantum).astype(np.int64)
+    np.clip(ints, -spec.per_site_limit, spec.per_site_limit, out=ints)  # |v| ≤ bound ⇒ |v/δ| ≤ M up to 1 ulp
+    return ints
+
+
+def pack_fields(ints: np.ndarray, params: CompactParams) -> np.ndarray:
+    """Signed integers → half-slot integers T = Σ_k f_k·2^(k·field_bits), shape (ciphertexts, N).
+
+    Field k of half slot c in ciphertext j is ``ints[j·N·fields + k·N + c]`` (zero-padded at the end).
+    """
+    n = params.poly_modulus_degree
+    per = params.values_per_ciphertext
+    flat = np.asarray(ints, dtype=np.int64).reshape(-1)
+    count = max(1, math.ceil(flat.size / per))
+    padded = np.zeros(count * per, dtype=np.int64)
+    padded[: flat.size] = flat
+    planes = padded.reshape(count, params.fields, n)
+    total = np.zeros((count, n), dtype=np.int64)
+    for k in range(params.fields - 1, -1, -1):
+        total = (total << params.field_bits) + planes[:, k, :]
+    return total
+
+
+def unpack_fields(halves: np.ndarray, params: CompactParams, size: int, field_limit: int | None = None) -> np.ndarray:
+    """Inverse of :func:`pack_fields` on (possibly summed) half-slot integers: the first ``size`` fields.
+
+    Balanced digits: each field is read in [−2^(b−1), 2^(b−1)), exact while every field sum stays
+    inside. ``field_limit`` (if given) bounds |field|; a field past it, or a remainder above the top
+    field, raises ValueError (a sum that overflowed, or that was not made under this key).
+    """
+    b = params.field_bits
+    half, mask = 1 << (b - 1), (1 << b) - 1
+    rest = np.asarray(halves, dtype=np.int64).copy()
+    planes = []
+    for _ in range(params.fields):
+        field = ((rest + half) & mask) - half
+        planes.append(field)
+        rest = (rest - field) >> b
+    if np.any(rest != 0):
+        raise ValueError("decrypted values overflow the packed fields (a wrong key, or a corrupted sum)")
+    out = np.stack(planes, axis=1).reshape(-1)[:size]
+    if field_limit is not None and out.size and int(np.max(np.abs(out))) > field_limit:
+        raise ValueError("decrypted values exceed the fields' head-room (a wrong key, or a corrupted sum)")
+    return out
+
+
+def _bitpack(values: np.ndarray, bits: int) -> bytes:
+    """uint64 values < 2^bits → ⌈len·bits/8⌉ bytes, little-endian bit order."""
+    as_bytes = np.ascontiguousarray(values, dtype="<u8").view(np.uint8).reshape(-1, 8)
+    planes = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits]
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def _bitunpack(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
+    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: count * bits]
+    full = np.zeros((count, 64), dtype=np.uint8)
+    full[:, :bits] = planes.reshape(count, bits)
+    return np.packbits(full, axis=1, bitorder="little").reshape(-1).view("<u8").astype(np.uint64)
+
+
+def _packed_len(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+# --- zstd (SEAL's own save is always compressed) ------------------------------------------------------
+_zstd_lock = threading.Lock()
+_zstd_lib: Any = None
+
+
+def _zstd() -> Any:
+    """ZSTD_decompress from the SEAL extension itself (it exports zstd), else the system libzstd."""
+    global _zstd_lib
+    with _zstd_lock:
+        if _zstd_lib is None:
+            candidates = []
+            with contextlib.suppress(ImportError):
+                candidates.append(importlib.import_module("_sealapi_cpp").__file__)
+            candidates.append(ctypes.util.find_library("zstd"))
+            for path in filter(None, candidates):
+                try:
+                    lib = ctypes.CDLL(path)
+                    fn = lib.ZSTD_decompress
+                except (OSError, AttributeError):
+                    continue
+                fn.restype = ctypes.c_size_t
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+                lib.ZSTD_isError.restype = ctypes.c_uint
+                lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+                _zstd_lib = lib
+                break
+            else:
+                raise HEContextError("the compact HE format needs zstd (in the SEAL extension or as libzstd)")
+        return _zstd_lib
+
+
+def _seal_body(blob: bytes, expected: int) -> bytes:
+    """SEAL ``save`` output (16-byte header + zstd or raw body) → the raw body, which must be ``expected`` long."""
+    magic, header_size, _, _, mode, _, size = struct.unpack_from("<HBBBBHQ", blob)
+    if magic != 0xA15E or header_size != 16 or size != len(blob):
+        raise HEContextError("unexpected SEAL serialisation header")
+    if mode == 0:
+        body = blob[16:]
+    elif mode == 2:
+        lib = _zstd()
+        out = ctypes.create_string_buffer(expected)
+        got = lib.ZSTD_decompress(out, expected, blob[16:], len(blob) - 16)
+        if lib.ZSTD_isError(got) or got != expected:
+            raise HEContextError("SEAL's serialisation does not have the layout the compact format expects")
+        body = out.raw
+    else:
+        raise HEContextError(f"unsupported SEAL compression mode {mode}")
+    if len(body) != expected:
+        raise HEContextError("SEAL's serialisation does not have the layout the compact format expects")
+    return body
+
+
+def _seal_header(total: int) -> bytes:
+    h = sa.Serialization.SEALHeader()
+    return struct.pack("<HBBBBHQ", 0xA15E, 16, h.version_major, h.version_minor, 0, 0, total)
+
+
+# --- the SEAL view of a compact context ---------------------------------------------------------------
+@dataclass(frozen=True)
+class _Compact:
+    context: Any
+    encoder: Any
+    evaluator: Any
+    encryptor: Any | None
+    decryptor: Any | None
+    params: CompactParams
+    scale: float
+    moduli: tuple[int, ...]
+    bits: tuple[int, ...]
+    seeded_prefix: bytes  # SEAL body up to c0's data (seeded ciphertext)
+    seed_header: bytes  # SEAL header of the seed record that follows c0
+    full_prefix: bytes  # SEAL body up to the data of a full (c0, c1) ciphertext
+
+    @property
+    def n(self) -> int:
+        return self.params.poly_modulus_degree
+
+    @property
+    def k(self) -> int:
+        return len(self.moduli)
+
+    def packed_poly_bytes(self, polys: int) -> int:
+        return sum(_packed_len(polys * self.n, b) for b in self.bits)
+
+
+_cache: weakref.WeakKeyDictionary[ts.Context, _Compact] = weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+def _prefix(parms_id: Sequence[int], polys: int, n: int, k: int, scale: float, stored: int) -> bytes:
+    """SEAL 4.x ``Ciphertext::save_members`` up to the coefficient data (``stored`` polynomials of data)."""
+    words = stored * k * n
+    return (
+        struct.pack("<4Q", *parms_id)
+        + b"\x01"  # NTT form
+        + struct.pack("<3Q", polys, n, k)
+        + struct.pack("<d", scale)
+        + struct.pack("<Q", 1)  # correction factor
+        + _seal_header(16 + 8 + 8 * words)
+        + struct.pack("<Q", words)
+    )
+
+
+def _compact(ctx: ts.Context, params: CompactParams) -> _Compact:
+    """SEAL objects for a compact-format context, built once per context (HEContextError if ``ctx`` was
+    not made with ``params``: the packing is not stored in a context, so the job's spec names it)."""
+    private = ctx.is_private()
+    with _cache_lock:
+        cached = _cache.get(ctx)
+    if cached is not None and cached.params == params and (cached.decryptor is not None) == private:
+        return cached
+    if context_scheme(ctx) != "CKKS":
+        raise HEContextError(f"a {context_scheme(ctx)} context; the compact format needs CKKS")
+    parts = context_parts(ctx, with_secret_key=private)
+    parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
+    _seal_restore(parms.load, parts.encryption_parameters)
+    context = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
+    if not context.parameters_set():
+        raise HEContextError(f"CKKS parameters rejected by SEAL: {context.parameters_error_message()}")
+    got = (parms.poly_modulus_degree(), tuple(m.bit_count() for m in parms.coeff_modulus()), float(ctx.global_scale))
+    want = (params.poly_modulus_degree, params.coeff_mod_bit_sizes, 2.0**params.scale_bits)
+    if got != want:
+        raise HEContextError(
+            f"context (N={got[0]}, primes {list(got[1])}, scale 2^{math.log2(got[2]):g}) is not the compact "
+            f"format's (N={want[0]}, primes {list(want[1])}, scale 2^{params.scale_bits})"
+        )
+    data = context.first_context_data()
+    moduli = tuple(m.value() for m in data.parms().coeff_modulus())
+    n, k, scale = params.poly_modulus_degree, len(moduli), 2.0**params.scale_bits
+    parms_id = list(context.first_parms_id())
+    encoder, evaluator = sa.CKKSEncoder(context), sa.Evaluator(context)
+    encryptor = decryptor = None
+    if private:
+        secret = sa.SecretKey()
+        _seal_restore(lambda path: secret.load(context, path), parts.secret_key)
+        encryptor, decryptor = sa.Encryptor(context, secret), sa.Decryptor(context, secret)
+    seeded_prefix = _prefix(parms_id, 2, n, k, scale, 1)
+    seed_header = _seal_header(16 + _SEED_BYTES)
+    full_prefix = _prefix(parms_id, 2, n, k, scale, 2)
+    # Check the layout against SEAL's own serialisation of a real ciphertext before any payload relies on it.
+    plain = sa.Plaintext()
+    encoder.encode(0.0, scale, plain)
+    if encryptor is not None or parts.public_key:
+        if encryptor is None:
+            public = sa.PublicKey()
+            _seal_restore(lambda path: public.load(context, path), parts.public_key)
+            ct = sa.Ciphertext()
+            sa.Encryptor(context, public).encrypt(plain, ct)
+        else:
+            ct = sa.Ciphertext()
+            encryptor.encrypt_symmetric(plain, ct)
+        words = 2 * k * n
+        body = _seal_body(_seal_dump(ct.save), len(full_prefix) + 8 * words)
+        if body[: len(full_prefix)] != full_prefix:
+            raise HEContextError("SEAL's ciphertext layout is not the one the compact format was written for")
+        if encryptor is not None:
+            seeded = _seal_dump(encryptor.encrypt_symmetric(plain).save)
+            body = _seal_body(seeded, len(seeded_prefix) + 8 * k * n + 16 + _SEED_BYTES)
+            if body[: len(seeded_prefix)] != seeded_prefix or body[-16 - _SEED_BYTES : -_SEED_BYTES] != seed_header:
+                raise HEContextError(
+                    "SEAL's seeded ciphertext layout is not the one the compact format was written for"
+                )
+    bundle = _Compact(
+        context, encoder, evaluator, encryptor, decryptor, params, scale, moduli,
+        tuple(m.bit_length() for m in moduli[:k]), seeded_prefix, seed_header, full_prefix,
+    )  # fmt: skip
+    with _cache_lock:
+        _cache[ctx] = bundle
+    return bundle
+
+
+def create_compact_context(params: CompactParams = COMPACT_PARAMS) -> ts.Context:
+    """A fresh secret (site) context for the compact format: new keys, public key included."""
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=params.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+    )
+    ctx.global_scale = 2.0**params.scale_bits
+    return ctx
+
+
+def compact_context_pair(params: CompactParams = COMPACT_PARAMS) -> tuple[ts.Context, ts.Context]:
+    """(site context with the secret key, server context without it), as :func:`create_context_pair`."""
+    from clinfed.he.context import public_context
+
+    secret = create_compact_context(params)
+    return secret, public_context(secret)
+
+
+# --- wire format ---------------------------------------------------------------------------------------
+def _encode_wire(seal: _Compact, kind: bytes, words: np.ndarray, seed: bytes = b"") -> bytes:
+    polys = 1 if kind == _SEEDED else 2
+    coeffs = words.reshape(polys, seal.k, seal.n)
+    parts = [_MAGIC, bytes([_VERSION]), kind, seed]
+    parts += [_bitpack(coeffs[:, j, :].reshape(-1), bits) for j, bits in enumerate(seal.bits)]
+    return b"".join(parts)
+
+
+def _decode_wire(seal: _Compact, data: Any, kind: bytes, label: str) -> bytes:
+    """Our wire bytes → SEAL's uncompressed serialisation (raises ValueError with a reason)."""
+    polys = 1 if kind == _SEEDED else 2
+    seed_len = _SEED_BYTES if kind == _SEEDED else 0
+    expected = _HEADER + seed_len + seal.packed_poly_bytes(polys)
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValueError(f"{label} is {type(data).__name__}, not bytes")
+    view = memoryview(data)
+    if len(view) != expected:
+        raise ValueError(f"{label} is {len(view)} bytes, a compact {'upload' if polys == 1 else 'sum'} is {expected}")
+    if bytes(view[:3]) != _MAGIC or view[3] != _VERSION or bytes(view[4:5]) != kind:
+        raise ValueError(f"{label} is not a compact-format {'upload' if polys == 1 else 'sum'} ciphertext")
+    offset = _HEADER + seed_len
+    count = polys * seal.n
+    coeffs = np.empty((polys, seal.k, seal.n), dtype=np.uint64)
+    for j, bits in enumerate(seal.bits):
+        size = _packed_len(count, bits)
+        values = _bitunpack(view[offset : offset + size], count, bits)
+        if np.any(values >= np.uint64(seal.moduli[j])):
+            raise ValueError(f"{label} holds coefficients outside the federation's modulus")
+        coeffs[:, j, :] = values.reshape(polys, seal.n)
+        offset += size
+    prefix = seal.seeded_prefix if polys == 1 else seal.full_prefix
+    body = [prefix, coeffs.astype("<u8").tobytes()]
+    if polys == 1:
+        body += [seal.seed_header, bytes(view[_HEADER : _HEADER + seed_len])]
+    raw = b"".join(body)
+    return _seal_header(16 + len(raw)) + raw
+
+
+def _load(seal: _Compact, data: Any, kind: bytes, label: str) -> Any:
+    raw = _decode_wire(seal, data, kind, label)
+    ct = sa.Ciphertext()
+    try:
+        _seal_restore(lambda path: ct.load(seal.context, path), raw)
+    except _SEAL_ERRORS as exc:
+        raise ValueError(f"{label} does not load under the federation's context ({one_line(exc)})") from exc
+    return ct
+
+
+def _dump_full(seal: _Compact, ct: Any) -> bytes:
+    words = 2 * seal.k * seal.n
+    if ct.size() != 2 or ct.coeff_modulus_size() != seal.k or ct.poly_modulus_degree() != seal.n:
+        raise ValueError("not a fresh-level two-polynomial ciphertext of this context")
+    body = _seal_body(_seal_dump(ct.save), len(seal.full_prefix) + 8 * words)
+    data = np.frombuffer(body, dtype="<u8", offset=len(seal.full_prefix)).astype(np.uint64)
+    return _encode_wire(seal, _FULL, data)
+
+
+# --- site side ----------------------------------------------------------------------------------------
+def compact_encrypt_ints(ctx: ts.Context, ints: np.ndarray, params: CompactParams = COMPACT_PARAMS) -> list[bytes]:
+    """Encrypt signed integers (each within one site's share of a field) as seeded compact uploads."""
+    seal = _compact(ctx, params)
+    if seal.encryptor is None:
+        raise HEContextError("this context holds no secret key: only sites encrypt")
+    halves = pack_fields(ints, seal.params)
+    n, k = seal.n, seal.k
+    c0_words = k * n
+    expected = len(seal.seeded_prefix) + 8 * c0_words + 16 + _SEED_BYTES
+    out = []
+    for row in halves:
+        values = row.astype(np.float64)
+        plain = sa.Plaintext()
+        seal.encoder.encode((values[: n // 2] + 1j * values[n // 2 :]).tolist(), seal.scale, plain)
+        body = _seal_body(_seal_dump(seal.encryptor.encrypt_symmetric(plain).save), expected)
+        start = len(seal.seeded_prefix)
+        c0 = np.frombuffer(body, dtype="<u8", count=c0_words, offset=start).astype(np.uint64)
+        out.append(_encode_wire(seal, _SEEDED, c0, body[-_SEED_BYTES:]))
+    return out
+
+
+def compact_encrypt(
+    ctx: ts.Context, arrays: Mapping[str, np.ndarray], weight: float, spec: CompactSpec
+) -> tuple[list[bytes], Layout]:
+    """A site's update: multiply by ``weight``, quantise to ``spec``'s grid, pack, encrypt (seeded).
+
+    Refuses (ValueError, one line, before encrypting) a non-positive weight, NaN/Inf, and any
+    |weight·x| above ``spec.value_bound``. The first field carries the contributor count (1).
+    """
+    w = float(weight)
+    if not math.isfinite(w) or w <= 0:
+        raise ValueError(f"aggregation weight {weight!r} is not a positive finite number")
+    _compact(ctx, spec.params)  # a context of another format fails here, before any work
+    vec, layout = flatten(arrays)
+    vec *= w
+    ints = np.empty(vec.size + 1, dtype=np.int64)
+    ints[0] = 1
+    ints[1:] = quantize(vec, spec, layout)
+    return compact_encrypt_ints(ctx, ints, spec.params), layout
+
+
+def compact_decrypt_ints(
+    ctx: ts.Context,
+    cts: Sequence[bytes],
+    size: int,
+    params: CompactParams = COMPACT_PARAMS,
+    field_limit: int | None = None,
+    source: str = "server",
+) -> np.ndarray:
+    """Decrypt a compact sum into its first ``size`` signed integer fields, exactly.
+
+    Raises ValueError (one line) for a wrong count, malformed bytes, or a sum that does not decrypt
+    to whole numbers within the fields (another federation's key, or a corrupted sum).
+    """
+    seal = _compact(ctx, params)
+    if seal.decryptor is None:
+        raise HEContextError("this context holds no secret key: it cannot decrypt")
+    expected = math.ceil(size / seal.params.values_per_ciphertext)
+    if not isinstance(cts, list | tuple) or len(cts) != expected:
+        got = len(cts) if isinstance(cts, list | tuple) else type(cts).__name__
+        raise ValueError(f"{source}: sent {got} ciphertexts, expected {expected}")
+    n = seal.n
+    halves = np.empty((len(cts), n), dtype=np.int64)
+    for i, data in enumerate(cts):
+        label = f"{source}: ciphertext {i + 1} of {len(cts)}"
+        ct = _load(seal, data, _FULL, label)
+        plain = sa.Plaintext()
+        seal.decryptor.decrypt(ct, plain)
+        z = np.asarray(seal.encoder.decode_complex(plain), dtype=np.complex128)
+        values = np.concatenate([z.real, z.imag])
+        rounded = np.rint(values)
+        if not np.all(np.abs(values - rounded) <= _ROUND_TOLERANCE) or np.any(
+            np.abs(rounded) >= 2.0 ** (seal.params.half_slot_bits)
+        ):
+            raise ValueError(
+                f"{label} does not decrypt to whole numbers under this key: another federation's key, "
+                "or a sum past its noise bound; refusing it"
+            )
+        halves[i] = rounded.astype(np.int64)
+    try:
+        return unpack_fields(halves, seal.params, size, field_limit)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from exc
+
+
+def compact_decrypt_sum(
+    ctx: ts.Context, cts: Sequence[bytes], layout: Layout, spec: CompactSpec, source: str = "server"
+) -> tuple[dict[str, np.ndarray], int]:
+    """(the summed weighted arrays in float64, the true contributor count), refusing fewer than
+    ``MIN_CONTRIBUTORS``. Each value is within ``spec.sum_error_bound(count)`` of the exact sum."""
+    ints = compact_decrypt_ints(ctx, cts, layout.size + 1, spec.params, spec.max_sites * spec.per_site_limit, source)
+    contributors = int(ints[0])
+    if not 1 <= contributors <= spec.max_sites:
+        raise ValueError(f"{source}: contributor count {contributors} is outside 1..{spec.max_sites}; refusing the sum")
+    if contributors < MIN_CONTRIBUTORS:
+        raise TooFewContributors(
+            f"{source}: the encrypted sum holds {contributors} update(s), fewer than {MIN_CONTRIBUTORS}: "
+            "decrypting it would let a contributor read another's update; refusing"
+        )
+    values = ints[1:].astype(np.float64) * spec.quantum
+    offsets = layout.offsets()
+    return {name: values[start:stop].reshape(shape) for (name, (start, stop)), shape in
+            zip(offsets.items(), layout.shapes, strict=True)}, contributors  # fmt: skip
+
+
+def compact_decrypt_average(
+    ctx: ts.Context, cts: Sequence[bytes], total_weight: float, layout: Layout, spec: CompactSpec
+) -> dict[str, np.ndarray]:
+    """Decrypt the sum and divide by the (public) total weight, in the layout's dtypes."""
+    total = float(total_weight)
+    if not math.isfinite(total) or total <= 0:
+        raise ValueError(f"total weight {total_weight!r} is not a positive finite number")
+    sums, _ = compact_decrypt_sum(ctx, cts, layout, spec)
+    flat = np.concatenate([v.reshape(-1) for v in sums.values()]) / total if sums else np.zeros(0)
+    return unflatten(flat, layout)
+
+
+# --- server side --------------------------------------------------------------------------------------
+class CompactSum:
+    """Server-side running sum of compact uploads (no secret key); vets each upload before adding.
+
+    Besides what :class:`clinfed.he.EncryptedSum` checks (fingerprint, count, parse, duplicates), it
+    refuses a contribution past ``spec.max_sites`` (the fields' head-room is sized for that many) and
+    a site that declares another spec.
+    """
+
+    def __init__(self, ctx: ts.Context, spec: CompactSpec, fingerprint: str | None = None, size: int | None = None):
+        if ctx.is_private():
+            raise HEContextError(
+                "CompactSum runs on the server, whose context must not hold the secret key "
+                "(load it with load_server_context)"
+            )
+        self._seal = _compact(ctx, spec.params)
+        self.spec = spec
+        self.fingerprint = fingerprint or context_fingerprint(ctx)
+        self._expected = None if size is None else compact_ciphertext_count(spec.params, size)
+        self._total: list[Any] | None = None
+        self._weight = 0.0
+        self._sites: list[str] = []
+        self._lock = threading.Lock()
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    @property
+    def total_weight(self) -> float:
+        return self._weight
+
+    def add(self, site: str, cts: Sequence[bytes], weight: float, fingerprint: str, spec: str | None = None) -> None:
+        """Vet ``site``'s upload, then add it; on any problem raise InvalidCiphertext and leave the sum intact."""
+        try:
+            w = float(weight)
+        except (TypeError, ValueError):
+            w = math.nan
+        if not math.isfinite(w) or w <= 0:
+            raise InvalidCiphertext(site, f"aggregation weight {weight!r} is not a positive finite number")
+        if fingerprint != self.fingerprint:
+            raise InvalidCiphertext(site, "ciphertexts were made under another federation's key (context fingerprint)")
+        if spec is not None and spec != self.spec.to_json():
+            raise InvalidCiphertext(site, "quantised with another compact spec (value bound, sites or parameters)")
+        if not isinstance(cts, list | tuple) or not cts:
+            raise InvalidCiphertext(site, "sent no ciphertexts")
+        with self._lock:
+            if site in self._sites:
+                raise InvalidCiphertext(site, "already contributed to this sum")
+            if len(self._sites) >= self.spec.max_sites:
+                raise InvalidCiphertext(site, f"the sum already holds max_sites={self.spec.max_sites} updates")
+            expected = self._expected if self._expected is not None else len(cts)
+            if len(cts) != expected:
+                raise InvalidCiphertext(site, f"sent {len(cts)} ciphertexts, expected {expected}")
+            parsed = []
+            for i, data in enumerate(cts, start=1):
+                try:
+                    parsed.append(_load(self._seal, data, _SEEDED, f"ciphertext {i} of {len(cts)}"))
+                except ValueError as exc:
+                    raise InvalidCiphertext(site, str(exc)) from exc
+            if self._total is None:
+                self._total = parsed
+            else:
+                for acc, ct in zip(self._total, parsed, strict=True):
+                    self._seal.evaluator.add_inplace(acc, ct)
+            self._expected = expected
+            self._weight += w
+            self._sites.append(site)
+
+    def result(self) -> tuple[list[bytes], float, list[str]]:
+        """(the encrypted sum in the compact wire format, total weight, contributing sites)."""
+        with self._lock:
+            if self._total is None:
+                raise ValueError("no site contributed to the sum")
+            return [_dump_full(self._seal, ct) for ct in self._total], self._weight, list(self._sites)
+
+
+def sum_compact(ctx: ts.Context, payloads: Sequence[Sequence[bytes]], spec: CompactSpec) -> list[bytes]:
+    """Sum several sites' compact uploads (server context); each is vetted first."""
+    acc = CompactSum(ctx, spec)
+    for j, payload in enumerate(payloads, start=1):
+        acc.add(f"payload {j}", payload, 1.0, acc.fingerprint)
+    return acc.result()[0]

@@ -1,9 +1,10 @@
 """Claims of cohort_stats and psi_linkage, checked on real FLARE simulator runs (no mocks).
 
-Six runs (~25-35 s each on two cores): cohort_stats encrypted at the defaults, at min_cell=300,
+Seven runs (~25-35 s each on two cores): cohort_stats encrypted at the defaults, at min_cell=300,
 in plaintext with output DP over four sites, two of them bringing their own CSVs (one benign-only,
 one lacking a column, so three remain: the contributor floor), psi_linkage and then cohort_stats on
-the linked cohort (one shared workspace), and psi_linkage on registries whose intersection is empty.
+the linked cohort (one shared workspace), psi_linkage on registries whose intersection is empty, and
+cohort_stats with proportions and an incidence rate on a `clinfed data split` of whas500.
 """
 
 import json
@@ -250,3 +251,42 @@ def test_psi_reports_an_empty_intersection_as_zero_not_as_a_failure(tmp_path):
     }
     for site in SITES:
         assert (ws / site / "local" / "psi" / "intersection.txt").read_text() == ""
+
+
+def test_clinical_split_proportions_and_rate_equal_the_pooled_table(tmp_path, capsys):
+    """`clinfed data split` of whas500 to 3 SQLite sites, then `clinfed simulate cohort_stats` with
+    features, a group, proportions and an incidence rate (encrypted): every released count equals the
+    pooled table's, proportions and rates to 7 significant digits, CIs as statsmodels gives them."""
+    from statsmodels.stats.proportion import proportion_confint
+    from statsmodels.stats.rates import confint_poisson
+
+    from clinfed.cli import main
+    from clinfed.data.clinical import load_dataset
+
+    data, out = tmp_path / "whas500", tmp_path / "out"
+    assert main(["data", "split", "--dataset", "whas500", "--sites", "3", "--out", str(data)]) == 0
+    argv = ["simulate", "cohort_stats", "--data-dir", str(data), "--features", "age,bmi", "--group", "gender"]
+    argv += ["--proportions", "chf,mitype", "--rate", "event:time", "--rate-per", "1000", "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["encrypted"] is True and summary["final"]["status"] == "released"
+    assert all(e["status"] == "ok" for r in summary["rounds"] for e in r["sites"].values())
+    frame = load_dataset("whas500")
+    released = summary["statistics"]
+    assert set(released) == {"all", "0", "1"}
+    for group, entry in released.items():
+        rows = frame if group == "all" else frame[frame["gender"] == group]
+        assert entry["age"]["count"] == len(rows)
+        assert entry["age"]["mean"] == pytest.approx(rows["age"].mean(), rel=1e-6)
+        for col in ("chf", "mitype"):
+            for level, e in entry["proportions"][col].items():
+                k, n = int((rows[col] == level).sum()), int(rows[col].notna().sum())
+                assert e["count"] == k, (group, col, level)
+                assert e["proportion"] == pytest.approx(k / n, rel=5e-7)
+                assert [e["ci_low"], e["ci_high"]] == pytest.approx(proportion_confint(k, n, method="beta"), rel=5e-7)
+        rate, events, pt = entry["rate"], int(rows["event"].sum()), float(rows["time"].sum())
+        assert (rate["n"], rate["events"], rate["person_time"]) == (len(rows), events, pt)
+        assert rate["rate"] == pytest.approx(events / pt * 1000, rel=5e-7) and rate["per"] == 1000
+        ci = confint_poisson(events, pt / 1000, method="exact-c")
+        assert [rate["ci_low"], rate["ci_high"]] == pytest.approx(ci, rel=5e-7)
+    assert summary["suppression"]["rates_withheld"] == {}

@@ -73,6 +73,19 @@ counts into quantiles (:func:`histogram_quantile`) and never releases the fine h
 * *Under output DP* quantiles are withheld (null): the fine histogram is not noised or charged, so
   it must not reach a DP release (the job also packs no fine histogram then).
 
+**Proportions and incidence rates** (issue 13). ``proportions`` (categorical columns with public
+levels) and ``rate`` (an event and a time column) add one more block per group to pass 1, after every
+group's block: the count of each level, then [patients, events, Σtime / ``rate_bound``] over rows with
+both (:func:`_extra_sums`). Person-time can exceed the CKKS slot bound, so it travels divided by the
+public time bound, like the feature sums, and comes back to far better than the 7 released digits.
+The release (:func:`release_extras`) gives per group and level the count, proportion and exact
+Clopper–Pearson 95 % CI (:func:`clopper_pearson`), and per group events, person-time, rate per
+``rate_per`` and the exact Poisson (Garwood) CI (:func:`poisson_exact`). Disclosure control
+(:func:`suppress_extras`) is the histogram cells' rule: a level count or a rate's events below the
+minimum cell is withheld, and every line whose total is public (a group's levels of one column; a
+level, or the rate, across ``all`` and the partition, the residual included) hides none or at least
+two cells. Neither is in the DP noise plan: a DP release with them is refused (:data:`EXTRAS_UNDER_DP`).
+
 Histograms use fixed, public bin edges (``bins`` equal bins over each feature's public bounds),
 not FLARE's default of bins over the federation's min/max: a global min and max are themselves
 two patients' exact values. Values outside the bounds are counted in the edge bins.
@@ -80,6 +93,7 @@ two patients' exact values. Values outside the bounds are counted in the edge bi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -100,6 +114,15 @@ SIGNIFICANT_DIGITS = 7
 MECHANISMS = ("laplace", "gaussian")
 #: share of ε (and δ) spent on each family of released values; the sum is 1.
 DEFAULT_SPLIT = {"count": 0.1, "sum": 0.3, "m2": 0.3, "histogram": 0.3}
+#: keys of a released group beside its features (so no feature may carry these names)
+PROPORTIONS_KEY, RATE_KEY = "proportions", "rate"
+RESERVED_KEYS = (PROPORTIONS_KEY, RATE_KEY)
+#: two-sided confidence level of the released proportion and rate intervals
+CONFIDENCE = 0.95
+EXTRAS_UNDER_DP = (
+    "cohort_stats: proportions and incidence rates are not released under output DP (epsilon): "
+    "their counts are not in the noise plan; drop them or the epsilon"
+)
 
 
 # --- what every site and the server must agree on ---------------------------------------------------
@@ -117,6 +140,16 @@ class StatsSpec:
     bins: int = 10
     #: fine bins per feature for the quantiles (0: none, the pass-1 layout as before issue 13)
     quantile_bins: int = 0
+    #: categorical columns and their public levels, ((column, (level, ...)), ...): counts per level
+    proportions: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: (event column, time column) of an incidence rate (events per person-time); None: no rate
+    rate: tuple[str, str] | None = None
+    #: public bound on one patient's time at risk: the person-time sum travels divided by it
+    rate_bound: float = 1.0
+    #: the rate is released per ``rate_per`` units of person-time (e.g. 1000 person-days)
+    rate_per: float = 1.0
+    #: what a unit of person-time is, as text for the reader (e.g. "person-days")
+    rate_unit: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(str(f) for f in self.features))
@@ -138,6 +171,31 @@ class StatsSpec:
         q = self.quantile_bins
         if not isinstance(q, int) or q < 0 or (q and q % self.bins):
             raise ValueError(f"quantile_bins must be 0 or a positive multiple of bins ({self.bins}), got {q!r}")
+        self._check_extras()
+
+    def _check_extras(self) -> None:
+        props = tuple((str(c), tuple(str(v) for v in levels)) for c, levels in self.proportions)
+        object.__setattr__(self, "proportions", props)
+        taken = {*RESERVED_KEYS} & set(self.features)
+        if taken:
+            raise ValueError(f"a feature may not be named {sorted(taken)[0]!r} (a key of the release)")
+        names = [c for c, _ in props]
+        if len(set(names)) != len(names):
+            raise ValueError("proportion columns are not unique")
+        for c, levels in props:
+            if not levels or len(set(levels)) != len(levels):
+                raise ValueError(f"proportion column '{c}': its public levels must be unique and at least one")
+        if self.rate is not None:
+            rate = tuple(str(v) for v in self.rate)
+            if len(rate) != 2 or rate[0] == rate[1]:
+                raise ValueError(f"rate must name two columns (events, person-time), got {list(self.rate)}")
+            object.__setattr__(self, "rate", rate)
+        for name in ("rate_bound", "rate_per"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "rate_unit", str(self.rate_unit or ""))
 
     @property
     def n_groups(self) -> int:
@@ -176,9 +234,25 @@ class StatsSpec:
         return 1 + 2 * self.n_features + self.n_features * (self.bins + self.quantile_bins)
 
     @property
+    def n_levels(self) -> int:
+        """Levels over all proportion columns (one count slot each per group)."""
+        return sum(len(levels) for _, levels in self.proportions)
+
+    @property
+    def extra_block(self) -> int:
+        """Pass-1 values per group after every group's block: level counts, then [patients, events,
+        person-time / rate_bound] of the rate (0 values when the job asks for neither)."""
+        return self.n_levels + (3 if self.rate is not None else 0)
+
+    @property
+    def has_extras(self) -> bool:
+        return bool(self.proportions) or self.rate is not None
+
+    @property
     def pass1_size(self) -> int:
-        """Every group's block, then the contributor slot (1 per site, so the sum counts the sites)."""
-        return self.n_groups * self.block + 1
+        """Every group's block, every group's proportions/rate block, then the contributor slot (1 per
+        site, so the sum counts the sites)."""
+        return self.n_groups * (self.block + self.extra_block) + 1
 
     @property
     def pass2_size(self) -> int:
@@ -194,6 +268,16 @@ class StatsSpec:
         }
         if self.quantile_bins:  # absent when 0, so a layout without quantiles keeps its digest
             out["quantile_bins"] = self.quantile_bins
+        if self.proportions:  # likewise absent when unused
+            out["proportions"] = [[c, list(levels)] for c, levels in self.proportions]
+        if self.rate is not None:
+            out["rate"] = {
+                "event": self.rate[0],
+                "time": self.rate[1],
+                "bound": self.rate_bound,
+                "per": self.rate_per,
+                "unit": self.rate_unit,
+            }
         return out
 
     @classmethod
@@ -204,6 +288,11 @@ class StatsSpec:
             groups=tuple(d.get("groups", (ALL, "malignant", "benign"))),
             bins=int(d.get("bins", 10)),
             quantile_bins=int(d.get("quantile_bins", 0)),
+            proportions=tuple((c, tuple(levels)) for c, levels in d.get("proportions", ())),
+            rate=(d["rate"]["event"], d["rate"]["time"]) if d.get("rate") else None,
+            rate_bound=float(d["rate"]["bound"]) if d.get("rate") else 1.0,
+            rate_per=float(d["rate"]["per"]) if d.get("rate") else 1.0,
+            rate_unit=str(d["rate"].get("unit", "")) if d.get("rate") else "",
         )
 
     def digest(self, **extra: object) -> str:
@@ -261,12 +350,111 @@ def histogram_counts(col: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.bincount(idx, minlength=bins).astype(np.float64)
 
 
-def local_sums(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: StatsSpec, clip: bool = False) -> np.ndarray:
+def level_text(value: object) -> str | None:
+    """A categorical cell as the text its level is named by (1, 1.0 and "1" are "1"); None when missing."""
+    if value is None:
+        return None
+    if isinstance(value, float | np.floating):
+        if math.isnan(value):
+            return None
+        if float(value).is_integer():
+            return str(int(value))
+    if isinstance(value, np.integer):
+        return str(int(value))
+    text = str(value).strip()
+    return None if text.lower() in ("", "nan", "none", "null", "na") else text
+
+
+def level_index(values: Sequence, levels: Sequence[str], column: str) -> np.ndarray:
+    """Index of each value among the public ``levels`` (-1: missing). A value outside them is refused:
+    every site must count the same levels (the message names the column, never the value)."""
+    index = {lv: i for i, lv in enumerate(levels)}
+    out = np.full(len(values), -1, dtype=np.int64)
+    for i, v in enumerate(values):
+        t = level_text(v)
+        if t is None:
+            continue
+        if t not in index:
+            with contextlib.suppress(ValueError):  # "1.0" written by another tool is the level "1"
+                t = level_text(float(t))
+        if t not in index:
+            raise ValueError(f"column '{column}' holds a value outside its {len(levels)} public levels")
+        out[i] = index[t]
+    return out
+
+
+def numeric_column(values: Sequence, column: str) -> np.ndarray:
+    """A column as float64 (missing: NaN); text that is not a number is refused, naming the column."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "biuf":
+        return arr.astype(np.float64)
+    out = np.full(len(arr), np.nan)
+    for i, v in enumerate(arr):
+        if level_text(v) is None:
+            continue
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"column '{column}' is not numeric") from None
+    return out
+
+
+def _extra_sums(
+    masks: Mapping[str, np.ndarray], spec: StatsSpec, columns: Mapping[str, Sequence] | None, n: int
+) -> np.ndarray:
+    """(G, extra_block) of one site: per group the count of each level of each proportion column, then
+    the rate's [patients, events, person-time / rate_bound] over rows with both event and time."""
+    out = np.zeros((spec.n_groups, spec.extra_block))
+    if not spec.has_extras:
+        return out
+    columns = columns or {}
+    wanted = [c for c, _ in spec.proportions] + list(spec.rate or ())
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise ValueError(f"no values given for column(s) {missing}")
+    for c in wanted:
+        if len(columns[c]) != n:
+            raise ValueError(f"column '{c}' has {len(columns[c])} values for {n} rows")
+    parts: list[tuple[int, int, np.ndarray]] = []
+    start = 0
+    for c, levels in spec.proportions:
+        parts.append((start, len(levels), level_index(columns[c], levels, c)))
+        start += len(levels)
+    if spec.rate is not None:
+        event = numeric_column(columns[spec.rate[0]], spec.rate[0])
+        time = numeric_column(columns[spec.rate[1]], spec.rate[1])
+        ok = ~np.isnan(event) & ~np.isnan(time)
+        if not np.isin(event[ok], (0.0, 1.0)).all():
+            raise ValueError(f"event column '{spec.rate[0]}' holds values other than 0 and 1")
+        if (time[ok] < 0).any() or np.isinf(time[ok]).any():
+            raise ValueError(f"person-time column '{spec.rate[1]}' holds negative or infinite values")
+    for gi, g in enumerate(spec.groups):
+        mask = np.asarray(masks[g], dtype=bool)
+        for first, count, idx in parts:
+            chosen = idx[mask]
+            out[gi, first : first + count] = np.bincount(chosen[chosen >= 0], minlength=count)
+        if spec.rate is not None:
+            rows = mask & ok
+            out[gi, start] = rows.sum()
+            out[gi, start + 1] = event[rows].sum()
+            out[gi, start + 2] = time[rows].sum() / spec.rate_bound
+    return out
+
+
+def local_sums(
+    x: np.ndarray,
+    masks: Mapping[str, np.ndarray],
+    spec: StatsSpec,
+    clip: bool = False,
+    columns: Mapping[str, Sequence] | None = None,
+) -> np.ndarray:
     """Pass-1 vector of one site: per group [rows, count_f, Σx_f / scale_f, histogram_f, fine histogram_f]
-    (NaN = missing; the fine histograms only with ``spec.quantile_bins``).
+    (NaN = missing; the fine histograms only with ``spec.quantile_bins``), then per group the
+    proportions/rate block (:func:`_extra_sums`, from ``columns``: name → values, when the spec asks).
 
     ``clip`` clamps values into the public bounds first: output DP needs it (it bounds what one
-    record can change); without DP the sums stay exact even for values past the bounds.
+    record can change); without DP the sums stay exact even for values past the bounds. Person-time
+    travels divided by the public ``rate_bound``, so a slot stays below the site's patient count.
     """
     x = _check_inputs(x, masks, spec)
     if clip:
@@ -287,6 +475,9 @@ def local_sums(x: np.ndarray, masks: Mapping[str, np.ndarray], spec: StatsSpec, 
             hist[j] = histogram_counts(rows[:, j], edges[j])
             if q:
                 fine[j] = histogram_counts(rows[:, j], fine_edges[j])
+    if spec.has_extras:
+        tail = spec.n_groups * spec.block
+        out[tail:-1] = _extra_sums(masks, spec, columns, x.shape[0]).reshape(-1)
     out[-1] = 1.0  # this site, counted once in the sum
     return out
 
@@ -302,6 +493,10 @@ class Sums:
     hist: np.ndarray
     contributors: int = 0  # vectors in the sum, from the contributor slot
     fine: np.ndarray | None = None
+    #: (G, n_levels) counts per level of the proportion columns; None when the spec has none
+    levels: np.ndarray | None = None
+    #: (G, 3) the rate's [patients, events, person-time in natural units]; None without a rate
+    rate: np.ndarray | None = None
 
     def means(self) -> np.ndarray:
         """(G, F) pooled means; NaN where a group has no value of a feature."""
@@ -341,11 +536,20 @@ def unpack_sums(vec: np.ndarray, spec: StatsSpec) -> Sums:
     v = np.asarray(vec, dtype=np.float64).reshape(-1)
     if v.size != spec.pass1_size:
         raise ValueError(f"pass-1 vector has {v.size} values, expected {spec.pass1_size}")
-    blocks = v[:-1].reshape(spec.n_groups, spec.block)
+    tail = spec.n_groups * spec.block
+    blocks = v[:tail].reshape(spec.n_groups, spec.block)
     f, b, q = spec.n_features, spec.bins, spec.quantile_bins
     fine = None
     if q:
         fine = _whole(blocks[:, 1 + 2 * f + f * b :], "fine histogram counts").reshape(spec.n_groups, f, q)
+    extra = v[tail:-1].reshape(spec.n_groups, spec.extra_block)
+    levels = rate = None
+    if spec.proportions:
+        levels = _whole(extra[:, : spec.n_levels], "level counts")
+    if spec.rate is not None:
+        k = spec.n_levels
+        counts = _whole(extra[:, k : k + 2], "rate patient and event counts")
+        rate = np.column_stack([counts.astype(np.float64), np.maximum(extra[:, k + 2], 0.0) * spec.rate_bound])
     return Sums(
         rows=_whole(blocks[:, 0], "row counts"),
         count=_whole(blocks[:, 1 : 1 + f], "value counts"),
@@ -353,6 +557,8 @@ def unpack_sums(vec: np.ndarray, spec: StatsSpec) -> Sums:
         hist=_whole(blocks[:, 1 + 2 * f : 1 + 2 * f + f * b], "histogram counts").reshape(spec.n_groups, f, b),
         contributors=contributors(v, "pass-1 sum"),
         fine=fine,
+        levels=levels,
+        rate=rate,
     )
 
 
@@ -563,8 +769,30 @@ class Suppression:
     features: dict[str, dict[str, str]] = field(default_factory=dict)
     histograms: dict[str, dict[str, str]] = field(default_factory=dict)
     cells: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    #: group → proportion column → withheld levels (see :func:`suppress_extras`)
+    levels: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    #: group → why its incidence rate is withheld
+    rates: dict[str, str] = field(default_factory=dict)
+    #: whether the job asked for proportions or a rate (their keys appear only then)
+    extras: bool = False
 
     def as_dict(self, max_bins_percent: float | None) -> dict:
+        out = self._as_dict(max_bins_percent)
+        if self.extras:
+            shut = {g: {c: list(v) for c, v in cols.items() if v} for g, cols in self.levels.items()}
+            out["proportions_withheld"] = {g: v for g, v in shut.items() if v}
+            out["proportion_cells_withheld_total"] = sum(len(v) for cols in self.levels.values() for v in cols.values())
+            out["rates_withheld"] = dict(self.rates)
+            out["rules"] += [
+                f"a proportion's level with fewer than {self.min_cell} records is withheld (count, proportion, CI)",
+                "complementary: each group's levels of a column (their total is the proportions' denominator) and, "
+                f"while '{ALL}' is released, each level across groups hide none or at least two of their cells",
+                f"an incidence rate with fewer than {self.min_cell} events or patients is withheld, and across groups "
+                f"(while '{ALL}' is released) none or at least two are",
+            ]
+        return out
+
+    def _as_dict(self, max_bins_percent: float | None) -> dict:
         return {
             "min_cell": self.min_cell,
             "max_bins_percent": max_bins_percent,
@@ -749,6 +977,130 @@ def suppress(
     return out
 
 
+def _released_lines(
+    spec: StatsSpec, sup: Suppression, cells: np.ndarray, residual: bool, rows: np.ndarray
+) -> tuple[dict[str, np.ndarray], bool]:
+    """The cells (G, K) of the released groups (plus the unpublished residual, when it has rows and
+    ``all`` is shown, as in :func:`suppress`) and whether ``all`` and the whole partition are shown
+    (then each cell across groups is a line too)."""
+    rows = np.asarray(rows)
+    cells = np.asarray(cells)
+    partition = [g for g in spec.groups if g != ALL]
+    by_group = {g: cells[i] for i, g in enumerate(spec.groups)}
+    if residual and partition:
+        rest = cells[0] - cells[1:].sum(axis=0)
+        if (rest < 0).any():
+            raise ValueError("the declared groups overlap (a row is in two of them): give each group its own value")
+        by_group[RESIDUAL] = rest
+    shown = {g: by_group[g] for g in spec.groups if g not in sup.groups}
+    has_rows = len(rows) > 1 and int(rows[0] - rows[1:].sum()) > 0
+    if ALL in shown and RESIDUAL in by_group and RESIDUAL not in sup.groups and has_rows:
+        shown[RESIDUAL] = by_group[RESIDUAL]
+    parts = [g for g in shown if g != ALL]
+    return shown, ALL in shown and len(parts) > 1
+
+
+def suppress_extras(spec: StatsSpec, sums: Sums, sup: Suppression, min_cell: int, residual: bool = True) -> None:
+    """Withhold small proportion levels and incidence rates, in place in ``sup`` (groups decided already).
+
+    The same rule as histogram cells (:func:`_cell_pattern`): a level count below ``min_cell`` is
+    withheld; a group's levels of one column are a line (their total is the proportions'
+    denominator, derivable from any released count and proportion), and while ``all`` is released
+    beside the whole partition each level across groups is one (all = Σ groups, the residual of
+    rows in no declared group included, unpublished). A line hides none or at least two cells.
+    A rate is one cell per group (its events; events ≤ patients), withheld below ``min_cell``,
+    and across groups likewise none or at least two, so all − others gives no withheld events or
+    person-time back.
+    """
+    sup.extras = spec.has_extras
+    start = 0
+    for c, levels in spec.proportions:
+        counts = np.asarray(sums.levels)[:, start : start + len(levels)]
+        start += len(levels)
+        shown, linked = _released_lines(spec, sup, counts, residual, sums.rows)
+        if not shown:
+            continue
+        for g, hidden in _cell_pattern(shown, min_cell, linked).items():
+            if g != RESIDUAL:
+                sup.levels.setdefault(g, {})[c] = [levels[b] for b in sorted(hidden)]
+    if spec.rate is not None:
+        rate = np.asarray(sums.rate)
+        cell = np.minimum(rate[:, 0], rate[:, 1])[:, None]  # events, or patients if fewer
+        shown, linked = _released_lines(spec, sup, cell, residual, sums.rows)
+        small = {g for g, v in shown.items() if v[0] < min_cell}
+        pattern = _cell_pattern(shown, min_cell, linked) if shown else {}
+        for g, hidden in pattern.items():
+            if hidden and g != RESIDUAL:
+                sup.rates[g] = (
+                    f"fewer than {min_cell} events or patients"
+                    if g in small
+                    else "complementary: all − the other groups would reveal a withheld rate"
+                )
+
+
+def clopper_pearson(count: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Exact (Clopper–Pearson) two-sided interval of a binomial proportion count/n, from beta quantiles
+    (as statsmodels' ``proportion_confint(method="beta")``); [0, ·] at 0 and [·, 1] at n."""
+    from scipy.stats import beta
+
+    alpha = 1.0 - confidence
+    low = 0.0 if count <= 0 else float(beta.ppf(alpha / 2, count, n - count + 1))
+    high = 1.0 if count >= n else float(beta.isf(alpha / 2, count + 1, n - count))
+    return low, high
+
+
+def poisson_exact(events: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Exact (Garwood) two-sided interval of a Poisson count: χ²_{α/2}(2k)/2 and χ²_{1−α/2}(2k+2)/2."""
+    from scipy.stats import chi2
+
+    alpha = 1.0 - confidence
+    low = 0.0 if events <= 0 else float(chi2.ppf(alpha / 2, 2 * events) / 2)
+    return low, float(chi2.isf(alpha / 2, 2 * events + 2) / 2)
+
+
+def release_extras(spec: StatsSpec, sums: Sums, sup: Suppression, gi: int, g: str) -> dict:
+    """Group ``g``'s ``proportions`` and ``rate`` entries (null fields where withheld), rounded."""
+    out: dict = {}
+    if spec.proportions:
+        props: dict[str, dict] = {}
+        start = 0
+        for c, levels in spec.proportions:
+            counts = np.asarray(sums.levels)[gi, start : start + len(levels)]
+            start += len(levels)
+            n = int(counts.sum())
+            hidden = set(sup.levels.get(g, {}).get(c, []))
+            props[c] = {}
+            for level, k in zip(levels, counts.tolist(), strict=True):
+                if level in hidden or n <= 0:
+                    props[c][level] = {"count": None, "proportion": None, "ci_low": None, "ci_high": None}
+                    continue
+                low, high = clopper_pearson(int(k), n)
+                props[c][level] = {
+                    "count": int(k),
+                    "proportion": round_release(k / n),
+                    "ci_low": round_release(low),
+                    "ci_high": round_release(high),
+                }
+        out[PROPORTIONS_KEY] = props
+    if spec.rate is not None:
+        patients, events, person_time = np.asarray(sums.rate)[gi].tolist()
+        entry: dict = dict.fromkeys(("n", "events", "person_time", "rate", "ci_low", "ci_high"))
+        if g not in sup.rates and person_time > 0:
+            k, per = int(events), spec.rate_per
+            low, high = poisson_exact(k)
+            entry = {
+                "n": int(patients),
+                "events": k,
+                "person_time": round_release(person_time),
+                "rate": round_release(k / person_time * per),
+                "ci_low": round_release(low / person_time * per),
+                "ci_high": round_release(high / person_time * per),
+            }
+        entry.update(per=spec.rate_per, unit=spec.rate_unit or None, event=spec.rate[0], time=spec.rate[1])
+        out[RATE_KEY] = entry
+    return out
+
+
 # --- quantiles from the fine histogram ---------------------------------------------------------------------
 #: released quantiles: summary key → probability
 QUANTILES = {"q25": 0.25, "median": 0.5, "q75": 0.75}
@@ -868,6 +1220,8 @@ def release(
     its grid, only without ``dp`` and only where :func:`quantile_cells` allows; null otherwise.
     """
     check_contributors(sums.contributors, "pass-1 sum")
+    if dp is not None and spec.has_extras:  # never release them un-noised under DP
+        raise ValueError(EXTRAS_UNDER_DP)
     plan = None
     if dp is not None:
         plan = noise_plan(spec, dp)
@@ -902,6 +1256,16 @@ def release(
                     quantiles = release_quantiles(sums, spec, gi, j, hidden)
             entry.update(quantiles)
             stats[g][f] = entry
+    if spec.has_extras:
+        suppress_extras(spec, sums, sup, min_cell, residual=dp is None)
+        for gi, g in enumerate(spec.groups):
+            if g in stats:
+                stats[g].update(release_extras(spec, sums, sup, gi, g))
+    precision_extras = (
+        {"proportions_rates": "counts exact; proportions, rates, person-time and CIs to 7 significant digits"}
+        if spec.has_extras
+        else {}
+    )
     return {
         "statistics": stats,
         "suppression": sup.as_dict(max_bins_percent),
@@ -911,6 +1275,7 @@ def release(
             "mean_std_significant_digits": SIGNIFICANT_DIGITS,
             "why": "decrypted CKKS values at full precision let the ciphertexts' holder recover the key",
             "quantiles": _quantile_note(spec, dp is not None),
+            **precision_extras,
         },
     }
 

@@ -25,7 +25,7 @@ Flow (three tasks, recorded as three "rounds" in summary.json):
 round  task                  what travels
 =====  ====================  ===============================================================
 0      ``cohort_sums``       site → server: Enc(rows, counts, Σx/scale, histograms, fine quantile
-                             histograms); server adds
+                             histograms, level counts, events and person-time/bound); server adds
 1      ``cohort_deviations`` server → sites: Enc(pass-1 sum); site → server: Enc(Σ(x−mean)²/scale²)
 2      ``cohort_release``    server → release site: both sums; release site → server: the
                              suppressed (and noised) release as JSON
@@ -38,6 +38,11 @@ server never gets two independently noised copies to average. With quantiles (``
 that pooled aggregate includes the fine histograms (e.g. 200 bins per feature and group): the key
 holders see finer pooled counts than anyone else; the release carries only the rounded quantiles
 (`stats.release_quantiles`), none under output DP.
+
+A site reads its rows from its `<site>.sqlite` when its policy's ``data_dir`` is a `clinfed data split`
+folder (`clinfed.data.sitedb.read_site_table`, variables by name), else from its ``data.csv``, else
+the bundled breast-cancer demo rows. In `--no-encrypt` comparison runs the server adds with
+`clinfed.he.aggregation.PlainWeightedSum` (every site weighted 1), as plaintext FedAvg does.
 
 A site-level problem (missing column, unreadable CSV, policy refusal) is reported as that site's
 status "failed"/"refused" with a one-line reason; the others go on, and the release covers the
@@ -138,18 +143,26 @@ def _cell_float(site: str, path: Path, line: int, column: str, text: str) -> flo
 
 
 def read_cohort_csv(
-    site: str, data_dir: str | Path, features: list[str], group_column: str, id_column: str | None = None
-) -> tuple[np.ndarray, list[str], list[str] | None]:
-    """(values, group labels, ids) from the site's `<data_dir>/data.csv` (or its only CSV).
+    site: str,
+    data_dir: str | Path,
+    features: list[str],
+    group_column: str,
+    id_column: str | None = None,
+    other_columns: list[str] | None = None,
+) -> tuple[np.ndarray, list[str], list[str] | None] | tuple[np.ndarray, list[str], list[str] | None, dict]:
+    """(values, group labels, ids) from the site's `<data_dir>/data.csv` (or its only CSV); with
+    ``other_columns`` (proportion and rate columns) a fourth item, {column: cells as text, None missing}.
 
     Empty or NA cells are missing values (skipped per feature); a missing *column* is an error that
-    names the site and the column, since every site must summarise the same features.
+    names the site and the column, since every site must summarise the same features. An empty
+    ``group_column`` puts every row in ``all`` only.
     """
     path = bc.find_site_csv(site, data_dir)
+    others = list(other_columns or [])
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
-        needed = [*features, group_column, *([id_column] if id_column else [])]
+        needed = [*features, *([group_column] if group_column else []), *([id_column] if id_column else []), *others]
         for col in needed:
             if col not in header:
                 raise SiteDataError(f"{site}: {path} lacks column '{col}'")
@@ -158,9 +171,35 @@ def read_cohort_csv(
         [[_cell_float(site, path, i, f, r[f]) for f in features] for i, r in enumerate(rows, start=2)],
         dtype=np.float64,
     ).reshape(len(rows), len(features))
-    labels = [(r[group_column] or "").strip() for r in rows]
+    labels = [(r[group_column] or "").strip() if group_column else "" for r in rows]
     ids = [(r[id_column] or "").strip() for r in rows] if id_column else None
-    return x, labels, ids
+    if other_columns is None:
+        return x, labels, ids
+    extra = {c: [None if (r[c] or "").strip().lower() in MISSING else r[c].strip() for r in rows] for c in others}
+    return x, labels, ids, extra
+
+
+def read_cohort_db(
+    site: str, policy: SitePolicy, features: list[str], group_column: str, id_column: str | None, others: list[str]
+) -> tuple[np.ndarray, list[str], list[str] | None, dict]:
+    """(values, group labels, ids, {column: values}) from the site's database: its policy's ``database``
+    (SQLAlchemy URL + column mapping) or the `<site>.sqlite` of a `clinfed data split` folder, through
+    `clinfed.data.source.site_table`: variables by name, never SQL."""
+    from clinfed.data.source import site_table
+
+    wanted = [*features, *([group_column] if group_column else []), *([id_column] if id_column else []), *others]
+    table = site_table(policy, site, list(dict.fromkeys(wanted)))
+    n = len(next(iter(table.values())))
+    cols = []
+    for f in features:
+        try:
+            cols.append(stats.numeric_column(table[f], f))
+        except ValueError as exc:
+            raise SiteDataError(f"{site}: {exc} in its database") from None
+    x = np.column_stack(cols) if cols else np.zeros((n, 0))
+    labels = [stats.level_text(v) or "" for v in table[group_column]] if group_column else [""] * n
+    ids = [stats.level_text(v) or "" for v in table[id_column]] if id_column else None
+    return x, labels, ids, {c: table[c] for c in others}
 
 
 def _same(label: str, value: object) -> bool:
@@ -244,29 +283,47 @@ class CohortStatsExecutor(Executor):
         if self.encrypt:
             self._ctx, self._fingerprint = site_context(self.root, self.site)
         index = site_index(self.site)
-        if self.policy.data_dir is None and (index is None or index >= self.num_sites):
+        own_data = self.policy.data_dir is not None or getattr(self.policy, "database", None) is not None
+        if not own_data and (index is None or index >= self.num_sites):
             raise SiteRefusal(f"{self.site}: no data_dir in local/resources.json and no bundled split for this name")
-        x, labels, origin = self._load(index or 0)
+        x, labels, origin, columns = self._load(index or 0)
         if self.dp is not None:  # DP sums need complete rows: one noisy count then serves every feature
             keep = ~np.isnan(x).any(axis=1)
             x, labels = x[keep], [lab for lab, k in zip(labels, keep, strict=True) if k]
+            columns = {c: np.asarray(v, dtype=object)[keep] for c, v in columns.items()}
         self.x, self.masks = x, group_masks(labels, self._spec, self.group_values)
+        self.columns = columns
         self.digest = data_digest(x, labels)
         self.run_id = str(fl_ctx.get_job_id() or "")
         self.log_info(fl_ctx, f"{self.site}: {origin}, {len(x)} rows")
         self.audit.append("job_start", job=self.job_label, encrypted=self.encrypt, cohort=self.cohort)
         self._ready = True
 
-    def _load(self, index: int) -> tuple[np.ndarray, list, str]:
+    def _load(self, index: int) -> tuple[np.ndarray, list, str, dict]:
         from clinfed.analytics import psi
+        from clinfed.data.sitedb import find_site_databases
 
-        features = list(self._spec.features)
+        spec = self._spec
+        features = list(spec.features)
+        others = [*(c for c, _ in spec.proportions), *(spec.rate or ())]
+        columns: dict = {}
         wanted = psi.read_intersection(self.root, self.site) if self.cohort == "intersect" else None
-        if self.policy.data_dir:
+        dbs = find_site_databases(self.policy.data_dir) if self.policy.data_dir else {}
+        if getattr(self.policy, "database", None) is not None or self.site in dbs:  # the site's database
             id_col = self.id_column if wanted is not None else None
-            x, labels, ids = read_cohort_csv(self.site, self.policy.data_dir, features, self.group_column, id_col)
+            x, labels, ids, columns = read_cohort_db(
+                self.site, self.policy, features, self.group_column, id_col, others
+            )
+            origin = "its database" if self.site not in dbs else f"{dbs[self.site]}"
+        elif self.policy.data_dir:
+            id_col = self.id_column if wanted is not None else None
+            x, labels, ids, columns = read_cohort_csv(
+                self.site, self.policy.data_dir, features, self.group_column, id_col, others
+            )
             origin = f"{self.policy.data_dir}"
         else:
+            if others:
+                raise SiteDataError(f"{self.site}: the bundled data has no column '{others[0]}'")
             table = bc.load_bundled()
             if self.group_column != bc.LABEL_COLUMN:
                 raise SiteDataError(f"{self.site}: the bundled data has no column '{self.group_column}'")
@@ -283,8 +340,9 @@ class CohortStatsExecutor(Executor):
         if wanted is not None:
             keep = np.array([i in wanted for i in ids], dtype=bool).reshape(len(ids))
             x, labels = x[keep], [lab for lab, k in zip(labels, keep, strict=True) if k]
+            columns = {c: np.asarray(v, dtype=object)[keep] for c, v in columns.items()}
             origin += f", restricted to the {int(keep.sum())} rows linked by PSI"
-        return x, labels, origin
+        return x, labels, origin, columns
 
     # --- vectors out and in ------------------------------------------------------------------------
     def _pack(self, vec: np.ndarray) -> dict:
@@ -334,7 +392,7 @@ class CohortStatsExecutor(Executor):
                 raise SiteRefusal(f"{self.site}: the server's statistics settings differ from this site's job config")
             start = time.monotonic()
             if task_name == PASS1_TASK:
-                vec = stats.local_sums(self.x, self.masks, self._spec, clip=self.dp is not None)
+                vec = stats.local_sums(self.x, self.masks, self._spec, clip=self.dp is not None, columns=self.columns)
                 charged = self._charge() if self.dp is not None else 0.0
                 self._sent_pass1 = True
                 return self._send(self._pack(vec), round_num, start, epsilon=charged)
@@ -503,26 +561,6 @@ class CohortStatsExecutor(Executor):
 
 
 # --- server side ------------------------------------------------------------------------------------------
-class _PlainSum:
-    """Plaintext twin of `EncryptedSum` for `--no-encrypt`: the server sees every site's vector."""
-
-    def __init__(self, size: int):
-        self.size, self.total = size, np.zeros(size)
-
-    def add(self, site: str, params: dict) -> None:
-        if set(params) != {STATS_KEY}:
-            raise ValueError(f"{site}: sent {sorted(params)}, expected one '{STATS_KEY}' vector")
-        try:
-            vec = np.asarray(params[STATS_KEY], dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError):
-            raise ValueError(f"{site}: its '{STATS_KEY}' vector is not numeric") from None
-        if vec.size != self.size:
-            raise ValueError(f"{site}: sent {vec.size} values, expected {self.size}")
-        if not np.all(np.isfinite(vec)):
-            raise ValueError(f"{site}: its vector holds {int((~np.isfinite(vec)).sum())} NaN/Inf values")
-        self.total = self.total + vec
-
-
 class CohortStatsController(ModelController):
     """Server side of `cohort_stats`: dispatch the three tasks, add what comes back, write summary.json.
 
@@ -574,8 +612,11 @@ class CohortStatsController(ModelController):
             from clinfed.he.aggregation import EncryptedSum
 
             acc = EncryptedSum(self.ctx, self.fingerprint, size=size)
-        else:
-            acc = _PlainSum(size)
+        else:  # plaintext comparison runs: the FedAvg baseline's sum, every site weighted 1
+            from clinfed.he.aggregation import PlainWeightedSum
+            from clinfed.he.packing import flatten
+
+            acc = PlainWeightedSum(reference=flatten({STATS_KEY: np.zeros(size)})[1])
         layout = _layout_json(size)
         entries: dict[str, dict] = {}
         for result in results:
@@ -617,7 +658,8 @@ class CohortStatsController(ModelController):
             cts, _, _ = acc.result()
             agg = payload.encrypted_params(cts, layout, self.fingerprint)
         else:
-            agg = {STATS_KEY: acc.total}
+            mean, weight, _ = acc.result()  # the average over sites of weight 1: times their number is the sum
+            agg = {STATS_KEY: mean[STATS_KEY] * weight}
         self.audit.append("aggregation", job=self.job_label, round=round_num, sites=ok, encrypted=self.encrypted)
         return entries, agg
 
@@ -633,7 +675,7 @@ class CohortStatsController(ModelController):
         else:
             if payload.is_encrypted(params):
                 raise ValueError(f"{site}: sent ciphertexts to a plaintext job")
-            acc.add(site, params)
+            acc.add(site, params, 1.0)
 
     def run(self) -> None:
         self._setup()
@@ -803,6 +845,8 @@ class CohortStatsRecipe(Recipe):
         missing = [g for g in spec.groups[1:] if g not in group_values]
         if missing:
             raise ValueError(f"no value of '{group_column}' given for group(s) {missing}")
+        if dp is not None and spec.has_extras:  # no noise plan covers them: refuse rather than release exact
+            raise ValueError(stats.EXTRAS_UNDER_DP)
         if dp is not None:  # validate here, at submission, rather than at the release site
             stats.DPConfig(
                 epsilon=dp["epsilon"], mechanism=dp.get("mechanism", "laplace"), delta=dp.get("delta") or 0.0
@@ -843,3 +887,125 @@ class CohortStatsRecipe(Recipe):
         )
         self.num_sites, self.encrypt = num_sites, encrypt
         super().__init__(job)
+
+
+# --- the layout of a job on a `clinfed data split` folder ----------------------------------------------------
+#: most distinct values a group or proportion column may have to count as categorical
+MAX_LEVELS = 20
+
+
+def _names(value: object) -> list[str]:
+    """A list of column names from a list or a comma-separated string (as the CLI gives them)."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _public_levels(frame, column: str, dataset: str) -> list[str]:
+    """The sorted public levels of a categorical column of the reference dataset; refuses a continuous one."""
+    levels = sorted({t for t in (stats.level_text(v) for v in frame[column].tolist()) if t is not None})
+    if not levels:
+        raise ValueError(f"column '{column}' of {dataset} has no values")
+    if len(levels) > MAX_LEVELS:
+        raise ValueError(
+            f"column '{column}' of {dataset} has {len(levels)} distinct values: not categorical "
+            f"(at most {MAX_LEVELS} levels)"
+        )
+    return levels
+
+
+def clinical_layout(
+    manifest: dict,
+    sites: int,
+    features: object = None,
+    group: str | None = None,
+    groups: object = None,
+    proportions: object = None,
+    rate: object = None,
+    rate_per: float | None = None,
+    rate_unit: str | None = None,
+    bins: int = 10,
+    quantile_bins: int = 0,
+) -> tuple[stats.StatsSpec, dict]:
+    """(spec, group values) of a `cohort_stats` job on a split of bundled dataset ``manifest["dataset"]``.
+
+    Everything here is public: the variables and levels come from the bundled reference dataset the
+    split names, the bounds are its ranges rounded out (`stats.reference_bounds`), the person-time
+    bound its largest time rounded up; no site's data is read. ``features`` default to the dataset's
+    numeric covariates; ``groups`` (levels of ``group``, default all of them) as a list or
+    {name: value}; ``proportions`` categorical columns; ``rate`` "EVENT:TIME" or (event, time).
+    One-line ValueErrors name the unknown column or the non-numeric / non-categorical one.
+    """
+    from clinfed.analytics.sums_fl import check_split
+    from clinfed.data.clinical import OUTCOME
+
+    name = manifest["dataset"]
+    group = None if group in (None, "", "none") else str(group)
+    props = _names(proportions)
+    if isinstance(rate, str):
+        event, sep, time_col = rate.partition(":")
+        if not sep or not event.strip() or not time_col.strip():
+            raise ValueError(f"rate must be EVENT:TIME (two columns), got '{rate}'")
+        rate = (event.strip(), time_col.strip())
+    rate = tuple(rate) if rate else None
+    if rate is not None and len(rate) != 2:
+        raise ValueError(f"rate must name an event and a time column, got {list(rate)}")
+    asked = _names(features)
+    columns = [*asked, *([group] if group else []), *props, *(rate or ())]
+    frame = check_split(manifest, sites, columns, asked, False)
+    numeric = [c for c in frame.columns if frame[c].dtype.kind in "biuf"]
+    names = asked or [c for c in numeric if c not in ("time", OUTCOME.get(name), group, *props, *(rate or ()))]
+    if not names:
+        raise ValueError(f"{name} has no numeric covariate to summarise: give features")
+    bounds = stats.reference_bounds(frame[names].to_numpy(dtype=np.float64))
+    if group:
+        public = _public_levels(frame, group, name)
+        if groups is None:
+            group_values = {lv: lv for lv in public}
+        elif isinstance(groups, dict):
+            group_values = {str(k): stats.level_text(v) for k, v in groups.items()}
+        else:
+            group_values = {lv: lv for lv in _names(groups)}
+        unknown = [v for v in group_values.values() if v not in public]
+        if unknown:
+            raise ValueError(f"'{unknown[0]}' is not a level of {group} in {name} (levels: {', '.join(public)})")
+        if stats.ALL in group_values:
+            raise ValueError(f"a group may not be named '{stats.ALL}'")
+    else:
+        group_values = {}
+    rate_bound, per = 1.0, float(rate_per or 1.0)
+    if rate is not None:
+        event, time_col = rate
+        try:
+            ev = stats.numeric_column(frame[event].to_numpy(), event)
+            tt = stats.numeric_column(frame[time_col].to_numpy(), time_col)
+        except ValueError as exc:
+            raise ValueError(f"{exc} in {name}") from None
+        if not np.isin(ev[~np.isnan(ev)], (0.0, 1.0)).all():
+            raise ValueError(f"event column '{event}' of {name} is not 0/1")
+        if (tt[~np.isnan(tt)] < 0).any():
+            raise ValueError(f"time column '{time_col}' of {name} has negative values")
+        rate_bound = stats.nice_bounds(0.0, float(np.nanmax(tt)))[1]
+        if not (math.isfinite(per) and per > 0):
+            raise ValueError(f"rate_per must be a positive number, got {rate_per}")
+    spec = stats.StatsSpec(
+        features=tuple(names),
+        bounds=tuple(bounds),
+        groups=(stats.ALL, *group_values),
+        bins=bins,
+        quantile_bins=quantile_bins,
+        proportions=tuple((c, tuple(_public_levels(frame, c, name))) for c in props),
+        rate=rate,
+        rate_bound=rate_bound,
+        rate_per=per,
+        rate_unit=rate_unit if rate_unit is not None else _default_unit(name, rate),
+    )
+    return spec, group_values
+
+
+def _default_unit(dataset: str, rate: tuple[str, str] | None) -> str:
+    """The bundled survival datasets keep ``time`` in days (`clinfed.data.clinical`); otherwise the column's unit."""
+    if rate is None:
+        return ""
+    return "person-days" if rate[1] == "time" and dataset != "breast_cancer" else f"person-time in {rate[1]} units"

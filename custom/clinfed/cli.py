@@ -204,13 +204,18 @@ def _round_table(summary: dict) -> str:
             )
     final = summary.get("final", {}).get("metrics", {})
     if final:
-        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, int | float) else f"{k}={v}" for k, v in final.items())
-        lines.append("final global model on held-out sets: " + shown)
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, int | float) else f"{k}={v}" for k, v in final.items())
+        trained = any(k in final for k in ("auc", "dice", "accuracy"))
+        lines.append(("final global model on held-out sets: " if trained else "final: ") + shown)
     for group, features in (summary.get("statistics") or {}).items():
-        first = next(iter(features.items()), None)
+        # the first feature with a released mean (a withheld feature, proportions or a rate have none)
+        first = next(
+            ((n, st) for n, st in features.items() if isinstance(st, dict) and st.get("mean") is not None), None
+        )
         if first:
             name, st = first
-            lines.append(f"{group}: n={st.get('count')}  {name}: mean={st.get('mean'):.4f} std={st.get('std'):.4f}")
+            lines.append(f"{group}: n={st.get('count')}  {name}: mean={st['mean']:.4f} std={st.get('std') or 0:.4f}")
+    lines.extend(_analysis_lines(summary))
     withheld = (summary.get("suppression") or {}).get("groups_withheld")
     if withheld:
         lines.append(f"withheld groups: {withheld}")
@@ -221,6 +226,24 @@ def _round_table(summary: dict) -> str:
             f"per site {psi.get('per_site')}"
         )
     return "\n".join(lines)
+
+
+def _analysis_lines(summary: dict) -> list[str]:
+    """One line per released estimate of survival_km, cox_ph and glm (the rest is in summary.json)."""
+    lines = []
+    km = summary.get("km") or {}
+    for level, curve in (km.get("groups") or {}).items():
+        start = curve["at_risk"][0] if curve.get("at_risk") else "?"
+        lines.append(f"KM {level}: at risk {start}, median {curve.get('median')}")
+    if km.get("logrank"):
+        lr = km["logrank"]
+        lines.append(f"log-rank χ²={lr.get('chi2')} df={lr.get('df')} p={lr.get('p')}")
+    for block in ("cox", "glm"):
+        fit = summary.get(block) or {}
+        for name, c in (fit.get("coef") or {}).items():
+            hr = f" HR={c['hr']:.4g}" if c.get("hr") is not None else ""
+            lines.append(f"{block} {name}: coef={c['coef']:.6g} se={c['se']:.4g}{hr} p={c['p']:.3g}")
+    return lines
 
 
 ANALYTICS_OPTIONS = ("cohort", "covariates", "strata", "group", "time_bin", "family", "outcome")

@@ -262,3 +262,22 @@ def test_make_recipe_refuses_dp_unknown_and_continuous_columns(tmp_path):
         job.make_recipe(sites=3, proportions="chf")
     recipe = job.make_recipe(sites=3, data_dir=str(tmp_path), group="gender", proportions="chf", rate="event:time")
     assert recipe.num_sites == 3
+
+
+def test_the_release_log_refuses_a_second_release_that_shows_a_withheld_level_or_rate(tmp_path):
+    """Differencing across jobs: the same cohort released again with a lower minimum cell would show
+    the level (and the rate) the first release withheld; each site's release log refuses it."""
+    from clinfed.analytics.release_log import CohortDefinition, ReleaseLog, cells_of
+    from clinfed.errors import SiteRefusal
+
+    spec, sums = _toy([[80, 60, 43], [40, 30, 3], [40, 30, 40]], [30, 5, 25])
+    strict = stats.release(sums, np.zeros((3, 1)), spec, min_cell=10)
+    lax = stats.release(sums, np.zeros((3, 1)), spec, min_cell=1)
+    assert strict["statistics"]["a"]["proportions"]["c"]["r"]["count"] is None
+    assert lax["statistics"]["a"]["proportions"]["c"]["r"]["count"] == 3
+    definition = CohortDefinition.of("all", ["site-1", "site-2", "site-3"], "g", {"a": 0, "b": 1}, "digest")
+    log = ReleaseLog(tmp_path, "site-1")
+    log.admit(definition, cells_of(spec, strict["statistics"]), job="first")
+    log.admit(definition, cells_of(spec, strict["statistics"]), job="same again")  # identical: admitted
+    with pytest.raises(SiteRefusal):
+        log.admit(definition, cells_of(spec, lax["statistics"]), job="differencing")

@@ -140,6 +140,25 @@ def cells_of(spec: StatsSpec, statistics: Mapping) -> dict[str, dict]:
             counts = hist["counts"] if hist else [None] * spec.bins
             cells[g] = {"count": int(entry["count"]), "histogram": [None if c is None else int(c) for c in counts]}
         out[f] = {"grid": [spec.bounds[j][0], spec.bounds[j][1], spec.bins], "cells": cells}
+    # Proportions and the incidence rate are cells too (issue 13): each level's count per group, and
+    # each group's events (and patients), under the same rule, keyed apart from the features.
+    for column, levels in spec.proportions:
+        cells = {}
+        for g in spec.groups:
+            entry = ((statistics.get(g) or {}).get("proportions") or {}).get(column) or {}
+            counts = [(entry.get(level) or {}).get("count") for level in levels]
+            cells[g] = {"count": None, "histogram": [None if c is None else int(c) for c in counts]}
+        out[f"proportions:{column}"] = {"grid": ["levels", *levels], "cells": cells}
+    if spec.rate is not None:
+        cells = {}
+        for g in spec.groups:
+            entry = (statistics.get(g) or {}).get("rate") or {}
+            events, n = entry.get("events"), entry.get("n")
+            cells[g] = {
+                "count": None if events is None else int(events),
+                "histogram": [None if n is None else int(n)],
+            }
+        out[f"rate:{spec.rate[0]}:{spec.rate[1]}"] = {"grid": ["rate", spec.rate_bound, spec.rate_per], "cells": cells}
     return out
 
 

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--time-bin", type=positive_float, default=None, metavar="DAYS", help="event-time bin width")
     sim.add_argument("--family", choices=["binomial", "gaussian", "poisson"], default=None, help="glm: family")
     sim.add_argument("--outcome", type=str, default=None, metavar="COL", help="glm: outcome column")
+    sim.add_argument(
+        "--difficulty", choices=["standard", "hard"], default=None, help="segmentation jobs: synthetic data difficulty"
+    )
     # --- cohort_stats on a `clinfed data split` folder (issue 13; --group above names its group column) ---
     sim.add_argument("--features", type=str, default=None, metavar="A,B", help="cohort_stats: numeric columns")
     sim.add_argument("--proportions", type=str, default=None, metavar="C,D", help="cohort_stats: categorical columns")
@@ -249,6 +252,8 @@ def _analysis_lines(summary: dict) -> list[str]:
 ANALYTICS_OPTIONS = ("cohort", "covariates", "strata", "group", "time_bin", "family", "outcome")
 # cohort_stats' options (issue 13): handed to make_recipe as given ("a,b" and "event:time" parsed there)
 ANALYTICS_OPTIONS += ("features", "proportions", "rate", "rate_per", "rate_unit")
+# imaging jobs (issue 15): the synthetic data's difficulty
+ANALYTICS_OPTIONS += ("difficulty",)
 
 
 def _analytics_options(args: argparse.Namespace) -> dict:

@@ -25,22 +25,34 @@ def make_recipe(
     encrypt: bool = True,
     epsilon: float | None = 8.0,
     image_size: int = 128,
-    n_train: int = 512,
+    n_train: int | None = None,
     n_test: int = 64,
     local_epochs: int = 1,
     batch_size: int = 32,
     lr: float = 0.03,
     max_grad_norm: float = 0.1,
+    difficulty: str = "standard",
     **_: object,
 ) -> SecureFedAvgRecipe:
-    """`epsilon=None` trains without DP (the utility reference); the other arguments shrink it for tests."""
+    """`epsilon=None` trains without DP (the utility reference); the other arguments shrink it for tests.
+
+    `difficulty="hard"`: small, faint, noisy lesions and 128 training images per site (512 standard).
+    """
+    if n_train is None:
+        n_train = 128 if difficulty == "hard" else 512
     return SecureFedAvgRecipe(
         name="segmentation_dp",
         task="segmentation",
         num_rounds=rounds,
         num_sites=sites,
         encrypt=encrypt,
-        task_args={"image_size": image_size, "n_train": n_train, "n_test": n_test, "channels": [8, 16, 32]},
+        task_args={
+            "image_size": image_size,
+            "n_train": n_train,
+            "n_test": n_test,
+            "channels": [8, 16, 32],
+            "difficulty": difficulty,
+        },
         train_args={"local_epochs": local_epochs, "batch_size": batch_size, "lr": lr, "optimizer": "adam"},
         dp_args={
             "enabled": epsilon is not None,
@@ -50,4 +62,5 @@ def make_recipe(
             "grad_sample_mode": "hooks",
         },
         primary_metric="dice",
+        extra_summary={"difficulty": difficulty},
     )

@@ -219,3 +219,21 @@ def test_opacus_per_sample_gradients_of_the_unet_are_exact():
         alone = torch.autograd.grad(task.loss(model(images[i : i + 1]), masks[i : i + 1]), params)
         for got, want in zip(per_sample, alone, strict=True):
             torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-6)
+
+
+def test_hard_difficulty_draws_smaller_fainter_lesions_and_unknown_is_refused():
+    from clinfed.data.segmentation import SegmentationSiteData, site_profile
+    from clinfed.tasks.segmentation import SegmentationTask
+
+    standard = SegmentationSiteData.synthetic(1, 3, 6, difficulty="standard")
+    hard = SegmentationSiteData.synthetic(1, 3, 6, difficulty="hard")
+    assert hard.foreground_fraction() < 0.2 * standard.foreground_fraction()
+    assert site_profile(1, 3, "hard").blur_noise > 0 and site_profile(1, 3).blur_noise == 0
+    # lesion vs background contrast: the mean intensity gap shrinks
+    def gap(d):
+        img, lab = d.images.numpy(), d.labels.numpy() > 0
+        return float(img[lab].mean() - img[~lab].mean())
+
+    assert gap(hard) < 0.7 * gap(standard)  # measured 0.38 vs 0.61
+    with pytest.raises(ValueError, match="difficulty"):
+        SegmentationTask(difficulty="impossible")

@@ -47,15 +47,34 @@ class SyntheticProfile:
     rad_min: int
     rad_max: int
     noise_max: float
+    blur_noise: float = 0.0  # σ of extra Gaussian noise on the final image (the `hard` scanner)
 
 
-def site_profile(site_index: int, num_sites: int) -> SyntheticProfile:
+#: `standard`: the easy discs every earlier measurement used (DP costs almost nothing there).
+#: `hard`: small, faint, noisy lesions, where even the non-private model stays below the ceiling,
+#: so the cost of DP, and what recovers it, can be seen (issue 15).
+DIFFICULTIES = ("standard", "hard")
+
+
+def site_profile(site_index: int, num_sites: int, difficulty: str = "standard") -> SyntheticProfile:
     """The synthetic profile of site `site_index` (0-based) of `num_sites`, between two fixed extremes.
 
     Interpolating (rather than drawing profiles at random) keeps the federation's heterogeneity the
     same for any number of sites and makes the first and last sites always the most different.
+    `hard`: 2-5 lesions of radius 3-8 px at 128 px, background noise reaching 0.65-0.85 of the
+    lesions' brightness, plus Gaussian noise σ 0.12-0.2.
     """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
     t = site_index / (num_sites - 1) if num_sites > 1 else 0.0
+    if difficulty == "hard":
+        return SyntheticProfile(
+            num_objs=round(2 + 3 * t),
+            rad_min=3,
+            rad_max=round(8 - 2 * t),
+            noise_max=round(0.65 + 0.2 * t, 3),
+            blur_noise=round(0.12 + 0.08 * t, 3),
+        )
     return SyntheticProfile(
         num_objs=round(4 + 8 * t),
         rad_min=round(12 - 7 * t),
@@ -85,6 +104,8 @@ def synthetic_arrays(
             num_seg_classes=1,
             random_state=rs,
         )
+        if profile.blur_noise:
+            image = np.clip(image + rs.normal(0.0, profile.blur_noise, image.shape), 0.0, 1.0)
         images[i], labels[i] = image, label > 0
     return images, labels
 
@@ -121,9 +142,10 @@ class SegmentationSiteData(Dataset):
         image_size: int = MIN_SOURCE_SIZE,
         source_size: int = MIN_SOURCE_SIZE,
         seed: int = 0,
+        difficulty: str = "standard",
     ) -> SegmentationSiteData:
         """Site `site_index`'s synthetic scans, generated at `source_size` and resized to `image_size`."""
-        profile = site_profile(site_index, num_sites)
+        profile = site_profile(site_index, num_sites, difficulty)
         # One seed per site (and per federation seed): sites never share images, and reruns match.
         images, labels = synthetic_arrays(profile, n, source_size, seed=seed * 1000 + site_index)
         prep = Preprocess(image_size)
@@ -131,6 +153,7 @@ class SegmentationSiteData(Dataset):
         origin = (
             f"synthetic {source_size} px → {image_size} px, {profile.num_objs} discs of radius "
             f"{profile.rad_min}-{profile.rad_max}, noise ≤ {profile.noise_max}"
+            + (f" + σ {profile.blur_noise}" if profile.blur_noise else "")
         )
         return cls._stack(pairs, [f"synthetic-{site_index}-{i}" for i in range(n)], origin)
 

@@ -33,6 +33,7 @@ class SecureFedAvgRecipe(Recipe):
         primary_metric: str = "auc",
         task_timeout: int = 0,
         straggler_wait: int = 60,
+        extra_summary: dict | None = None,
     ):
         """Each recipe is one *submission*: it draws a random `submission` id that the server keys its
         resume point by, so only a resubmission of this very job folder (after a server restart) resumes
@@ -53,6 +54,7 @@ class SecureFedAvgRecipe(Recipe):
             task_timeout=task_timeout,
             straggler_wait=straggler_wait,
             submission=secrets.token_hex(8),
+            extra_summary=extra_summary,
         )
         job.to_server(controller, id="controller")
         executor = DPTrainExecutor(

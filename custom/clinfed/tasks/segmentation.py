@@ -32,7 +32,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import Dataset
 
-from clinfed.data.segmentation import MIN_SOURCE_SIZE, SegmentationSiteData
+from clinfed.data.segmentation import MIN_SOURCE_SIZE, SegmentationSiteData, site_profile
 from clinfed.tasks.base import SiteData, SiteDataError, Task
 
 NUM_CLASSES = 2  # background, foreground
@@ -67,6 +67,7 @@ class SegmentationTask(Task):
         seed: int = 0,
         test_fraction: float = 0.2,
         eval_batch: int = 64,
+        difficulty: str = "standard",
     ):
         """
         Args:
@@ -77,6 +78,8 @@ class SegmentationTask(Task):
             seed: the federation's data seed (each site derives its own from it).
             test_fraction: share of a real folder's pairs held out (by a fixed-seed shuffle).
             eval_batch: images per forward pass when scoring, to bound memory on large test sets.
+            difficulty: synthetic data, "standard" discs or "hard" small faint noisy lesions
+                (`clinfed.data.segmentation.site_profile`).
         """
         if len(channels) != len(strides) + 1:
             raise ValueError(f"UNet needs one more channel entry than strides, got {list(channels)} / {list(strides)}")
@@ -86,6 +89,8 @@ class SegmentationTask(Task):
         self.n_train, self.n_test, self.seed = int(n_train), int(n_test), int(seed)
         self.channels, self.strides = tuple(int(c) for c in channels), tuple(int(s) for s in strides)
         self.num_res_units, self.test_fraction, self.eval_batch = int(num_res_units), test_fraction, int(eval_batch)
+        site_profile(0, 1, difficulty)  # refuses an unknown difficulty when the job is built
+        self.difficulty = difficulty
         self._loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def build_model(self) -> nn.Module:
@@ -119,6 +124,7 @@ class SegmentationTask(Task):
                 image_size=self.image_size,
                 source_size=self.source_size,
                 seed=self.seed,
+                difficulty=self.difficulty,
             )
             train, test = full.subset(range(self.n_train)), full.subset(range(self.n_train, len(full)))
         desc = (

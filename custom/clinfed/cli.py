@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--difficulty", choices=["standard", "hard"], default=None, help="segmentation jobs: synthetic data difficulty"
     )
+    sim.add_argument(
+        "--public-pretrain",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="segmentation_dp: pretrain on N public synthetic images before DP-SGD (free under DP)",
+    )
     # --- cohort_stats on a `clinfed data split` folder (issue 13; --group above names its group column) ---
     sim.add_argument("--features", type=str, default=None, metavar="A,B", help="cohort_stats: numeric columns")
     sim.add_argument("--proportions", type=str, default=None, metavar="C,D", help="cohort_stats: categorical columns")
@@ -253,7 +260,7 @@ ANALYTICS_OPTIONS = ("cohort", "covariates", "strata", "group", "time_bin", "fam
 # cohort_stats' options (issue 13): handed to make_recipe as given ("a,b" and "event:time" parsed there)
 ANALYTICS_OPTIONS += ("features", "proportions", "rate", "rate_per", "rate_unit")
 # imaging jobs (issue 15): the synthetic data's difficulty
-ANALYTICS_OPTIONS += ("difficulty",)
+ANALYTICS_OPTIONS += ("difficulty", "public_pretrain")
 
 
 def _analytics_options(args: argparse.Namespace) -> dict:

@@ -32,6 +32,7 @@ def make_recipe(
     lr: float = 0.03,
     max_grad_norm: float = 0.1,
     difficulty: str = "standard",
+    public_pretrain: int = 0,
     **_: object,
 ) -> SecureFedAvgRecipe:
     """`epsilon=None` trains without DP (the utility reference); the other arguments shrink it for tests.
@@ -52,6 +53,7 @@ def make_recipe(
             "n_test": n_test,
             "channels": [8, 16, 32],
             "difficulty": difficulty,
+            "public_pretrain": public_pretrain,
         },
         train_args={"local_epochs": local_epochs, "batch_size": batch_size, "lr": lr, "optimizer": "adam"},
         dp_args={
@@ -62,5 +64,5 @@ def make_recipe(
             "grad_sample_mode": "hooks",
         },
         primary_metric="dice",
-        extra_summary={"difficulty": difficulty},
+        extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain},
     )

@@ -36,6 +36,9 @@ from clinfed.data.segmentation import MIN_SOURCE_SIZE, SegmentationSiteData, sit
 from clinfed.tasks.base import SiteData, SiteDataError, Task
 
 NUM_CLASSES = 2  # background, foreground
+#: Seed of the public pretraining set: sites derive theirs from the job seed × 1000 + index, never this.
+PUBLIC_SEED = 4_000_000  # × 1000 + k stays under 2**32 (RandomState)
+PUBLIC_PROFILES = 5
 
 
 def check_dp_compatible(model: nn.Module) -> None:
@@ -68,6 +71,8 @@ class SegmentationTask(Task):
         test_fraction: float = 0.2,
         eval_batch: int = 64,
         difficulty: str = "standard",
+        public_pretrain: int = 0,
+        public_pretrain_epochs: int = 3,
     ):
         """
         Args:
@@ -80,6 +85,10 @@ class SegmentationTask(Task):
             eval_batch: images per forward pass when scoring, to bound memory on large test sets.
             difficulty: synthetic data, "standard" discs or "hard" small faint noisy lesions
                 (`clinfed.data.segmentation.site_profile`).
+            public_pretrain: images of *public* synthetic data (MONAI's generator, the fixed public seed
+                `PUBLIC_SEED`, the job's difficulty) the initial model is trained on, without DP,
+                before any private step: free under DP, since no patient is in it (0: off).
+            public_pretrain_epochs: epochs over that public set.
         """
         if len(channels) != len(strides) + 1:
             raise ValueError(f"UNet needs one more channel entry than strides, got {list(channels)} / {list(strides)}")
@@ -91,6 +100,7 @@ class SegmentationTask(Task):
         self.num_res_units, self.test_fraction, self.eval_batch = int(num_res_units), test_fraction, int(eval_batch)
         site_profile(0, 1, difficulty)  # refuses an unknown difficulty when the job is built
         self.difficulty = difficulty
+        self.public_pretrain, self.public_pretrain_epochs = int(public_pretrain), int(public_pretrain_epochs)
         self._loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def build_model(self) -> nn.Module:
@@ -104,7 +114,40 @@ class SegmentationTask(Task):
             norm="instance",
         )
         check_dp_compatible(model)
+        if self.public_pretrain > 0:
+            self.pretrain_on_public_data(model)
         return model
+
+    def pretrain_on_public_data(self, model: nn.Module) -> None:
+        """Non-private training on public synthetic scans before any private step (DP-free by construction).
+
+        Why: DP-SGD's noise costs most where the model starts far from a solution; a start that already
+        knows what a lesion looks like needs few, noisy private steps. The public set mixes five scanner
+        profiles of the job's difficulty, drawn from `PUBLIC_SEED` (never a site's seed), so it holds no
+        patient and every site that builds the model under the job's seed builds the same one.
+        """
+        per = -(-self.public_pretrain // PUBLIC_PROFILES)
+        parts = [
+            SegmentationSiteData.synthetic(
+                k,
+                PUBLIC_PROFILES,
+                per,
+                image_size=self.image_size,
+                source_size=self.source_size,
+                seed=PUBLIC_SEED,
+                difficulty=self.difficulty,
+            )
+            for k in range(PUBLIC_PROFILES)
+        ]
+        images = torch.cat([p.images for p in parts])[: self.public_pretrain]
+        labels = torch.cat([p.labels for p in parts])[: self.public_pretrain]
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        model.train()
+        for _ in range(self.public_pretrain_epochs):
+            for idx in torch.randperm(len(images)).split(32):
+                optimizer.zero_grad()
+                self._loss(model(images[idx]), labels[idx]).backward()
+                optimizer.step()
 
     def load_site_data(self, site_name: str, site_index: int, num_sites: int, data_dir: str | Path | None) -> SiteData:
         if data_dir:

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 ./scripts/setup_venv.sh
 . .venv/bin/activate
 ruff check custom tests jobs scripts
-python -m pytest -q tests "$@"
+python -m pytest -q --durations=25 tests "$@"

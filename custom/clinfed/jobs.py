@@ -11,7 +11,17 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-JOB_NAMES = ("breast_cancer_dp", "segmentation_dp", "cohort_stats", "psi_linkage")
+JOB_NAMES = (
+    "breast_cancer_dp",
+    "segmentation_dp",
+    "segmentation3d_dp",
+    "cohort_stats",
+    "psi_linkage",
+    "survival_km",
+    "cox_ph",
+    "glm",
+    "key_exchange",
+)
 
 
 class UnknownJob(ValueError):

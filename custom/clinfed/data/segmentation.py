@@ -126,7 +126,7 @@ class SegmentationSiteData(Dataset):
 
     def subset(self, indices: list[int] | np.ndarray) -> SegmentationSiteData:
         idx = [int(i) for i in indices]
-        return SegmentationSiteData(self.images[idx], self.labels[idx], [self.names[i] for i in idx], self.origin)
+        return type(self)(self.images[idx], self.labels[idx], [self.names[i] for i in idx], self.origin)
 
     def foreground_fraction(self) -> float:
         """Share of foreground pixels: a quick check that a site's masks are not empty or inverted."""
@@ -203,21 +203,21 @@ class Preprocess:
         return image, (label > 0.5).float()
 
 
-def _stem(path: Path) -> str | None:
+def _stem(path: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> str | None:
     """The pairing key of an image file: its name without a known image suffix (None if not an image)."""
     lower = path.name.lower()
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in suffixes:
         if lower.endswith(suffix) and len(lower) > len(suffix):
             return path.name[: -len(suffix)]
     return None
 
 
-def _index(site_name: str, folder: Path, kind: str) -> dict[str, Path]:
+def _index(site_name: str, folder: Path, kind: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> dict[str, Path]:
     if not folder.is_dir():
         raise SiteDataError(f"{site_name}: {kind}s folder {folder} does not exist")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        stem = _stem(path) if path.is_file() and not path.name.startswith(".") else None
+        stem = _stem(path, suffixes) if path.is_file() and not path.name.startswith(".") else None
         if stem is None:
             continue
         if stem in found:
@@ -228,15 +228,19 @@ def _index(site_name: str, folder: Path, kind: str) -> dict[str, Path]:
     return found
 
 
-def paired_files(site_name: str, data_dir: str | Path) -> dict[str, tuple[Path, Path]]:
-    """`{name: (image path, label path)}` for every image, refusing unpaired files in either folder."""
+def paired_files(
+    site_name: str, data_dir: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, what: str = "images"
+) -> dict[str, tuple[Path, Path]]:
+    """`{name: (image path, label path)}` for every image, refusing unpaired files in either folder.
+
+    `suffixes` are the file types taken (the 3-D task: NIfTI only); `what` names them in errors."""
     root = Path(data_dir)
     if not root.is_dir():
         raise SiteDataError(f"{site_name}: data folder {root} does not exist")
-    images = _index(site_name, root / IMAGES_FOLDER, "image")
-    labels = _index(site_name, root / LABELS_FOLDER, "label")
+    images = _index(site_name, root / IMAGES_FOLDER, "image", suffixes)
+    labels = _index(site_name, root / LABELS_FOLDER, "label", suffixes)
     if not images:
-        raise SiteDataError(f"{site_name}: no images ({', '.join(IMAGE_SUFFIXES)}) in {root / IMAGES_FOLDER}")
+        raise SiteDataError(f"{site_name}: no {what} ({', '.join(suffixes)}) in {root / IMAGES_FOLDER}")
     for stem, path in images.items():
         if stem not in labels:
             raise SiteDataError(f"{site_name}: image {path.name} has no matching label in {root / LABELS_FOLDER}")

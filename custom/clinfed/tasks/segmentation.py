@@ -126,6 +126,17 @@ class SegmentationTask(Task):
         profiles of the job's difficulty, drawn from `PUBLIC_SEED` (never a site's seed), so it holds no
         patient and every site that builds the model under the job's seed builds the same one.
         """
+        images, labels = self.public_data()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        model.train()
+        for _ in range(self.public_pretrain_epochs):
+            for idx in torch.randperm(len(images)).split(32):
+                optimizer.zero_grad()
+                self._loss(model(images[idx]), labels[idx]).backward()
+                optimizer.step()
+
+    def public_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`public_pretrain` public synthetic images: five scanner profiles, the public seed."""
         per = -(-self.public_pretrain // PUBLIC_PROFILES)
         parts = [
             SegmentationSiteData.synthetic(
@@ -139,26 +150,13 @@ class SegmentationTask(Task):
             )
             for k in range(PUBLIC_PROFILES)
         ]
-        images = torch.cat([p.images for p in parts])[: self.public_pretrain]
-        labels = torch.cat([p.labels for p in parts])[: self.public_pretrain]
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        model.train()
-        for _ in range(self.public_pretrain_epochs):
-            for idx in torch.randperm(len(images)).split(32):
-                optimizer.zero_grad()
-                self._loss(model(images[idx]), labels[idx]).backward()
-                optimizer.step()
+        n = self.public_pretrain
+        return torch.cat([p.images for p in parts])[:n], torch.cat([p.labels for p in parts])[:n]
 
     def load_site_data(self, site_name: str, site_index: int, num_sites: int, data_dir: str | Path | None) -> SiteData:
         if data_dir:
             full = SegmentationSiteData.from_folder(site_name, data_dir, self.image_size)
-            if len(full) < 2:
-                raise SiteDataError(
-                    f"{site_name}: {data_dir} holds {len(full)} image/label pair; need ≥ 2 to hold one out"
-                )
-            order = np.random.default_rng(self.seed).permutation(len(full))
-            n_test = min(len(full) - 1, max(1, round(self.test_fraction * len(full))))
-            train, test = full.subset(np.sort(order[n_test:])), full.subset(np.sort(order[:n_test]))
+            train, test = self.hold_out(full, site_name, data_dir)
         else:
             full = SegmentationSiteData.synthetic(
                 site_index,
@@ -175,6 +173,14 @@ class SegmentationTask(Task):
             f"foreground {100 * train.foreground_fraction():.1f} %"
         )
         return SiteData(train=train, test=test, description=desc)
+
+    def hold_out(self, full, site_name: str, data_dir: str | Path):
+        """(train, test) of a site's own folder: `test_fraction` of its pairs by a fixed-seed shuffle."""
+        if len(full) < 2:
+            raise SiteDataError(f"{site_name}: {data_dir} holds {len(full)} image/label pair; need ≥ 2 to hold one out")
+        order = np.random.default_rng(self.seed).permutation(len(full))
+        n_test = min(len(full) - 1, max(1, round(self.test_fraction * len(full))))
+        return full.subset(np.sort(order[n_test:])), full.subset(np.sort(order[:n_test]))
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._loss(output, target)

@@ -38,7 +38,7 @@ from clinfed.fl import checkpoint, payload
 from clinfed.fl.participant import participant_root, server_context
 from clinfed.fl.summary import training_summary, write_summary
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
-from clinfed.sysinfo import current_rss_mb
+from clinfed.sysinfo import current_rss_mb, release_free_memory
 
 
 class SecureFedAvg(ModelController):
@@ -287,6 +287,8 @@ class SecureFedAvg(ModelController):
                 self.info(f"round {round_num}: sending to {admitted}")
                 results = self._collect("train", self._stamped(outgoing), admitted)
                 entries, new_global = self._aggregate(round_num, results, admitted)
+                del results
+                release_free_memory()  # the round's uploads back to the OS before RSS is read (see sysinfo)
                 self._rounds.append({"round": round_num, "sites": entries, "server_rss_mb": current_rss_mb()})
                 if new_global is not None:
                     self._global = new_global

@@ -38,7 +38,7 @@ from clinfed.fl import payload
 from clinfed.fl.participant import SitePolicy, participant_root, site_context, site_index
 from clinfed.he.aggregation import TooFewContributors
 from clinfed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
-from clinfed.sysinfo import current_rss_mb
+from clinfed.sysinfo import current_rss_mb, limit_malloc_arenas, release_free_memory
 from clinfed.tasks import build_task
 from clinfed.textio import one_line
 from clinfed.training import DPConfig, SiteTrainer, TrainConfig
@@ -121,6 +121,7 @@ class DPTrainExecutor(Executor):
     def _setup(self, fl_ctx: FLContext, incoming: FLModel) -> None:
         if self._trainer is not None:
             return
+        limit_malloc_arenas()  # see clinfed.sysinfo
         self.site = fl_ctx.get_identity_name()
         self.root = participant_root(fl_ctx)
         self.job = self.job_label or fl_ctx.get_job_id()
@@ -298,6 +299,8 @@ class DPTrainExecutor(Executor):
         if fault == "nan":
             weights = faults.poison_weights(weights)
         params, weight = self._encode_update(weights, len(trainer.data.train))
+        del weights
+        release_free_memory()  # the round's garbage back to the OS before RSS is read (see sysinfo)
         if fault in ("corrupt", "wrongshape"):
             params = faults.damage_payload(fault, params, seed=round_num)
         digest, size = payload.log_update(

@@ -24,6 +24,9 @@ from clinfed.jobs import load_job
 ALLOW_LIST_PREFIX = "clinfed."
 
 
+MAX_PARALLEL_SITES = 8
+
+
 @dataclass
 class SimulationRequest:
     job: str
@@ -39,6 +42,9 @@ class SimulationRequest:
     data_dir: str | None = None
     inject: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    #: site processes running at once (FLARE's simulator threads); None: all sites up to
+    #: `MAX_PARALLEL_SITES`, beyond which sites take turns in the same processes
+    parallel: int | None = None
 
     @property
     def site_names(self) -> list[str]:
@@ -131,7 +137,10 @@ def run_simulation(req: SimulationRequest) -> dict:
     previous = {name: os.environ.get(name) for name in overrides}
     os.environ.update(overrides)
     try:
-        env = SimEnv(clients=req.site_names, num_threads=req.sites, workspace_root=str(flare_root))
+        # A DP-SGD imaging site holds ~1.2 GB (torch, Opacus' per-sample buffers, its images): 20 at once
+        # overran this 23 GB machine, so past MAX_PARALLEL_SITES the simulator's site processes take turns.
+        parallel = req.parallel or min(req.sites, MAX_PARALLEL_SITES)
+        env = SimEnv(clients=req.site_names, num_threads=parallel, workspace_root=str(flare_root))
         recipe.run(env)
     finally:
         for name, value in previous.items():

@@ -146,6 +146,30 @@ _cache: weakref.WeakKeyDictionary[ts.Context, _Seal] = weakref.WeakKeyDictionary
 _cache_lock = threading.Lock()
 
 
+def _seal_context(ctx: ts.Context, needs: str) -> tuple[Any, Any, Any]:
+    """(SEAL encryption parameters, SEAL context at 128-bit security, `context_parts`) of a TenSEAL
+    CKKS context; HEContextError for another scheme (`needs` says who needs CKKS) or parameters SEAL's
+    TC128 table refuses. Shared by the default path (`_seal`) and the compact format."""
+    if context_scheme(ctx) != "CKKS":
+        raise HEContextError(f"a {context_scheme(ctx)} context; {needs}")
+    parts = context_parts(ctx, with_secret_key=ctx.is_private())
+    parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
+    _seal_restore(parms.load, parts.encryption_parameters)
+    context = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
+    if not context.parameters_set():
+        raise HEContextError(f"CKKS parameters rejected by SEAL: {context.parameters_error_message()}")
+    return parms, context, parts
+
+
+def _secret_tools(context: Any, parts: Any) -> tuple[Any, Any]:
+    """(Encryptor, Decryptor) under the context's secret key, or (None, None) for a public context."""
+    if not parts.secret_key:
+        return None, None
+    secret = sa.SecretKey()
+    _seal_restore(lambda path: secret.load(context, path), parts.secret_key)
+    return sa.Encryptor(context, secret), sa.Decryptor(context, secret)
+
+
 def _seal(ctx: ts.Context) -> _Seal:
     """SEAL objects for ``ctx``, built once per context object (keys parsed from its serialisation)."""
     scale = float(ctx.global_scale)
@@ -154,14 +178,7 @@ def _seal(ctx: ts.Context) -> _Seal:
         cached = _cache.get(ctx)
     if cached is not None and cached.scale == scale and (cached.decryptor is not None) == private:
         return cached
-    if context_scheme(ctx) != "CKKS":
-        raise HEContextError(f"a {context_scheme(ctx)} context; clinfed aggregates with CKKS")
-    parts = context_parts(ctx, with_secret_key=private)
-    parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
-    _seal_restore(parms.load, parts.encryption_parameters)
-    context = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
-    if not context.parameters_set():
-        raise HEContextError(f"CKKS parameters rejected by SEAL: {context.parameters_error_message()}")
+    parms, context, parts = _seal_context(ctx, "clinfed aggregates with CKKS")
     bits = [m.bit_count() for m in parms.coeff_modulus()]
     scale_bits = math.log2(scale)
     if scale_bits != int(scale_bits):
@@ -170,11 +187,7 @@ def _seal(ctx: ts.Context) -> _Seal:
         params = CKKSParams(parms.poly_modulus_degree(), tuple(bits), int(scale_bits))
     except ValueError as exc:
         raise HEContextError(f"unsupported CKKS parameters: {exc}") from exc
-    encryptor = decryptor = None
-    if private:
-        secret = sa.SecretKey()
-        _seal_restore(lambda path: secret.load(context, path), parts.secret_key)
-        encryptor, decryptor = sa.Encryptor(context, secret), sa.Decryptor(context, secret)
+    encryptor, decryptor = _secret_tools(context, parts)
     bundle = _Seal(
         context=context,
         encoder=sa.CKKSEncoder(context),

@@ -54,8 +54,15 @@ import tenseal as ts
 import tenseal.sealapi as sa
 
 from clinfed.he.aggregation import MIN_CONTRIBUTORS, TooFewContributors
-from clinfed.he.ckks import _SEAL_ERRORS, InvalidCiphertext, _seal_dump, _seal_restore
-from clinfed.he.context import HEContextError, context_fingerprint, context_parts, context_scheme
+from clinfed.he.ckks import (
+    _SEAL_ERRORS,
+    InvalidCiphertext,
+    _seal_context,
+    _seal_dump,
+    _seal_restore,
+    _secret_tools,
+)
+from clinfed.he.context import HEContextError, context_fingerprint
 from clinfed.he.packing import Layout, flatten, unflatten
 from clinfed.he.params import MAX_COEFF_BITS_128
 from clinfed.textio import one_line
@@ -440,14 +447,7 @@ def _compact(ctx: ts.Context, params: CompactParams) -> _Compact:
         cached = _cache.get(ctx)
     if cached is not None and cached.params == params and (cached.decryptor is not None) == private:
         return cached
-    if context_scheme(ctx) != "CKKS":
-        raise HEContextError(f"a {context_scheme(ctx)} context; the compact format needs CKKS")
-    parts = context_parts(ctx, with_secret_key=private)
-    parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
-    _seal_restore(parms.load, parts.encryption_parameters)
-    context = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
-    if not context.parameters_set():
-        raise HEContextError(f"CKKS parameters rejected by SEAL: {context.parameters_error_message()}")
+    parms, context, parts = _seal_context(ctx, "the compact format needs CKKS")
     got = (parms.poly_modulus_degree(), tuple(m.bit_count() for m in parms.coeff_modulus()), float(ctx.global_scale))
     want = (params.poly_modulus_degree, params.coeff_mod_bit_sizes, 2.0**params.scale_bits)
     if got != want:
@@ -460,11 +460,7 @@ def _compact(ctx: ts.Context, params: CompactParams) -> _Compact:
     n, k, scale = params.poly_modulus_degree, len(moduli), 2.0**params.scale_bits
     parms_id = list(context.first_parms_id())
     encoder, evaluator = sa.CKKSEncoder(context), sa.Evaluator(context)
-    encryptor = decryptor = None
-    if private:
-        secret = sa.SecretKey()
-        _seal_restore(lambda path: secret.load(context, path), parts.secret_key)
-        encryptor, decryptor = sa.Encryptor(context, secret), sa.Decryptor(context, secret)
+    encryptor, decryptor = _secret_tools(context, parts)
     seeded_prefix = _prefix(parms_id, 2, n, k, scale, 1)
     seed_header = _seal_header(16 + _SEED_BYTES)
     full_prefix = _prefix(parms_id, 2, n, k, scale, 2)

@@ -53,7 +53,7 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sa
 
-from clinfed.he.aggregation import MIN_CONTRIBUTORS, TooFewContributors
+from clinfed.he.aggregation import MIN_CONTRIBUTORS, TooFewContributors, _check_weight, _RunningSum
 from clinfed.he.ckks import (
     _SEAL_ERRORS,
     InvalidCiphertext,
@@ -692,7 +692,7 @@ def compact_decrypt_average(
 
 
 # --- server side --------------------------------------------------------------------------------------
-class CompactSum:
+class CompactSum(_RunningSum):
     """Server-side running sum of compact uploads (no secret key); vets each upload before adding.
 
     Besides what :class:`clinfed.he.EncryptedSum` checks (fingerprint, count, parse, duplicates), it
@@ -715,22 +715,9 @@ class CompactSum:
         self._sites: list[str] = []
         self._lock = threading.Lock()
 
-    @property
-    def sites(self) -> list[str]:
-        return list(self._sites)
-
-    @property
-    def total_weight(self) -> float:
-        return self._weight
-
     def add(self, site: str, cts: Sequence[bytes], weight: float, fingerprint: str, spec: str | None = None) -> None:
         """Vet ``site``'s upload, then add it; on any problem raise InvalidCiphertext and leave the sum intact."""
-        try:
-            w = float(weight)
-        except (TypeError, ValueError):
-            w = math.nan
-        if not math.isfinite(w) or w <= 0:
-            raise InvalidCiphertext(site, f"aggregation weight {weight!r} is not a positive finite number")
+        w = _check_weight(site, weight)
         if fingerprint != self.fingerprint:
             raise InvalidCiphertext(site, "ciphertexts were made under another federation's key (context fingerprint)")
         if spec is not None and spec != self.spec.to_json():

@@ -135,41 +135,44 @@ class SegmentationTask(Task):
                 self._loss(model(images[idx]), labels[idx]).backward()
                 optimizer.step()
 
+    # --- the site's data: what the 3-D task overrides ------------------------------------------------
+    #: what one sample is called in a site's data description
+    unit = "images"
+
+    def synthetic_data(self, site_index: int, num_sites: int, n: int, seed: int) -> SegmentationSiteData:
+        """`n` synthetic samples of profile `site_index` of `num_sites`, at the training size."""
+        return SegmentationSiteData.synthetic(
+            site_index,
+            num_sites,
+            n,
+            image_size=self.image_size,
+            source_size=self.source_size,
+            seed=seed,
+            difficulty=self.difficulty,
+        )
+
+    def folder_data(self, site_name: str, data_dir: str | Path) -> SegmentationSiteData:
+        return SegmentationSiteData.from_folder(site_name, data_dir, self.image_size)
+
+    def size_text(self) -> str:
+        return f"{self.image_size} px"
+
     def public_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`public_pretrain` public synthetic images: five scanner profiles, the public seed."""
+        """`public_pretrain` public synthetic samples: five scanner profiles, the public seed."""
         per = -(-self.public_pretrain // PUBLIC_PROFILES)
-        parts = [
-            SegmentationSiteData.synthetic(
-                k,
-                PUBLIC_PROFILES,
-                per,
-                image_size=self.image_size,
-                source_size=self.source_size,
-                seed=PUBLIC_SEED,
-                difficulty=self.difficulty,
-            )
-            for k in range(PUBLIC_PROFILES)
-        ]
+        parts = [self.synthetic_data(k, PUBLIC_PROFILES, per, PUBLIC_SEED) for k in range(PUBLIC_PROFILES)]
         n = self.public_pretrain
         return torch.cat([p.images for p in parts])[:n], torch.cat([p.labels for p in parts])[:n]
 
     def load_site_data(self, site_name: str, site_index: int, num_sites: int, data_dir: str | Path | None) -> SiteData:
         if data_dir:
-            full = SegmentationSiteData.from_folder(site_name, data_dir, self.image_size)
+            full = self.folder_data(site_name, data_dir)
             train, test = self.hold_out(full, site_name, data_dir)
         else:
-            full = SegmentationSiteData.synthetic(
-                site_index,
-                num_sites,
-                self.n_train + self.n_test,
-                image_size=self.image_size,
-                source_size=self.source_size,
-                seed=self.seed,
-                difficulty=self.difficulty,
-            )
+            full = self.synthetic_data(site_index, num_sites, self.n_train + self.n_test, self.seed)
             train, test = full.subset(range(self.n_train)), full.subset(range(self.n_train, len(full)))
         desc = (
-            f"{full.origin}: {len(train)} train, {len(test)} test images at {self.image_size} px, "
+            f"{full.origin}: {len(train)} train, {len(test)} test {self.unit} at {self.size_text()}, "
             f"foreground {100 * train.foreground_fraction():.1f} %"
         )
         return SiteData(train=train, test=test, description=desc)

@@ -24,11 +24,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clinfed.data.segmentation3d import VolumeSiteData, site_profile
-from clinfed.tasks.base import SiteData
 from clinfed.tasks.segmentation import (
     NUM_CLASSES,
-    PUBLIC_PROFILES,
-    PUBLIC_SEED,
     SegmentationTask,
     check_dp_compatible,
 )
@@ -99,37 +96,19 @@ class Segmentation3DTask(SegmentationTask):
             self.pretrain_on_public_data(model)
         return model
 
-    def public_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`public_pretrain` public synthetic volumes: five scanner profiles, the public seed."""
-        per = -(-self.public_pretrain // PUBLIC_PROFILES)
-        parts = [
-            VolumeSiteData.synthetic(
-                k, PUBLIC_PROFILES, per, image_size=self.image_size, seed=PUBLIC_SEED, difficulty=self.difficulty
-            )
-            for k in range(PUBLIC_PROFILES)
-        ]
-        n = self.public_pretrain
-        return torch.cat([p.images for p in parts])[:n], torch.cat([p.labels for p in parts])[:n]
+    unit = "volumes"
 
-    def load_site_data(self, site_name: str, site_index: int, num_sites: int, data_dir: str | Path | None) -> SiteData:
-        if data_dir:
-            full = VolumeSiteData.from_folder(site_name, data_dir, self.image_size)
-            train, test = self.hold_out(full, site_name, data_dir)
-        else:
-            full = VolumeSiteData.synthetic(
-                site_index,
-                num_sites,
-                self.n_train + self.n_test,
-                image_size=self.image_size,
-                seed=self.seed,
-                difficulty=self.difficulty,
-            )
-            train, test = full.subset(range(self.n_train)), full.subset(range(self.n_train, len(full)))
-        desc = (
-            f"{full.origin}: {len(train)} train, {len(test)} test volumes at {self.image_size}³, "
-            f"foreground {100 * train.foreground_fraction():.1f} %"
+    def synthetic_data(self, site_index: int, num_sites: int, n: int, seed: int) -> VolumeSiteData:
+        """`n` synthetic volumes of profile `site_index`, generated directly at the training grid."""
+        return VolumeSiteData.synthetic(
+            site_index, num_sites, n, image_size=self.image_size, seed=seed, difficulty=self.difficulty
         )
-        return SiteData(train=train, test=test, description=desc)
+
+    def folder_data(self, site_name: str, data_dir: str | Path) -> VolumeSiteData:
+        return VolumeSiteData.from_folder(site_name, data_dir, self.image_size)
+
+    def size_text(self) -> str:
+        return f"{self.image_size}³"
 
     def evaluate(self, model: nn.Module, test: Dataset) -> dict[str, float]:
         """Mean foreground Dice over the held-out volumes (volumes with an empty mask are skipped) and loss."""

@@ -270,19 +270,6 @@ class SumsExecutor(Executor):
                 self._charged = ledger.epsilon_of_run(self.run_id)
         return self._charged
 
-    def _anchor(self, meta: dict, round_num: int) -> None:
-        """Record the server's audit-chain head as it sent it (anchoring, `clinfed.audit.verify`)."""
-        head = meta.get(payload.AUDIT_HEAD_KEY)
-        if isinstance(head, list | tuple) and len(head) == 2:
-            self.audit.append(
-                "anchor",
-                job=self.job_label,
-                round=round_num,
-                peer="server",
-                peer_seq=int(head[0]),
-                peer_hash=str(head[1]),
-            )
-
     def _min_cell(self, meta: dict) -> int:
         floors = [self.min_cell, policy_min_cell(self.root), meta.get("min_cell")]
         return max(int(v) for v in floors if v is not None)
@@ -350,7 +337,7 @@ class SumsExecutor(Executor):
             self._setup(fl_ctx)
             if meta.get("settings") != self._m.digest():
                 raise SiteRefusal(f"{self.site}: the server's analysis settings differ from this site's job config")
-            self._anchor(meta, round_num)
+            payload.record_anchor(self.audit, meta, job=self.job_label, round_num=round_num, peer="server")
             start = time.monotonic()
             phase = str(meta.get("phase", ""))
             params = incoming.params or {}
@@ -496,7 +483,7 @@ class SumsController(ModelController):
             site = rmeta.get("client_name", "?")
             entry = _entry(rmeta)
             params = result.params or {}
-            self._anchor(site, rmeta, rnd)
+            payload.record_anchor(self.audit, rmeta, job=self.job_label, round_num=rnd, peer=site)
             if entry["status"] == "ok":
                 payload.log_update(self.audit, "update_received", params, job=self.job_label, round_num=rnd, site=site)
                 try:
@@ -541,14 +528,6 @@ class SumsController(ModelController):
             payload.AUDIT_HEAD_KEY: list(self.audit.head),
         }
 
-    def _anchor(self, site: str, meta: dict, rnd: int) -> None:
-        """Record the site's audit-chain head as it reported it (anchoring, `clinfed.audit.verify`)."""
-        head = meta.get(payload.AUDIT_HEAD_KEY)
-        if isinstance(head, list | tuple) and len(head) == 2:
-            self.audit.append(
-                "anchor", job=self.job_label, round=rnd, peer=site, peer_seq=int(head[0]), peer_hash=str(head[1])
-            )
-
     def _admit(self, targets: list[str]) -> dict[str, dict]:
         """The `admit` task: each site accepts or refuses the whole job; (entries per site)."""
         results = self.send_model_and_wait(
@@ -562,7 +541,7 @@ class SumsController(ModelController):
         for result in results:
             rmeta = result.meta or {}
             site = rmeta.get("client_name", "?")
-            self._anchor(site, rmeta, 0)
+            payload.record_anchor(self.audit, rmeta, job=self.job_label, round_num=0, peer=site)
             entry = {"status": rmeta.get("status", "failed"), "reason": rmeta.get("reason", "")}
             if entry["status"] == "ok":
                 entry = {**entry, **(rmeta.get("admission") or {}), "status": "accepted"}
@@ -592,7 +571,7 @@ class SumsController(ModelController):
                 "bytes_sent": 0,
             }, None
         rmeta = results[0].meta or {}
-        self._anchor(site, rmeta, rnd)
+        payload.record_anchor(self.audit, rmeta, job=self.job_label, round_num=rnd, peer=site)
         return _entry(rmeta), results[0]
 
     def run(self) -> None:

@@ -126,7 +126,7 @@ class SecureFedAvg(ModelController):
         for result in results:
             site = result.meta.get("client_name", "?")
             meta = result.meta or {}
-            self._anchor(site, meta, round_num)
+            payload.record_anchor(self.audit, meta, job=self.job, round_num=round_num, peer=site)
             status = meta.get("status", "failed")
             entry = {
                 "status": status,
@@ -206,14 +206,6 @@ class SecureFedAvg(ModelController):
         keys = ("epsilon", "delta", "accountant", "budget", "history", "site_total_epsilon", "policy_override")
         self._privacy[site] = {k: meta[k] for k in keys if k in meta} or self._privacy.get(site, {})
 
-    def _anchor(self, site: str, meta: dict, round_num: int) -> None:
-        """Record the site's audit-chain head as it reported it (anchoring, see the module docstring)."""
-        head = meta.get(payload.AUDIT_HEAD_KEY)
-        if isinstance(head, list | tuple) and len(head) == 2:
-            self.audit.append(
-                "anchor", job=self.job, round=round_num, peer=site, peer_seq=int(head[0]), peer_hash=str(head[1])
-            )
-
     @property
     def _floor(self) -> int:
         return max(int(self.min_clients or 0), MIN_CONTRIBUTORS)
@@ -273,9 +265,7 @@ class SecureFedAvg(ModelController):
         start = self._load_state()
         admitted = self._admit(self.sample_clients(), start)
         if len(admitted) < self._floor:
-            self.warning(
-                f"only {len(admitted)} site(s) admitted the job (< {self._floor}); no round can be aggregated"
-            )
+            self.warning(f"only {len(admitted)} site(s) admitted the job (< {self._floor}); no round can be aggregated")
             self.audit.append("job_not_admitted", job=self.job, admitted=sorted(admitted), needed=self._floor)
         else:
             for round_num in range(start, self.num_rounds):
@@ -333,7 +323,7 @@ class SecureFedAvg(ModelController):
         for result in results:
             site = result.meta.get("client_name", "?")
             meta = result.meta or {}
-            self._anchor(site, meta, start)
+            payload.record_anchor(self.audit, meta, job=self.job, round_num=start, peer=site)
             if meta.get("status") == "accepted":
                 entry = {"status": "accepted", "reason": "", "planned_epsilon": meta.get("planned_epsilon")}
             else:
@@ -367,7 +357,7 @@ class SecureFedAvg(ModelController):
             results = self._collect("validate", self._stamped(outgoing), targets)
             for result in results:
                 site = result.meta.get("client_name", "?")
-                self._anchor(site, result.meta or {}, self.num_rounds)
+                payload.record_anchor(self.audit, result.meta, job=self.job, round_num=self.num_rounds, peer=site)
                 if result.metrics:
                     per_site[site] = dict(result.metrics)
         metrics: dict[str, float] = {}

@@ -225,14 +225,6 @@ class DPTrainExecutor(Executor):
         cts, layout = weighted_encrypt(self._ctx, weights, weight, sites=self.num_sites)
         return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint), weight
 
-    def _anchor(self, incoming: FLModel, round_num: int) -> None:
-        """Record the server's audit-chain head (so the server cannot later rewrite its log unnoticed)."""
-        head = (incoming.meta or {}).get(AUDIT_HEAD_KEY)
-        if isinstance(head, list | tuple) and len(head) == 2:
-            self.audit.append(
-                "anchor", job=self.job, round=round_num, peer="server", peer_seq=int(head[0]), peer_hash=str(head[1])
-            )
-
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name not in (ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK):
             return make_reply(ReturnCode.TASK_UNKNOWN)
@@ -241,7 +233,7 @@ class DPTrainExecutor(Executor):
         try:
             incoming = FLModelUtils.from_shareable(shareable)
             self._setup(fl_ctx, incoming)
-            self._anchor(incoming, round_num)
+            payload.record_anchor(self.audit, incoming.meta, job=self.job, round_num=round_num, peer="server")
             if task_name == ADMIT_TASK:
                 return self._reply(FLModel(params={}, meta=dict(self._admit())))
             self._load_global(incoming)

@@ -59,3 +59,11 @@ def log_update(audit, event: str, params: dict, *, job: str, round_num: int, sit
 
 def encrypted_params(cts: list[bytes], layout_json: str, fingerprint: str) -> dict:
     return {CKKS_KEY: list(cts), LAYOUT_KEY: layout_json, FINGERPRINT_KEY: fingerprint}
+
+
+def record_anchor(audit, meta: dict | None, *, job: str, round_num: int, peer: str) -> None:
+    """Record the audit-chain head `peer` sent in `meta` (anchoring, `clinfed.audit.verify`): a copy
+    held by the other party is what later shows that `peer` did not cut or rewrite its log."""
+    head = (meta or {}).get(AUDIT_HEAD_KEY)
+    if isinstance(head, list | tuple) and len(head) == 2:
+        audit.append("anchor", job=job, round=round_num, peer=peer, peer_seq=int(head[0]), peer_hash=str(head[1]))

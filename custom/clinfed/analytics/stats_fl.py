@@ -434,16 +434,10 @@ class CohortStatsExecutor(Executor):
         Returns the ε charged: a Laplace release's ε; for a Gaussian release the rise of the site's
         RDP total, which is below the release's nominal ε (basic composition of the four families).
         """
-        from clinfed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
+        from clinfed.privacy.ledger import BudgetExceeded, site_ledger
 
         dp = self._dp_config()
-        ledger = PrivacyLedger(
-            self.root / "local" / LEDGER_FILE,
-            self.site,
-            delta=float(getattr(self.policy, "delta", 1e-5)),
-            accountant=str(getattr(self.policy, "accountant", "rdp")),
-            audit=self.audit,
-        )
+        ledger = site_ledger(self.root, self.site, self.policy, self.audit)
         budget = self.policy.epsilon_budget
         try:
             if dp.mechanism == "laplace":

@@ -71,7 +71,7 @@ from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
 from clinfed.fl.participant import RESOURCES_FILE, SitePolicy, participant_root, server_context, site_context
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
-from clinfed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
+from clinfed.privacy.ledger import BudgetExceeded, PrivacyLedger, site_ledger
 from clinfed.textio import json_default, one_line
 
 ADMIT_TASK = payload.ADMIT_TASK
@@ -212,13 +212,7 @@ class SumsExecutor(Executor):
 
     # --- privacy: admission, the ledger, the noise -------------------------------------------------------
     def _ledger(self) -> PrivacyLedger:
-        return PrivacyLedger(
-            self.root / "local" / LEDGER_FILE,
-            self.site,
-            delta=float(self.policy.delta),
-            accountant=str(self.policy.accountant),
-            audit=self.audit,
-        )
+        return site_ledger(self.root, self.site, self.policy, self.audit)
 
     def _admit(self) -> dict:
         """Accept or refuse the whole job once, before any sum leaves: with output DP, the planned spend

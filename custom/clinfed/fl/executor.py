@@ -37,7 +37,7 @@ from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
 from clinfed.fl.participant import SitePolicy, participant_root, site_context, site_index
 from clinfed.he.aggregation import TooFewContributors
-from clinfed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
+from clinfed.privacy.ledger import BudgetExceeded, site_ledger
 from clinfed.sysinfo import current_rss_mb, limit_malloc_arenas, release_free_memory
 from clinfed.tasks import build_task
 from clinfed.textio import one_line
@@ -130,13 +130,7 @@ class DPTrainExecutor(Executor):
         # The job's DP request is checked before anything else: a refused job costs nothing.
         self.dp_cfg = site_dp_config(self.site, self.dp_args, self.policy)
         # Opening the ledger cross-checks it with the audit log: a deleted or rolled-back ledger refuses.
-        self.ledger = PrivacyLedger(
-            self.root / "local" / LEDGER_FILE,
-            self.site,
-            delta=self.policy.delta,
-            accountant=self.policy.accountant,
-            audit=self.audit,
-        )
+        self.ledger = site_ledger(self.root, self.site, self.policy, self.audit)
         if self.policy.require_encryption and not self.encrypt:
             raise SiteRefusal(f"{self.site}: local privacy policy requires encrypted updates; this job sends plaintext")
         if self.encrypt:

@@ -419,3 +419,15 @@ class PrivacyLedger:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+
+
+def site_ledger(root: Path, site: str, policy: Any, audit: AuditLog | None = None) -> PrivacyLedger:
+    """The site's own ledger (`<root>/local/privacy_ledger.json`) at the δ and accountant of its policy
+    (`clinfed.fl.participant.SitePolicy`), cross-checked with its audit log: what every job opens."""
+    return PrivacyLedger(
+        Path(root) / "local" / LEDGER_FILE,
+        site,
+        delta=float(policy.delta),
+        accountant=str(policy.accountant),
+        audit=audit,
+    )

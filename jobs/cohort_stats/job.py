@@ -1,8 +1,10 @@
 """cohort_stats: count, mean, std, median/q25/q75 and histograms per group and feature, proportions
 per level of categorical columns and an incidence rate, pooled over all sites under CKKS.
 
-Two encrypted passes (sums, then Σ(x − mean)²) that the server only adds; one site decrypts and
-releases, after small-cell suppression (`min_cell`, default 10) and, with `epsilon`, output-DP noise.
+Two encrypted passes (sums, then Σ(x − mean)²) that the server only adds; one site decrypts them,
+sends the means back encrypted between the passes, and releases after small-cell suppression
+(`min_cell`, default 10) and, with `epsilon`, output-DP noise. It is the `cohort` method of the one
+encrypted-sums job (`clinfed.analytics.sums_fl.SumsRecipe`, `clinfed.analytics.cohort_method`).
 Bounds, bin edges and category levels are public: a reference dataset's, rounded out.
 `cohort="intersect"` restricts every site to the patients linked by the `psi_linkage` job.
 
@@ -21,13 +23,14 @@ Two kinds of data:
   `clinfed simulate cohort_stats --data-dir data/whas500 --features age,bmi --group gender
   --proportions chf,miord --rate event:time --rate-per 1000 --out out/whas500`.
 
-What no argument here can change (`clinfed.analytics.stats_fl`): at least 3 sites (fewer is refused
-here, and every site checks the count inside the sums); rows in no declared group are protected as
-a group of their own; each site's release log refuses a release that, with an earlier one (another
-cohort, site subset, group partition or bin grid), would make a withheld cell derivable; with
-`epsilon`, every contributing site charges ε to its own privacy ledger first and refuses over its
-budget; released means and std are rounded to 7 significant digits. Proportions and rates are not
-in the DP noise plan: asking for them with `epsilon` is refused here.
+What no argument here can change (`clinfed.analytics.sums_fl`, `cohort_method`): at least 3 sites
+(fewer is refused here, and the release site checks the count inside the sums); every job runs
+under CKKS; rows in no declared group are protected as a group of their own; each site's release
+log refuses a release that, with an earlier one (another cohort, site subset, group partition or
+bin grid), would make a withheld cell derivable; with `epsilon`, every site admits or refuses the
+whole job against its budget and `max_job_epsilon`, and charges ε to its own privacy ledger before
+its rows leave; released means and std are rounded to 7 significant digits. Proportions and rates
+are not in the DP noise plan: asking for them with `epsilon` is refused here.
 
 Quantiles come from a fine histogram (`quantile_bins`, default 200 bins over the public bounds, never
 released) packed into pass 1 and are rounded to its grid: within 0.75 % of a feature's range of
@@ -36,9 +39,9 @@ withheld cell (`clinfed.analytics.stats.quantile_cells`); all are null under `ep
 and then no fine histogram is packed. `quantile_bins=0` turns them off (pass 1 back to one ciphertext).
 """
 
+from clinfed.analytics.cohort_data import clinical_layout
 from clinfed.analytics.stats import ALL, EXTRAS_UNDER_DP, StatsSpec, reference_bounds
-from clinfed.analytics.stats_fl import CohortStatsRecipe, clinical_layout
-from clinfed.analytics.sums_fl import split_manifest
+from clinfed.analytics.sums_fl import SumsRecipe, split_manifest
 from clinfed.data import breast_cancer as bc
 
 # No "epsilon" here: simulate passes DEFAULTS["epsilon"] when the CLI gives none, and no ε means no noise.
@@ -68,7 +71,7 @@ def make_recipe(
     rate_per: float | None = None,
     rate_unit: str | None = None,
     **_: object,
-) -> CohortStatsRecipe:
+) -> SumsRecipe:
     """`rounds` is ignored (the job is always two passes and a release); `epsilon=None`: no noise.
 
     `features` picks a subset (bundled: of the 30): under DP the noise of each family grows with the
@@ -117,22 +120,25 @@ def make_recipe(
             bins=bins,
             quantile_bins=fine,
         )
-    dp = None
+    method = {
+        "method": "cohort",
+        "spec": spec.to_dict(),
+        "group_values": dict(group_values),
+        "group_column": column,
+        "cohort": cohort,
+        "max_bins_percent": max_bins_percent,
+        "dp": None,
+    }
     if epsilon is not None:
-        dp = {
+        method["dp"] = {
             "epsilon": float(epsilon),
             "mechanism": mechanism,
             "delta": delta or (1e-5 if mechanism == "gaussian" else 0.0),
         }
-    return CohortStatsRecipe(
+    return SumsRecipe(
         name="cohort_stats",
         num_sites=sites,
-        spec=spec,
-        group_values=group_values,
-        group_column=column,
-        encrypt=encrypt,
+        method=method,
         min_cell=DEFAULTS["min_cell"] if min_cell is None else int(min_cell),
-        max_bins_percent=max_bins_percent,
-        dp=dp,
-        cohort=cohort,
+        encrypt=encrypt,
     )

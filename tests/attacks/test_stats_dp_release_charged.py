@@ -4,7 +4,7 @@ Every site's records are in a cohort_stats release, so an ε-DP release spends �
 Old code reports the ε in summary.json and writes nothing to any ledger: a lead can run DP
 statistics forever, or after training has used up a site's budget. Fixed code: each site reserves
 the release's ε in its own ledger before it sends its pass-1 sum, and a site whose remaining budget
-is below the release's ε refuses (and its rows stay out of the release).
+is below the release's ε refuses the job at admission (and its rows stay out of the release).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_every_contributing_site_is_charged_the_release_epsilon(dp_run):
 
 def test_a_site_without_budget_for_the_release_refuses_it(dp_run):
     ws, summary = dp_run
-    entry = summary["rounds"][0]["sites"]["site-4"]
+    entry = summary["admission"]["site-4"]  # the whole job, before any of its rows leaves
     assert entry["status"] == "refused", "site-4 put its rows into a release its budget cannot pay for"
     assert entry["reason"].startswith("site-4") and "budget" in entry["reason"] and "\n" not in entry["reason"]
     assert not summary["final"]["per_site"]["site-4"]["contributed"]

@@ -70,45 +70,47 @@ def test_a_three_site_job_where_one_site_fails_releases_nothing(tmp_path):
     _write_csv_without(tmp_path / "site3", table, range(60), drop="mean radius")  # fails: lacks a column
     write_site_policy(ws / "site-3", data_dir=str(tmp_path / "site3"))
     summary = run_simulation(SimulationRequest(job="cohort_stats", sites=3, out=tmp_path / "out", workspace=ws))
-    assert summary["rounds"][0]["sites"]["site-3"]["status"] == "failed"
+    assert summary["admission"]["site-3"]["status"] == "failed"  # its rows are read when it admits the job
     assert summary["final"]["status"] != "released", "the two remaining sites' pooled statistics were released"
     assert not summary["statistics"]
     assert "3" in summary["final"]["reason"]
 
 
-def test_a_site_refuses_a_two_site_sum_the_server_says_holds_three(tmp_path, monkeypatch):
-    """The server adds site-1's pass-1 vector to one other site's and tells site-1 three sites took part.
-    Decrypting it for pass 2 hands site-1 the pooled sums of two sites, i.e. the other site's. The
-    count must come from the sum itself, not from the server's list."""
+def test_a_site_refuses_a_two_site_sum_the_server_says_holds_three(tmp_path):
+    """The server adds site-1's pass-1 vector to one other site's and tells site-1, the release site,
+    that three sites took part. Decrypting it hands site-1 the pooled sums of two sites, i.e. the other
+    site's. The count must come from the sum itself, not from the server's list."""
     from nvflare.apis.fl_constant import ReservedKey
     from nvflare.apis.fl_context import FLContext
     from nvflare.apis.signal import Signal
     from nvflare.app_common.abstract.fl_model import FLModel
     from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-    from clinfed.analytics import stats_fl
-    from clinfed.fl.participant import SIM_ROOT_ENV
+    from clinfed.analytics.methods import make_method
+    from clinfed.analytics.sums_fl import STEP_TASK, SumsExecutor
+    from clinfed.audit import AuditLog
+    from clinfed.fl import payload
+    from clinfed.fl.participant import SitePolicy
+    from clinfed.he.ckks import encrypt_vector
+    from clinfed.he.context import context_fingerprint, create_context_pair
 
-    monkeypatch.setenv(SIM_ROOT_ENV, str(tmp_path))
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=False, sticky=True)
-    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=False, sticky=True)
     table = bc.load_bundled()
     spec = stats.StatsSpec(tuple(table.features), tuple(stats.reference_bounds(table.x)))
-    executor = stats_fl.CohortStatsExecutor(
-        spec=spec.to_dict(), group_values={"malignant": 1, "benign": 0}, encrypt=False, num_sites=3
-    )
-    settings = stats_fl.settings_digest(spec, None, "all")
+    method = {"method": "cohort", "spec": spec.to_dict(), "group_values": {"malignant": 1, "benign": 0}}
+    method["group_column"] = "target"
+    ex = SumsExecutor(method=method, num_sites=3, job_label="cohort_stats")
+    secret, _ = create_context_pair()
+    ex.site, ex.root, ex.run_id = "site-1", tmp_path / "site-1", "job-1"
+    ex.policy, ex.audit, ex._m = SitePolicy(), AuditLog(ex.root, ex.site), make_method(method)
+    ex._ctx, ex._fingerprint, ex._ready = secret, context_fingerprint(secret), True
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=False, sticky=True)
 
-    def ask(task: str, params: dict, meta: dict) -> FLModel:
-        request = FLModelUtils.to_shareable(FLModel(params=params, meta={"settings": settings, **meta}))
-        return FLModelUtils.from_shareable(executor.execute(task, request, fl_ctx, Signal()))
-
-    own = ask(stats_fl.PASS1_TASK, {}, {})
-    assert own.meta["status"] == "ok"
-    rows = np.arange(100)
-    other = stats.local_sums(table.x[rows], _masks(table.y[rows]), spec)
-    two = np.asarray(own.params[stats_fl.STATS_KEY]) + other
-    reply = ask(stats_fl.PASS2_TASK, {stats_fl.STATS_KEY: two}, {"sites": ["site-1", "site-2", "site-3"]})
+    own, other = np.arange(200, 400), np.arange(100)
+    two = sum(np.append(stats.local_sums(table.x[r], _masks(table.y[r]), spec), 1.0) for r in (own, other))
+    params = payload.encrypted_params(encrypt_vector(secret, two), "", ex._fingerprint)
+    meta = {"settings": ex._m.digest(), "phase": "sums", "round": 0, "sites": ["site-1", "site-2", "site-3"]}
+    request = FLModelUtils.to_shareable(FLModel(params=params, meta={**meta, "min_cell": 10}))
+    reply = FLModelUtils.from_shareable(ex.execute(STEP_TASK, request, fl_ctx, Signal()))
     assert reply.meta["status"] == "refused", "site-1 worked on (decrypted) a sum of two sites"
     assert reply.meta["reason"].startswith("site-1: ") and "2" in reply.meta["reason"]

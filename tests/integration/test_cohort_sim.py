@@ -1,8 +1,8 @@
 """Claims of cohort_stats and psi_linkage, checked on real FLARE simulator runs (no mocks).
 
 Seven runs (~25-35 s each on two cores): cohort_stats encrypted at the defaults, at min_cell=300,
-in plaintext with output DP over four sites, two of them bringing their own CSVs (one benign-only,
-one lacking a column, so three remain: the contributor floor), psi_linkage and then cohort_stats on
+with output DP over four sites, two of them bringing their own CSVs (one benign-only, one lacking a
+column, so three remain: the contributor floor), psi_linkage and then cohort_stats on
 the linked cohort (one shared workspace), psi_linkage on registries whose intersection is empty, and
 cohort_stats with proportions and an incidence rate on a `clinfed data split` of whas500.
 """
@@ -63,7 +63,9 @@ def encrypted_run(tmp_path_factory):
 def test_encrypted_statistics_equal_the_pooled_ones_over_all_569_rows(encrypted_run):
     out, summary = encrypted_run
     assert json.loads((out / "summary.json").read_text()) == summary
-    assert summary["encrypted"] is True and summary["rounds_completed"] == 3
+    # two rounds of the generic sums job: pass-1 sums (then the means back), deviations (then the release)
+    assert summary["encrypted"] is True and summary["rounds_completed"] == 2
+    assert [r["phase"] for r in summary["rounds"]] == ["sums", "deviations"]
     assert summary["final"]["status"] == "released"
     assert all(e["status"] == "ok" for r in summary["rounds"] for e in r["sites"].values())
     table = bc.load_bundled()
@@ -139,11 +141,11 @@ def test_min_cell_300_withholds_malignant_and_releases_benign(tmp_path):
     assert summary["final"]["metrics"]["groups_released"] == 1
 
 
-def test_plaintext_dp_run_with_a_benign_only_site_and_a_site_lacking_a_column(tmp_path):
+def test_dp_run_with_a_benign_only_site_and_a_site_lacking_a_column(tmp_path):
     """site-2 brings a CSV of benign rows only (an empty malignant group); site-3's CSV lacks a feature
-    column: site-3 is reported "failed" with a one-line reason, the release covers sites 1, 2 and 4.
-    Output DP (ε=20, Laplace) on three features: noisy, but close to the truth, and charged to the
-    ledgers of the three contributing sites (not to site-3's)."""
+    column: site-3 fails admission with a one-line reason, the release covers sites 1, 2 and 4.
+    Output DP (ε=10, Laplace: a site's default max_job_epsilon) on three features: noisy, but close to
+    the truth, and charged to the ledgers of the three contributing sites (not to site-3's)."""
     table = bc.load_bundled()
     features = ["mean radius", "mean area", "worst concavity"]
     ws = tmp_path / "ws"
@@ -157,15 +159,13 @@ def test_plaintext_dp_run_with_a_benign_only_site_and_a_site_lacking_a_column(tm
         sites=4,
         out=tmp_path / "out",
         workspace=ws,
-        encrypt=False,
-        epsilon=20.0,
+        epsilon=10.0,
         extra={"features": features},
     )
     summary = run_simulation(req)
-    assert summary["encrypted"] is False
-    first = summary["rounds"][0]["sites"]
-    assert first["site-3"]["status"] == "failed"
-    reason = first["site-3"]["reason"]
+    assert summary["encrypted"] is True
+    assert summary["admission"]["site-3"]["status"] == "failed" and "site-3" not in summary["rounds"][0]["sites"]
+    reason = summary["admission"]["site-3"]["reason"]
     assert reason.startswith("site-3: ") and reason.endswith("lacks column 'mean radius'") and "\n" not in reason
     assert summary["final"]["per_site"] == {
         "site-1": {"contributed": True},
@@ -174,13 +174,13 @@ def test_plaintext_dp_run_with_a_benign_only_site_and_a_site_lacking_a_column(tm
         "site-4": {"contributed": True},
     }
     dp = summary["dp"]
-    assert dp["mechanism"] == "laplace" and dp["epsilon"] == 20.0
-    assert dp["noise_scale"]["count"] == pytest.approx(2 / (20.0 * 0.1))
-    assert summary["rounds"][2]["sites"][summary["final"]["release_site"]]["epsilon"] == 20.0
+    assert dp["mechanism"] == "laplace" and dp["epsilon"] == 10.0
+    assert dp["noise_scale"]["count"] == pytest.approx(2 / (10.0 * 0.1))
+    assert summary["rounds"][0]["sites"][summary["final"]["release_site"]]["epsilon"] == 10.0
     split = bc.dirichlet_split(table.y, 4)
     rows = np.concatenate([split[0], benign, split[3]])
-    charged = {s: r["epsilon"] for s, r in summary["rounds"][0]["sites"].items()}
-    assert charged == {"site-1": 20.0, "site-2": 20.0, "site-3": 0.0, "site-4": 20.0}
+    charged = summary["privacy"]["epsilon_charged"]
+    assert charged == {"site-1": 10.0, "site-2": 10.0, "site-3": 0.0, "site-4": 10.0}
     cols = [table.features.index(f) for f in features]
     truth = stats.pooled_reference(
         table.x[np.ix_(rows, cols)], _masks(table.y[rows]), stats.StatsSpec(features, [(0, 1)] * 3)

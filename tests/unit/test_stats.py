@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from clinfed.analytics import stats
+from clinfed.analytics.cohort_data import group_masks, read_cohort_csv
 from clinfed.analytics.psi import (
     expected_intersection_size,
     patient_ids,
@@ -15,7 +16,6 @@ from clinfed.analytics.psi import (
     site_index,
 )
 from clinfed.analytics.stats import ALL, DPConfig, StatsSpec
-from clinfed.analytics.stats_fl import group_masks, read_cohort_csv, settings_digest
 from clinfed.data import breast_cancer as bc
 
 
@@ -105,7 +105,14 @@ def test_spec_refuses_what_would_misalign_slots():
 def test_spec_round_trips_through_job_config_json(spec):
     again = StatsSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again == spec and again.digest() == spec.digest()
-    assert settings_digest(spec, None, "all") != settings_digest(spec, {"epsilon": 1.0}, "all")
+    from clinfed.analytics.methods import make_method
+
+    def digest(**extra):
+        groups = {"malignant": 1, "benign": 0}
+        config = {"method": "cohort", "spec": spec.to_dict(), "group_values": groups, "dp": None, **extra}
+        return make_method(json.loads(json.dumps(config))).digest()
+
+    assert digest() != digest(dp={"epsilon": 1.0}) != digest(cohort="intersect")
 
 
 def test_histogram_bins_are_fixed_and_out_of_range_values_land_in_edge_bins():
@@ -413,39 +420,41 @@ def test_release_log_admits_one_cohort_definition_and_grid(tmp_path):
     assert (tmp_path / "local" / "release_log.json").stat().st_mode & 0o077 == 0
 
 
-def test_a_gaussian_dp_release_is_reserved_in_the_site_ledger_before_pass_1(tmp_path, monkeypatch, table):
-    from nvflare.apis.fl_constant import ReservedKey
-    from nvflare.apis.fl_context import FLContext
-    from nvflare.apis.signal import Signal
-    from nvflare.app_common.abstract.fl_model import FLModel
-    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-
-    from clinfed.analytics import stats_fl
-    from clinfed.fl.participant import SIM_ROOT_ENV, write_site_policy
+def test_a_gaussian_dp_release_is_reserved_in_the_site_ledger_before_pass_1(tmp_path, table):
+    """The generic sums executor admits a cohort_stats job on its RDP spend, charges it once before its
+    first vector leaves, and refuses a second such job (another run) that the budget cannot take."""
+    from clinfed.analytics.methods import make_method
+    from clinfed.analytics.sums_fl import SumsExecutor
+    from clinfed.audit import AuditLog
+    from clinfed.errors import SiteRefusal
+    from clinfed.fl.participant import SitePolicy
     from clinfed.privacy.ledger import PrivacyLedger
 
-    monkeypatch.setenv(SIM_ROOT_ENV, str(tmp_path))
-    write_site_policy(tmp_path / "site-2", epsilon_budget=1.5)
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-2", private=False, sticky=True)
-    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-g", private=False, sticky=True)
     features = ["mean radius", "mean area"]
     cols = [table.features.index(f) for f in features]
     spec = StatsSpec(tuple(features), tuple(stats.reference_bounds(table.x[:, cols])))
     dp = {"epsilon": 2.0, "mechanism": "gaussian", "delta": 1e-5}
-    executor = stats_fl.CohortStatsExecutor(
-        spec=spec.to_dict(), group_values={"malignant": 1, "benign": 0}, encrypt=False, num_sites=3, dp=dp
-    )
-    request = FLModelUtils.to_shareable(FLModel(params={}, meta={"settings": settings_digest(spec, dp, "all")}))
-    replies = [
-        FLModelUtils.from_shareable(executor.execute(stats_fl.PASS1_TASK, request, fl_ctx, Signal())) for _ in range(2)
-    ]
+    method = {"method": "cohort", "spec": spec.to_dict(), "group_values": {"malignant": 1, "benign": 0}, "dp": dp}
+    method["group_column"] = "target"
+
+    def site(run: str) -> SumsExecutor:
+        ex = SumsExecutor(method=method, num_sites=3, job_label="cohort_stats")
+        ex.site, ex.root, ex.run_id = "site-2", tmp_path / "site-2", run
+        (ex.root / "local").mkdir(parents=True, exist_ok=True)
+        ex.policy, ex.audit, ex._m = SitePolicy(epsilon_budget=1.5), AuditLog(ex.root, ex.site), make_method(method)
+        return ex
+
+    first = site("job-g")
+    assert first._admit()["status"] == "accepted"
+    charged = first._charge()
+    assert first._charge() == charged  # once per run, however many rounds
     ledger = PrivacyLedger(tmp_path / "site-2" / "local" / "privacy_ledger.json", "site-2")
     # RDP composes the four families below the nominal ε 2 (1.13 at δ 1e-5); a second release would reach 1.65
-    assert [r.meta["status"] for r in replies] == ["ok", "refused"]
-    assert "budget" in replies[1].meta["reason"] and replies[1].meta["reason"].startswith("site-2")
-    assert replies[0].meta["epsilon"] == pytest.approx(ledger.epsilon()) and 0 < ledger.epsilon() < 2.0
+    assert charged == pytest.approx(ledger.epsilon()) and 0 < ledger.epsilon() < 2.0
     assert [s.mechanism for s in ledger.spends] == ["gaussian"]
+    with pytest.raises(SiteRefusal, match=r"^site-2: .*budget"):
+        site("job-h")._admit()
+    assert len(PrivacyLedger(tmp_path / "site-2" / "local" / "privacy_ledger.json", "site-2").spends) == 1
 
 
 def _admit_in_process(args):
@@ -465,3 +474,35 @@ def test_release_log_loses_no_entry_under_concurrent_processes(tmp_path):
     with multiprocessing.get_context("fork").Pool(4) as pool:
         pool.map(_admit_in_process, [(tmp_path, f"run-{i}") for i in range(12)])
     assert sorted(e["run"] for e in ReleaseLog(tmp_path, "site-1").entries()) == sorted(f"run-{i}" for i in range(12))
+
+
+def test_the_feature_gate_keeps_what_flares_own_cleansers_keep():
+    """`stats` restates FLARE's MinCountCleanser and HistogramBinsCleanser so it stays numpy only:
+    on counts around both thresholds it keeps exactly the features and histograms they keep."""
+    from nvflare.app_common.abstract.statistics_spec import Bin, Histogram, HistogramType
+    from nvflare.app_common.app_constant import StatisticsConstants as StC
+    from nvflare.app_common.statistics.histogram_bins_cleanser import HistogramBinsCleanser
+    from nvflare.app_common.statistics.min_count_cleanser import MinCountCleanser
+
+    spec = StatsSpec(tuple(f"f{i}" for i in range(40)), ((0, 1),) * 40, groups=(ALL, "a", "b"), bins=10)
+    rng = np.random.default_rng(3)
+    counts = {g: rng.integers(0, 250, spec.n_features) for g in spec.groups}
+    counts["a"][:4] = [9, 10, 99, 105]  # at min_cell 10 and at round(count · 10 %) = 10 bins
+    for min_cell, pct in [(10, 10.0), (1, 50.0), (30, None)]:
+        fake_bins = [Bin(float(i), float(i + 1), 0) for i in range(spec.bins)]
+        groups = list(spec.groups)
+        flare = {
+            StC.STATS_COUNT: {g: {f: int(c) for f, c in zip(spec.features, counts[g], strict=True)} for g in groups},
+            StC.STATS_FAILURE_COUNT: {g: dict.fromkeys(spec.features, 0) for g in groups},
+            StC.STATS_MEAN: {g: dict.fromkeys(spec.features, 0.0) for g in groups},
+            StC.STATS_HISTOGRAM: {
+                g: {f: Histogram(HistogramType.STANDARD, fake_bins, None) for f in spec.features} for g in groups
+            },
+        }
+        flare, _ = MinCountCleanser(min_count=min_cell).apply(flare, "pooled")
+        want_features = {g: set(flare[StC.STATS_MEAN].get(g, {})) for g in groups}
+        if pct is not None:
+            flare, _ = HistogramBinsCleanser(max_bins_percent=pct).apply(flare, "pooled")
+        want_hists = {g: set(flare[StC.STATS_HISTOGRAM].get(g, {})) & want_features[g] for g in groups}
+        features, hists = stats._feature_gate(spec, groups, counts, min_cell, pct)
+        assert (features, hists) == (want_features, want_hists), (min_cell, pct)

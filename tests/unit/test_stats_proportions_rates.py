@@ -11,8 +11,8 @@ from statsmodels.stats.proportion import proportion_confint
 from statsmodels.stats.rates import confint_poisson
 
 from clinfed.analytics import stats
+from clinfed.analytics.cohort_data import clinical_layout
 from clinfed.analytics.stats import ALL, RESIDUAL, DPConfig, StatsSpec
-from clinfed.analytics.stats_fl import clinical_layout
 from clinfed.data.clinical import load_dataset
 
 PROPS = ("chf", "miord", "mitype")
@@ -238,10 +238,11 @@ def test_never_released_unnoised_under_dp(layout, whas):
     sums = _federate(whas, spec, values, _parts(len(whas)))
     with pytest.raises(ValueError, match="not released under output DP"):
         stats.release(sums, np.zeros((3, 2)), spec, dp=DPConfig(epsilon=1.0))
-    from clinfed.analytics.stats_fl import CohortStatsRecipe
+    from clinfed.analytics.sums_fl import SumsRecipe
 
+    method = {"method": "cohort", "spec": spec.to_dict(), "group_values": values, "group_column": "gender"}
     with pytest.raises(ValueError, match="not released under output DP"):
-        CohortStatsRecipe("cohort_stats", 3, spec, values, group_column="gender", dp={"epsilon": 1.0})
+        SumsRecipe("cohort_stats", 3, {**method, "dp": {"epsilon": 1.0}})
 
 
 def test_make_recipe_refuses_dp_unknown_and_continuous_columns(tmp_path):

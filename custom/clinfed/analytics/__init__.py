@@ -1,7 +1,9 @@
-"""Federated cohort analytics: encrypted descriptive statistics (`stats`, `stats_fl`) and private set
-intersection of patient identifiers (`psi`).
+"""Federated analytics: the clinical methods and descriptive cohort statistics on one encrypted-sums job,
+and private set intersection of patient identifiers (`psi`).
 
-`stats` is pure arithmetic (partial sums, packing, suppression, output DP) and imports no FLARE
-runtime; `stats_fl` and `psi` are the FLARE components the jobs `cohort_stats` and `psi_linkage`
-compose. Import those modules directly: this package imports nothing, so `stats` stays cheap.
+Each method's arithmetic is a numpy-only module (`km`, `cox`, `glm`, `stats`), tested against the
+statisticians' references; `methods` and `cohort_method` are thin strategies over them, and
+`sums_fl` is the one FLARE executor/controller pair and recipe every method rides. `cohort_data`
+says where cohort_stats' rows come from. Import those modules directly: this package imports
+nothing, so the math modules stay cheap.
 """

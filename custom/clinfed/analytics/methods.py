@@ -1,11 +1,13 @@
-"""The clinical analytics methods as strategies for the one encrypted-sums job (`sums_fl`).
+"""The analytics methods as strategies for the one encrypted-sums job (`sums_fl`).
 
-Why strategies: every method (Kaplan–Meier, Cox, GLM) runs the same protocol: each site turns its
+Why strategies: every method (Kaplan–Meier, Cox, GLM, cohort statistics) runs the same protocol: each site turns its
 complete cases into a flat vector of sums at the current iterate, the server adds the encrypted
 vectors, and the key-holding release site turns the sum into the next iterate or the result. So
 `sums_fl` owns the protocol (tasks, encryption, contributor counts, audit, summary.json) once, and a
 method only says which variables it reads, what its site vector is in each *phase*, and how a summed
-vector steps the fit. The math lives in `km`, `cox` and `glm` (numpy only); these classes are thin.
+vector steps the fit. The math lives in `km`, `cox`, `glm` and `stats` (numpy only); these classes are
+thin. `cohort_stats` (`cohort_method.CohortStats`) has its own module: it brings its own rows
+(`cohort_data`) and its own disclosure control (release log, output DP over four families).
 
 A method object is built from a JSON dict (`make_method`), the same dict at the server and at every
 site (its digest is the job's settings, checked by each site). The release site keeps the fit's
@@ -14,6 +16,7 @@ server only carries ciphertexts of the iterate.
 
 Phases: ``km``: "counts" (one round). ``cox`` stratified: "newton" rounds, then "concordance";
 pooled: "moments" (the shared centre), "newton", "concordance". ``glm``: "irls" rounds.
+``cohort``: "sums", then "deviations".
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,6 +97,21 @@ class Step:
     result: dict[str, Any] | None = None
     n: int = 0
     suppressed: Any = "none"
+    #: more top-level fields of the release (cohort_stats: suppression, dp, precision), sent as they are
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """Where a method runs at a site: what `Method.read` needs to find the site's rows and local files
+    (policy, PSI result, release log) without knowing FLARE."""
+
+    name: str
+    root: Path
+    policy: Any  # clinfed.fl.participant.SitePolicy
+    run_id: str = ""
+    job_label: str = ""
+    num_sites: int = 3
 
 
 class Method:
@@ -112,9 +131,25 @@ class Method:
     dp_sensitivity: float | None = None
     #: Noised sums per job (Gaussian mechanism invocations the ledger composes).
     dp_releases = 1
+    #: How many CKKS limbs carry each summed value (`sums_fl.two_limbs`): 2 for sums that may pass the
+    #: slot bound (Σ age², pair counts); 1 for a method that keeps its slots under it itself.
+    wire_limbs = 2
 
     def __init__(self, config: Mapping[str, Any]):
         self.config = dict(config)
+
+    def check_dp(self) -> None:
+        """Refuse (ValueError, at submission) an output-DP config this method cannot honour."""
+        dp = self.dp
+        if dp is None:
+            return
+        if self.dp_sensitivity is None:
+            raise ValueError(
+                f"{self.config.get('method')} has no output DP: one patient's share of its sums has no public bound"
+            )
+        z = dp.get("noise_multiplier")
+        if not isinstance(z, int | float) or not 0 < float(z) < 1e6:
+            raise ValueError(f"output DP needs a positive noise multiplier, got {z!r}")
 
     def digest(self) -> str:
         """What every participant must agree on for the vectors to add slot by slot."""
@@ -123,9 +158,30 @@ class Method:
     def variables(self) -> list[str]:
         raise NotImplementedError
 
+    def read(self, site: SiteInfo) -> Any:
+        """The site's table of `variables()`: by default from its database (policy ``database``, or its
+        `<site>.sqlite` in a `clinfed data split` folder). A method with other sources overrides it."""
+        from clinfed.data.source import site_table
+
+        return site_table(site.policy, site.name, self.variables())
+
     def load(self, table: Mapping[str, np.ndarray], site: str, min_cell: int) -> Any:
         """The site's complete cases as arrays; SiteDataError/SiteRefusal (one line) if it cannot take part."""
         raise NotImplementedError
+
+    def vet(self, data: Any, phase: str, iterate: np.ndarray | None, sites: Sequence[str]) -> None:
+        """A site's own check before its vector for `phase` leaves (SiteRefusal to refuse); none by default."""
+
+    def vet_release(self, data: Any, result: dict[str, Any], sites: Sequence[str]) -> None:
+        """The release site's own check of the block it is about to release (SiteRefusal to refuse)."""
+
+    def summary_fields(self, release: Mapping[str, Any]) -> dict[str, Any]:
+        """Top-level summary.json fields besides the block (cohort_stats: suppression, dp, precision)."""
+        return {}
+
+    def release_metrics(self, release: Mapping[str, Any]) -> dict[str, Any]:
+        """More `final.metrics` of a release (cohort_stats: groups and cells withheld)."""
+        return {}
 
     def size(self, phase: str) -> int:
         raise NotImplementedError
@@ -150,6 +206,10 @@ class Method:
         if self.dp is None:
             return []
         return [(float(self.dp["noise_multiplier"]), 1.0, int(self.dp_releases))]
+
+    def planned_pure_epsilon(self) -> float:
+        """The job's pure-ε (Laplace) releases, added by basic composition beside the RDP spends; 0 here."""
+        return 0.0
 
     def noisy(self, summed: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """`summed` plus the Gaussian mechanism's noise (post-processed by `clean_noisy`); as is without DP."""
@@ -434,20 +494,20 @@ class GLM(Method):
         return Step(phase="irls", iterate=self._beta.copy())
 
 
-METHODS: dict[str, type[Method]] = {"km": KaplanMeier, "cox": CoxPH, "glm": GLM}
+def method_classes() -> dict[str, type[Method]]:
+    """The strategies by name; `cohort` lives in its own module (imported here, on first use, since it
+    imports this one)."""
+    from clinfed.analytics.cohort_method import CohortStats
+
+    return {"km": KaplanMeier, "cox": CoxPH, "glm": GLM, "cohort": CohortStats}
 
 
 def make_method(config: Mapping[str, Any]) -> Method:
-    """The strategy named by ``config["method"]`` (km, cox, glm), built from the job's JSON config."""
+    """The strategy named by ``config["method"]`` (km, cox, glm, cohort), built from the job's JSON config."""
     name = config.get("method")
-    if name not in METHODS:
-        raise ValueError(f"unknown analytics method {name!r} (known: {', '.join(METHODS)})")
-    method = METHODS[name](config)
-    dp = method.dp
-    if dp is not None:
-        if method.dp_sensitivity is None:
-            raise ValueError(f"{name} has no output DP: one patient's share of its sums has no public bound")
-        z = dp.get("noise_multiplier")
-        if not isinstance(z, int | float) or not 0 < float(z) < 1e6:
-            raise ValueError(f"output DP needs a positive noise multiplier, got {z!r}")
+    known = method_classes()
+    if name not in known:
+        raise ValueError(f"unknown analytics method {name!r} (known: {', '.join(known)})")
+    method = known[name](config)
+    method.check_dp()
     return method

@@ -1,7 +1,9 @@
 """Federated cohort statistics, FLARE-free: per-site partial sums, packing, suppression, output DP.
 
-The arithmetic of `cohort_stats`, kept apart from the FLARE components (`stats_fl.py`) that move it,
-as `clinfed.he` keeps the CKKS codec apart from the aggregator:
+The arithmetic of `cohort_stats`, kept apart from the components that move it (`cohort_method.py`, the
+strategy the generic encrypted-sums job `sums_fl.py` runs) and from where its rows come from
+(`cohort_data.py`), as `clinfed.he` keeps the CKKS codec apart from the aggregator. numpy (and scipy
+for exact intervals) only: no FLARE import.
 
 1. **Pass 1** (:func:`local_sums`): each site packs, for every group and feature, the row count,
    the count of present values, their sum and a fixed-bin histogram into *one* flat vector
@@ -815,39 +817,29 @@ class Suppression:
         }
 
 
-def _flare_feature_gate(
+def _feature_gate(
     spec: StatsSpec,
     released: list[str],
     counts: Mapping[str, np.ndarray],
     min_cell: int,
     max_bins_percent: float | None,
 ) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """Which (group, feature) pairs FLARE's own cleansers keep, with its data layout.
+    """Which (group, feature) pairs FLARE's own statistics cleansers keep; (features, histograms) per group.
 
-    Reuses `MinCountCleanser` (a feature needs ``min_count`` values) and `HistogramBinsCleanser`
-    (a histogram needs fewer bins than ``max_bins_percent`` % of its values) unchanged, on
-    the pooled statistics at the releasing site (FLARE applies them per site, on plaintext).
-    Returns (features kept, histograms kept) per group.
+    The rules of `nvflare.app_common.statistics` `MinCountCleanser` (a feature needs ``min_count``
+    values) and `HistogramBinsCleanser` (a histogram needs fewer bins than ``round(values ·
+    max_bins_percent / 100)``), applied to the pooled counts at the releasing site (FLARE applies them
+    per site, on plaintext). Restated here so this module stays numpy only; a unit test holds them
+    equal to FLARE's classes.
     """
-    from nvflare.app_common.abstract.statistics_spec import Bin, Histogram, HistogramType
-    from nvflare.app_common.app_constant import StatisticsConstants as StC
-    from nvflare.app_common.statistics.histogram_bins_cleanser import HistogramBinsCleanser
-    from nvflare.app_common.statistics.min_count_cleanser import MinCountCleanser
-
-    fake_bins = [Bin(float(i), float(i + 1), 0) for i in range(spec.bins)]
-    flare = {
-        StC.STATS_COUNT: {g: {f: int(c) for f, c in zip(spec.features, counts[g], strict=True)} for g in released},
-        StC.STATS_FAILURE_COUNT: {g: dict.fromkeys(spec.features, 0) for g in released},
-        StC.STATS_MEAN: {g: dict.fromkeys(spec.features, 0.0) for g in released},
-        StC.STATS_HISTOGRAM: {
-            g: {f: Histogram(HistogramType.STANDARD, fake_bins, None) for f in spec.features} for g in released
-        },
-    }
-    flare, _ = MinCountCleanser(min_count=min_cell).apply(flare, "pooled")
-    features = {g: set(flare[StC.STATS_MEAN].get(g, {})) for g in released}
+    features = {g: {f for f, c in zip(spec.features, counts[g], strict=True) if int(c) >= min_cell} for g in released}
+    hists = {g: set(features[g]) for g in released}
     if max_bins_percent is not None:
-        flare, _ = HistogramBinsCleanser(max_bins_percent=max_bins_percent).apply(flare, "pooled")
-    hists = {g: set(flare[StC.STATS_HISTOGRAM].get(g, {})) & features[g] for g in released}
+        if not 0 <= max_bins_percent <= 100:
+            raise ValueError(f"max_bins_percent {max_bins_percent} is not within (0, 100) ")
+        for g in released:
+            limits = {f: round(int(c) * max_bins_percent / 100) for f, c in zip(spec.features, counts[g], strict=True)}
+            hists[g] = {f for f in features[g] if spec.bins < limits[f]}
     return features, hists
 
 
@@ -940,7 +932,7 @@ def suppress(
     released = [g for g in names if g not in out.groups]
 
     counts_of = {g: counts[gi[g]] for g in released}
-    kept, hist_kept = _flare_feature_gate(spec, released, counts_of, min_cell, max_bins_percent)
+    kept, hist_kept = _feature_gate(spec, released, counts_of, min_cell, max_bins_percent)
     for g in released:
         out.features[g] = {f: f"fewer than {min_cell} values" for f in spec.features if f not in kept[g]}
     if ALL in released:  # a feature withheld in a partition group is withheld in "all" as well

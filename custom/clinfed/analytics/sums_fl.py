@@ -1,14 +1,16 @@
-"""One encrypted-sums job for every clinical analytics method (`survival_km`, `cox_ph`, `glm`) on FLARE.
+"""One encrypted-sums job for every analytics method (`survival_km`, `cox_ph`, `glm`, `cohort_stats`) on FLARE.
 
-Why one: Kaplan–Meier, Cox and GLM differ only in what a site sums and how the sum steps the fit
-(`clinfed.analytics.methods`); the protocol, the encryption, the contributor floor, the audit log
-and summary.json are the same, so they live here once, as `clinfed.fl.recipe` composes training.
+Why one: Kaplan–Meier, Cox, GLM and the descriptive statistics differ only in what a site sums and
+how the sum steps the fit (`clinfed.analytics.methods`, `cohort_method`); the protocol, the
+encryption, the contributor floor, admission and the ledger, the audit log and summary.json are the
+same, so they live here once, as `clinfed.fl.recipe` composes training.
 
 Protocol (round r; two tasks per round):
 
 =================  ================================================================================
 ``clinical_sums``  server → every active site: the method's phase and, after round 0, the current
                    iterate *encrypted by the release site* (round 0: public settings only). Each site
+                   runs the method's own check (`Method.vet`: cohort_stats asks its release log),
                    computes its vector of sums on its complete cases, appends a contributor slot
                    (1.0), encrypts it (`he.ckks.encrypt_vector`) and returns the ciphertexts. The
                    server vets and adds them (`he.aggregation.EncryptedSum`); a site that fails or
@@ -19,7 +21,8 @@ Protocol (round r; two tasks per round):
                    site decrypts, checks the contributor slot (≥ 3, and the number the server
                    names), and runs the method's step. It answers with the next iterate
                    *encrypted* (the server never sees β) or with the released block as plaintext
-                   JSON: rounded to 7 significant digits (counts exact), after disclosure control.
+                   JSON: rounded to 7 significant digits (counts exact), after disclosure control
+                   and the method's last check of what it releases (`Method.vet_release`).
 =================  ================================================================================
 
 The server holds only the public CKKS context: it adds ciphertexts and forwards them, and sees the
@@ -33,15 +36,20 @@ largest of the job's and any site's own policy (`local/resources.json` → clinf
 Before round 0 an ``admit`` task asks every site to accept or refuse the whole job (its data load,
 and with output DP the planned spend against the site's budget, `max_job_epsilon` and δ): a
 job refused by so many sites that fewer than three remain stops there, with nothing sent and
-nothing charged. With output DP (`methods.Method.dp`, survival_km only: a patient is one count),
-each site reserves the spend in its ledger before its first vector leaves, and the release site
-adds the Gaussian noise to the decrypted sum before anything is derived from it. Every message
-carries its sender's audit-chain head and the receiver records it (``anchor``), as training does.
+nothing charged. With output DP (`methods.Method.dp`: survival_km, a patient is one count; and
+cohort_stats, Laplace or Gaussian over its four families), each site reserves the spend in its
+ledger before its first vector leaves (Gaussian: RDP spends, `Method.planned_spends`; Laplace: pure
+ε, `Method.planned_pure_epsilon`), and the release site adds the noise to the decrypted sum before
+anything is derived from it. Where a site's rows come from is the method's (`Method.read`: its
+database by default; cohort_stats also its CSV, the bundled demo rows or the PSI-linked cohort).
+Every message carries its sender's audit-chain head and the receiver records it (``anchor``), as
+training does.
 
 summary.json: ``encrypted: true``, ``admission`` (per site), ``rounds`` (per round: phase, per-site
 status, bytes_sent and reason, and the release site's step), ``rounds_completed``, the method's
-block (`km`, `cox` or `glm`, schema of issue 13), ``provenance[block]``: contributing sites, n
-used, what was suppressed, and with output DP ``dp`` and ``privacy.epsilon_charged`` per site.
+block (`km`, `cox`, `glm` or `statistics`, schema of issue 13) and the method's own fields
+(`Method.summary_fields`), ``provenance[block]``: contributing sites, n used, what was suppressed,
+and with output DP ``dp`` and ``privacy.epsilon_charged`` per site.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
-from clinfed.analytics.methods import FIXED_POINT_BITS, Method, make_method
+from clinfed.analytics.methods import FIXED_POINT_BITS, Method, SiteInfo, make_method
 from clinfed.audit import AuditLog, payload_digest
 from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
@@ -196,17 +204,15 @@ class SumsExecutor(Executor):
     def _setup(self, fl_ctx: FLContext) -> None:
         if self._ready:
             return
-        from clinfed.data.source import site_table
-
         self._m: Method = make_method(self.method)
         self.root = participant_root(fl_ctx)
         self.policy = SitePolicy.load(self.root)
         self.audit = AuditLog(self.root, self.site)
         self._ctx, self._fingerprint = site_context(self.root, self.site)
-        # the hospital's database through its policy (SQLAlchemy URL + column mapping), else its SQLite split
-        table = site_table(self.policy, self.site, self._m.variables())
-        self._data = self._m.load(table, self.site, self._min_cell({}))
         self.run_id = str(fl_ctx.get_job_id() or "")
+        info = SiteInfo(self.site, self.root, self.policy, self.run_id, self.job_label, int(self.num_sites))
+        # by default the hospital's database through its policy (SQLAlchemy URL + column mapping), else its split
+        self._data = self._m.load(self._m.read(info), self.site, self._min_cell({}))
         self.audit.append("job_start", job=self.job_label, encrypted=True, method=self._m.block)
         self._ready = True
 
@@ -219,23 +225,23 @@ class SumsExecutor(Executor):
         against this site's δ, `max_job_epsilon` and budget (nothing is written to the ledger here)."""
         if self._admission is not None:
             return self._admission
-        planned = self._m.planned_spends()
+        planned, pure = self._m.planned_spends(), self._m.planned_pure_epsilon()
         admission = {"status": "accepted", "planned_epsilon": 0.0}
-        if planned:
+        if planned or pure:
             dp = self._m.dp or {}
             if float(dp.get("delta", 0.0)) > self.policy.delta:
                 raise SiteRefusal(
                     f"{self.site}: the job's δ {float(dp['delta']):g} exceeds this site's δ {self.policy.delta:g}"
                 )
             ledger = self._ledger()
-            own = ledger.epsilon_of_run_if(self.run_id, planned)
+            own = ledger.epsilon_of_run_if(self.run_id, planned, pure)
             if own > self.policy.max_job_epsilon:
                 raise SiteRefusal(
                     f"{self.site}: the job's output DP costs ε {own:.2f} > this site's max_job_epsilon "
                     f"{self.policy.max_job_epsilon:g}"
                 )
             try:
-                projected = ledger.admit(self.policy.epsilon_budget, planned)
+                projected = ledger.admit(self.policy.epsilon_budget, planned, pure)
             except BudgetExceeded as exc:
                 raise SiteRefusal(one_line(exc, self.site)) from None
             admission.update(planned_epsilon=round(own, 6), projected_site_epsilon=round(projected, 6))
@@ -247,18 +253,16 @@ class SumsExecutor(Executor):
         """Reserve this job's output-DP spend before the first vector leaves; the ε this run costs."""
         if self._charged is None:
             self._charged = 0.0
-            for z, q, steps in self._m.planned_spends():
+            spends: list[dict] = [
+                {"noise_multiplier": z, "sample_rate": q, "steps": steps} for z, q, steps in self._m.planned_spends()
+            ]
+            pure = self._m.planned_pure_epsilon()
+            if pure:
+                spends.append({"mechanism": "laplace", "epsilon": pure})
+            for spend in spends:
                 ledger = self._ledger()
                 try:
-                    ledger.reserve(
-                        self.job_label,
-                        0,
-                        run=self.run_id,
-                        budget=self.policy.epsilon_budget,
-                        noise_multiplier=z,
-                        sample_rate=q,
-                        steps=steps,
-                    )
+                    ledger.reserve(self.job_label, 0, run=self.run_id, budget=self.policy.epsilon_budget, **spend)
                 except BudgetExceeded as exc:
                     raise SiteRefusal(one_line(exc, self.site)) from None
                 self._charged = ledger.epsilon_of_run(self.run_id)
@@ -277,15 +281,18 @@ class SumsExecutor(Executor):
         return bound, 2.0 ** math.floor(math.log2(bound))
 
     def _encrypt(self, vec: np.ndarray) -> dict:
-        """Encrypt `vec` as two limbs, [lo, hi] with vec = lo + hi·base, hi an integer (see `two_limbs`)."""
+        """Encrypt `vec` as two limbs, [lo, hi] with vec = lo + hi·base, hi an integer (see `two_limbs`), or
+        as it is for a method that keeps its slots under the bound itself (`Method.wire_limbs` 1)."""
         from clinfed.he.ckks import encrypt_vector
 
         bound, base = self._limbs()
-        wire = two_limbs(np.asarray(vec, dtype=np.float64), base)
+        vec = np.asarray(vec, dtype=np.float64)
+        two = self._m.wire_limbs == 2
+        wire = two_limbs(vec, base) if two else vec
         if np.abs(wire).max(initial=0.0) > bound:
             raise ValueError(
-                f"{self.site}: a sum reaches {np.abs(vec).max():.4g}, over the ±{bound * base:.4g} that "
-                f"{self.num_sites} sites can add under these CKKS parameters (rescale the covariates)"
+                f"{self.site}: a sum reaches {np.abs(vec).max():.4g}, over the ±{bound * base if two else bound:.4g} "
+                f"that {self.num_sites} sites can add under these CKKS parameters (rescale the covariates)"
             )
         return payload.encrypted_params(encrypt_vector(self._ctx, wire), _layout_json(wire.size), self._fingerprint)
 
@@ -317,7 +324,8 @@ class SumsExecutor(Executor):
         from clinfed.he.ckks import decrypt_vector
 
         self._check_sum_params(params, what)
-        return from_limbs(decrypt_vector(self._ctx, params[payload.CKKS_KEY], 2 * size), self._limbs()[1])
+        wire = decrypt_vector(self._ctx, params[payload.CKKS_KEY], self._m.wire_limbs * size)
+        return from_limbs(wire, self._limbs()[1]) if self._m.wire_limbs == 2 else wire
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name not in TASKS:
@@ -345,6 +353,7 @@ class SumsExecutor(Executor):
                 if size and (params or self._answered):  # round 0 alone starts from the method's own β = 0
                     iterate = self._decrypt_iterate(params, size)
                 self._answered = True
+                self._m.vet(self._data, phase, iterate, list(meta.get("sites") or []))
                 vec = np.concatenate([self._m.site_local(self._data, phase, iterate), [1.0]])
                 extra = {"epsilon": epsilon} if self._m.dp is not None else {}
                 return self._reply(self._encrypt(vec), round_num, start, extra)
@@ -371,13 +380,15 @@ class SumsExecutor(Executor):
         if step.result is None:
             assert step.iterate is not None
             return self._reply(self._encrypt_iterate(step.iterate), round_num, start, {"phase": step.phase})
+        self._m.vet_release(self._data, step.result, named)
         release = {
             self._m.block: round_release(step.result),
             "provenance": {
                 self._m.block: {"sites": sorted(named), "n": int(step.n), "suppressed": step.suppressed},
             },
+            **step.extra,
         }
-        if self._m.dp is not None:
+        if self._m.dp is not None and release.get("dp") is None:
             release["dp"] = {**self._m.dp, "sensitivity": self._m.dp_sensitivity, "releases": self._m.dp_releases}
         text = json.dumps(release, sort_keys=True, default=json_default)
         self._save_plot(release[self._m.block])
@@ -460,8 +471,9 @@ class SumsController(ModelController):
         """One `clinical_sums` task: (entries per site, encrypted sum params or {} when nobody contributed)."""
         from clinfed.he.aggregation import EncryptedSum
 
-        size = 2 * (self._m.size(phase) + 1)  # two limbs per value (`two_limbs`)
-        meta = {**self._meta(phase, rnd), "min_cell": self._min_cell}
+        size = self._m.wire_limbs * (self._m.size(phase) + 1)  # limbs per value (`two_limbs`)
+        # the sites asked: the release log of cohort_stats names its cohort by them
+        meta = {**self._meta(phase, rnd), "min_cell": self._min_cell, "sites": list(targets)}
         results = self.send_model_and_wait(
             task_name=SUMS_TASK,
             data=FLModel(params=iterate, meta=meta),
@@ -664,6 +676,7 @@ class SumsController(ModelController):
                     "sites_contributing": len(contributors),
                     "seconds": round(seconds, 3),
                     "bytes_per_round": round(sum(per_round) / max(len(per_round), 1), 1),
+                    **self._m.release_metrics(release),
                 },
                 "per_site": {s: {"contributed": s in contributors} for s in sites},
                 "primary_metric": "seconds",
@@ -671,6 +684,7 @@ class SumsController(ModelController):
             self._m.block: release.get(self._m.block),
             "provenance": release.get("provenance", {}),
             "admission": admission,
+            **self._m.summary_fields(release),
         }
         if self._m.dp is not None:
             summary["dp"] = release.get("dp")

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from clinfed.argtypes import positive_float, positive_int
+from clinfed.argtypes import fraction, positive_float, positive_int
 from clinfed.jobs import JOB_NAMES, UnknownJob, available_jobs
 
 
@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="segmentation_dp: pretrain on N public synthetic images before DP-SGD (free under DP)",
     )
+    sim.add_argument(
+        "--compression",
+        type=fraction,
+        default=None,
+        metavar="F",
+        help="training jobs: each site sends F (e.g. 0.01) of its update's coordinates, the rest later",
+    )
     # --- cohort_stats on a `clinfed data split` folder (issue 13; --group above names its group column) ---
     sim.add_argument("--features", type=str, default=None, metavar="A,B", help="cohort_stats: numeric columns")
     sim.add_argument("--proportions", type=str, default=None, metavar="C,D", help="cohort_stats: categorical columns")
@@ -103,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--rounds", type=positive_int, default=None)
     exp.add_argument("--no-encrypt", action="store_true")
     exp.add_argument("--epsilon", type=positive_float, default=None)
+    exp.add_argument("--compression", type=fraction, default=None, metavar="F")
     bench = sub.add_parser("bench", help="benchmarks: print a table, write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     he = bench_sub.add_parser("he", help="plaintext FedAvg vs FLARE's HE vs clinfed's CKKS aggregation")
@@ -119,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--json", type=Path, default=None)
     dp = bench_sub.add_parser("dp", help="one local epoch, non-private vs DP-SGD")
     dp.add_argument("--json", type=Path, default=None)
+    stream = bench_sub.add_parser(
+        "stream", help="one encrypted, streamed round of a model-sized update through FLARE's simulator"
+    )
+    stream.add_argument("--params", type=positive_int, default=1_000_000, help="values (125000000: a 500 MB model)")
+    stream.add_argument("--sites", type=positive_int, default=3)
+    stream.add_argument("--out", type=Path, default=None, help="folder for the run and stream_bench.json")
+    stream.add_argument("--json", type=Path, default=None)
     soak = bench_sub.add_parser("soak", help="many rounds in the simulator, RSS per round")
     soak.add_argument("--rounds", type=positive_int, default=30)
     soak.add_argument("--sites", type=positive_int, default=3)
@@ -165,6 +180,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from clinfed.bench.dp_bench import format_table, run_dp_bench
 
         result = run_dp_bench()
+    elif args.bench == "stream":
+        from clinfed.bench.stream_bench import format_table, run_stream_bench
+
+        result = run_stream_bench(params=args.params, sites=args.sites, out=args.out)
     else:
         from clinfed.bench.soak import format_table, run_soak
 
@@ -261,6 +280,8 @@ ANALYTICS_OPTIONS = ("cohort", "covariates", "strata", "group", "time_bin", "fam
 ANALYTICS_OPTIONS += ("features", "proportions", "rate", "rate_per", "rate_unit")
 # imaging jobs (issue 15): the synthetic data's difficulty
 ANALYTICS_OPTIONS += ("difficulty", "public_pretrain")
+# training jobs (issue 15): top-F compressed updates
+ANALYTICS_OPTIONS += ("compression",)
 
 
 def _analytics_options(args: argparse.Namespace) -> dict:
@@ -314,7 +335,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     module = load_job(args.job)
     rounds = args.rounds or module.DEFAULTS.get("rounds", 1)
     epsilon = args.epsilon if args.epsilon is not None else module.DEFAULTS.get("epsilon")
-    recipe = module.make_recipe(sites=args.sites, rounds=rounds, encrypt=not args.no_encrypt, epsilon=epsilon)
+    extra = {"compression": args.compression} if args.compression is not None else {}
+    recipe = module.make_recipe(sites=args.sites, rounds=rounds, encrypt=not args.no_encrypt, epsilon=epsilon, **extra)
     args.out.mkdir(parents=True, exist_ok=True)
     recipe.export(str(args.out))
     print(f"exported {args.job} to {(args.out / recipe.name).resolve()}")

@@ -102,11 +102,11 @@ def prepare_participants(req: SimulationRequest, root: Path) -> None:
         )
 
 
-def run_simulation(req: SimulationRequest) -> dict:
-    """Run the job in FLARE's simulator; return the summary the server wrote."""
+def run_simulation(req: SimulationRequest, recipe=None) -> dict:
+    """Run the job in FLARE's simulator; return the summary the server wrote. ``recipe``: an
+    already-built one instead of the job folder's (benchmarks that are not user jobs)."""
     from nvflare.recipe.sim_env import SimEnv
 
-    module = load_job(req.job)
     out = Path(req.out).resolve()
     if req.workspace:
         root = Path(req.workspace).resolve()  # reused on purpose: ledgers and keys carry over
@@ -115,17 +115,19 @@ def run_simulation(req: SimulationRequest) -> dict:
         shutil.rmtree(root, ignore_errors=True)  # a fresh federation for every run without --workspace
     out.mkdir(parents=True, exist_ok=True)
     prepare_participants(req, root)
-    rounds = req.rounds if req.rounds is not None else module.DEFAULTS.get("rounds", 1)
-    epsilon = None if req.no_dp else (req.epsilon if req.epsilon is not None else module.DEFAULTS.get("epsilon"))
-    recipe = module.make_recipe(
-        sites=req.sites,
-        rounds=rounds,
-        encrypt=req.encrypt,
-        epsilon=epsilon,
-        min_cell=req.min_cell,
-        # the analytics jobs check variable names against a `clinfed data split` folder before submitting
-        **{"data_dir": req.data_dir, **req.extra},
-    )
+    if recipe is None:
+        module = load_job(req.job)
+        rounds = req.rounds if req.rounds is not None else module.DEFAULTS.get("rounds", 1)
+        epsilon = None if req.no_dp else (req.epsilon if req.epsilon is not None else module.DEFAULTS.get("epsilon"))
+        recipe = module.make_recipe(
+            sites=req.sites,
+            rounds=rounds,
+            encrypt=req.encrypt,
+            epsilon=epsilon,
+            min_cell=req.min_cell,
+            # the analytics jobs check variable names against a `clinfed data split` folder before submitting
+            **{"data_dir": req.data_dir, **req.extra},
+        )
     flare_root = root / "flare"
     flare_ws = flare_root / recipe.name
     started = time.time()

@@ -22,6 +22,7 @@ def make_recipe(
     encrypt: bool = True,
     epsilon: float | None = 3.0,
     straggler_wait: int = 60,
+    compression: float | None = None,
     **_: object,
 ) -> SecureFedAvgRecipe:
     """`epsilon=None` trains without DP (the utility reference)."""
@@ -44,4 +45,5 @@ def make_recipe(
             "max_grad_norm": 1.0,
         },
         primary_metric="auc",
+        compression=compression,
     )

@@ -40,6 +40,7 @@ def make_recipe(
     difficulty: str = "standard",
     public_pretrain: int = 0,
     data_dir: str | None = None,
+    compression: float | None = None,
     **_: object,
 ) -> SecureFedAvgRecipe:
     """`epsilon=None` trains without DP (the utility reference); the other arguments shrink it for tests.
@@ -76,4 +77,5 @@ def make_recipe(
         },
         primary_metric="dice",
         extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain},
+        compression=compression,
     )

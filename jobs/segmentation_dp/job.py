@@ -33,6 +33,7 @@ def make_recipe(
     max_grad_norm: float = 0.1,
     difficulty: str = "standard",
     public_pretrain: int = 0,
+    compression: float | None = None,
     **_: object,
 ) -> SecureFedAvgRecipe:
     """`epsilon=None` trains without DP (the utility reference); the other arguments shrink it for tests.
@@ -65,4 +66,5 @@ def make_recipe(
         },
         primary_metric="dice",
         extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain},
+        compression=compression,
     )

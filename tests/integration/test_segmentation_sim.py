@@ -4,6 +4,8 @@ better than the untrained network, and no site spends more than the job's ε."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -26,9 +28,20 @@ def out(tmp_path_factory):
     return tmp_path_factory.mktemp("segmentation")
 
 
+STREAM_CHUNK = 48 * 1024  # bytes per pull request: smaller than one update, so each takes several messages
+
+
 @pytest.fixture(scope="module")
 def summary(out):
-    return run_simulation(SimulationRequest(job="segmentation_dp", sites=SITES, rounds=2, out=out, extra=TINY))
+    saved = os.environ.get("CLINFED_STREAM_CHUNK_BYTES")
+    os.environ["CLINFED_STREAM_CHUNK_BYTES"] = str(STREAM_CHUNK)  # read by the simulator's site and server processes
+    try:
+        return run_simulation(SimulationRequest(job="segmentation_dp", sites=SITES, rounds=2, out=out, extra=TINY))
+    finally:
+        if saved is None:
+            os.environ.pop("CLINFED_STREAM_CHUNK_BYTES", None)
+        else:
+            os.environ["CLINFED_STREAM_CHUNK_BYTES"] = saved
 
 
 def untrained_dice() -> float:
@@ -46,6 +59,17 @@ def test_every_round_completes_encrypted(summary):
     assert summary["job"] == "segmentation_dp" and summary["encrypted"] is True
     assert summary["rounds_completed"] == 2
     assert {e["status"] for r in summary["rounds"] for e in r["sites"].values()} == {"ok"}
+
+
+def test_updates_larger_than_one_message_are_streamed_and_pulled_whole(summary):
+    """Every upload went as a stream reference the server pulled in several messages (FLARE's download
+    service), and what arrived is every ciphertext the site sent (the round's Dice depends on it)."""
+    for r in summary["rounds"]:
+        for site, entry in r["sites"].items():
+            stream = entry["stream"]
+            assert stream["ciphertexts"] >= 2 and stream["bytes"] > STREAM_CHUNK, (site, stream)
+            assert stream["messages"] >= stream["bytes"] // STREAM_CHUNK, (site, stream)
+            assert stream["bytes"] <= entry["bytes_sent"] < stream["bytes"] + 4096, (site, stream)
 
 
 def test_final_dice_is_far_above_the_untrained_network(summary):

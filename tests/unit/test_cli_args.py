@@ -12,6 +12,8 @@ CASES = [
     (["simulate", "breast_cancer_dp", "--sites", "0"], "--sites"),
     (["simulate", "breast_cancer_dp", "--epsilon", "-1"], "--epsilon"),
     (["simulate", "breast_cancer_dp", "--inject", "site-2=meteor"], "--inject"),
+    (["simulate", "segmentation_dp", "--compression", "0"], "--compression: expected a fraction in (0, 1]"),
+    (["simulate", "segmentation_dp", "--compression", "1.5"], "--compression: expected a fraction in (0, 1]"),
     (["export", "breast_cancer_dp"], "--out"),
     (["simulate", "breast_cancer_dp", "--data-dir", "/nonexistent/site-data"], "/nonexistent/site-data"),
     (["submit", "breast_cancer_dp", "--kit", "/nonexistent/kit"], "/nonexistent/kit: not an admin startup kit"),

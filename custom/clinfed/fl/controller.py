@@ -20,12 +20,19 @@ asked to admit the job as a whole (`admit` task: its own policy and remaining bu
 sites that accept are sent training tasks, and summary.json records `admission`. Every message to a
 site carries the server's audit-chain head and every reply the site's; each side records the other's
 (`anchor`), so no single party can rewrite its own audit history unnoticed.
+
+With `compression` the sites send k values at coordinates they agree on among themselves; the
+server still only adds, and checks that every update it adds comes with the same keyed digest of
+those coordinates (the majority's: a site that disagrees would corrupt the sum). The sum it returns
+is tagged with its round, the round it follows and its contributors; the sites, not the server, hold
+the model (see `clinfed.fl.compression.CompressedSite`).
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections import Counter
 
 import numpy as np
@@ -34,11 +41,11 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from clinfed.audit import AuditLog
-from clinfed.fl import checkpoint, payload
+from clinfed.fl import checkpoint, payload, streaming
 from clinfed.fl.participant import participant_root, server_context
 from clinfed.fl.summary import training_summary, write_summary
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
-from clinfed.sysinfo import current_rss_mb, release_free_memory
+from clinfed.sysinfo import current_rss_mb, peak_rss_mb, release_free_memory
 
 
 class SecureFedAvg(ModelController):
@@ -54,6 +61,7 @@ class SecureFedAvg(ModelController):
         resume: bool = True,
         extra_summary: dict | None = None,
         submission: str = "",
+        compression: float = 0.0,
     ):
         """
         Args:
@@ -70,6 +78,8 @@ class SecureFedAvg(ModelController):
             extra_summary: fixed fields added to summary.json.
             submission: random id of this submission (drawn by the recipe); keys the resume point.
                 Without one, the FLARE job id is used, so nothing resumes across submissions.
+            compression: the fraction of coordinates the sites send (0: dense updates); recorded in
+                summary.json and used to expect one index digest per round.
         """
         super().__init__()
         self._error_codes: dict[str, str] = {}
@@ -80,10 +90,13 @@ class SecureFedAvg(ModelController):
         self.num_rounds, self.min_clients, self.encrypted = num_rounds, min_clients, encrypted
         self.job_label, self.primary_metric, self.task_timeout = job_label, primary_metric, task_timeout
         self.extra_summary = dict(extra_summary or {})
+        self.compression = compression
 
     # --- setup ---------------------------------------------------------------------------------
     def _setup(self) -> None:
         self.root = participant_root(self.fl_ctx, "server")
+        self._spool_dir = self.root / "spool"  # streamed uploads land here, one at a time (fl.streaming)
+        self._spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.audit = AuditLog(self.root, "server")
         self.job = self.job_label or self.fl_ctx.get_job_id()
         self._submission = self.submission or self.fl_ctx.get_job_id()
@@ -122,6 +135,7 @@ class SecureFedAvg(ModelController):
     def _aggregate(self, round_num: int, results: list[FLModel], targets: list[str]) -> tuple[dict, FLModel | None]:
         entries: dict[str, dict] = {}
         layout = self._reference_layout(results)
+        digest = self._reference_digest(results)
         acc = self._new_sum(layout)
         for result in results:
             site = result.meta.get("client_name", "?")
@@ -138,14 +152,26 @@ class SecureFedAvg(ModelController):
             self._record_privacy(site, meta)
             if status == "ok":
                 params = result.params or {}
-                payload.log_update(self.audit, "update_received", params, job=self.job, round_num=round_num, site=site)
                 try:
+                    if streaming.is_streamed(params):  # pulled now, one site after the other (see fl.streaming)
+                        params, entry["stream"] = streaming.receive(
+                            self.fl_ctx.get_engine().get_cell(), params, site, self._spool_dir, self.abort_signal
+                        )
+                    payload.log_update(
+                        self.audit, "update_received", params, job=self.job, round_num=round_num, site=site
+                    )
                     if layout_json(params) != layout:
                         raise ValueError(f"{site}: model layout differs from the federation's (another model version?)")
+                    if self.compression and meta.get(payload.DIGEST_KEY) != digest:
+                        raise ValueError(f"{site}: sent other coordinates than the other sites this round; excluded")
+                    self._note_compression(meta)
                     self._accept(acc, site, params, meta)
                 except ValueError as exc:
                     reason = str(exc).splitlines()[0]
                     entry.update(status="failed", reason=reason if reason.startswith(site) else f"{site}: {reason}")
+                finally:
+                    streaming.release(params)
+                    result.params = None  # the round's uploads go as soon as they are added
             if entry["status"] != "ok":
                 self.warning(entry["reason"] or f"{site}: {entry['status']}")
                 self.audit.append(entry["status"], job=self.job, round=round_num, site=site, reason=entry["reason"])
@@ -176,11 +202,36 @@ class SecureFedAvg(ModelController):
             self.audit.append("round_withheld", job=self.job, round=round_num, valid=len(accepted), needed=self._floor)
             return entries, None
         new_global = self._global_from(acc, layout)
+        if self.compression:
+            previous = (self._global.meta or {}).get(payload.SUM_ROUND_KEY, -1) if self._global is not None else -1
+            new_global.meta.update(
+                {
+                    payload.SUM_ROUND_KEY: round_num,
+                    payload.AFTER_ROUND_KEY: previous,
+                    payload.CONTRIBUTORS_KEY: sorted(accepted),
+                    payload.DIGEST_KEY: digest,
+                }
+            )
         self._layout = layout
         self.audit.append(
             "aggregation", job=self.job, round=round_num, sites=sorted(accepted), encrypted=self.encrypted
         )
         return entries, new_global
+
+    def _reference_digest(self, results: list[FLModel]) -> str | None:
+        """The index digest most sites sent this round (compressed runs): the coordinates of the sum."""
+        if not self.compression:
+            return None
+        digests = [(r.meta or {}).get(payload.DIGEST_KEY) for r in results if (r.meta or {}).get("status") == "ok"]
+        digests = [d for d in digests if isinstance(d, str) and d]
+        return Counter(digests).most_common(1)[0][0] if digests else None
+
+    def _note_compression(self, meta: dict) -> None:
+        """What summary.json says of the compressed updates (k, model size, ciphertexts per upload)."""
+        info = meta.get("compression")
+        if self.compression and isinstance(info, dict) and not self._compression:
+            keys = ("k", "k_nominal", "size", "ciphertexts", "dense_ciphertexts")
+            self._compression = {k: int(info[k]) for k in keys if isinstance(info.get(k), int | float)}
 
     def _accept(self, acc, site: str, params: dict, meta: dict) -> None:
         weight = float(meta.get("weight", 0.0) or 0.0)
@@ -254,6 +305,7 @@ class SecureFedAvg(ModelController):
         self._layout: str | None = None
         self._rounds: list[dict] = []
         self._completed = 0
+        self._compression: dict = {}
         self._sites: set[str] = set()
         self._checkpoint_path = checkpoint.checkpoint_path(self.root, self.job, self._submission)
         self.audit.append(
@@ -276,10 +328,20 @@ class SecureFedAvg(ModelController):
                 outgoing.current_round, outgoing.total_rounds = round_num, self.num_rounds
                 self.info(f"round {round_num}: sending to {admitted}")
                 results = self._collect("train", self._stamped(outgoing), admitted)
+                started = time.monotonic()
                 entries, new_global = self._aggregate(round_num, results, admitted)
+                aggregate_seconds = time.monotonic() - started
                 del results
                 release_free_memory()  # the round's uploads back to the OS before RSS is read (see sysinfo)
-                self._rounds.append({"round": round_num, "sites": entries, "server_rss_mb": current_rss_mb()})
+                self._rounds.append(
+                    {
+                        "round": round_num,
+                        "sites": entries,
+                        "server_rss_mb": current_rss_mb(),
+                        "server_peak_rss_mb": peak_rss_mb(),
+                        "aggregate_seconds": round(aggregate_seconds, 3),  # pulling, vetting and adding the uploads
+                    }
+                )
                 if new_global is not None:
                     self._global = new_global
                     self._completed += 1
@@ -298,6 +360,7 @@ class SecureFedAvg(ModelController):
             resumed_at=start,
             submission=self._submission,
             extra=self.extra_summary,
+            compression=compression_block(self.compression, self._compression, self._rounds),
         )
         path = write_summary(self.get_run_dir(), summary)
         self.info(f"summary written to {path}")
@@ -339,14 +402,26 @@ class SecureFedAvg(ModelController):
 
     def _collect(self, task_name: str, model: FLModel, targets: list[str]) -> list[FLModel]:
         """Send a task and wait for the floor's answers, then `straggler_wait` more for the rest:
-        a dead or slow site must not stall the federation."""
+        a dead or slow site must not stall the federation. An encrypted global model goes as a
+        stream reference the sites pull from (see fl.streaming), not inside every task message."""
         return self.broadcast_model(
             task_name=task_name,
-            data=model,
+            data=self._streamed(model, targets),
             targets=targets,
             min_responses=min(self._floor, len(targets)),
             timeout=self.task_timeout,
             wait_time_after_min_received=self.straggler_wait,
+        )
+
+    def _streamed(self, model: FLModel, targets: list[str]) -> FLModel:
+        if not payload.is_encrypted(model.params):
+            return model
+        cell = self.fl_ctx.get_engine().get_cell()
+        return FLModel(
+            params=streaming.offer(cell, model.params, targets),
+            meta=dict(model.meta or {}),
+            current_round=model.current_round,
+            total_rounds=model.total_rounds,
         )
 
     def _final_validation(self, targets: list[str]) -> dict:
@@ -372,8 +447,20 @@ def layout_json(params: dict) -> str | None:
     from clinfed.he.packing import flatten, layout_from_json, layout_to_json
 
     try:
-        if payload.is_encrypted(params):
+        if payload.is_encrypted(params) or streaming.is_streamed(params):
             return layout_to_json(layout_from_json(params[payload.LAYOUT_KEY]))
         return layout_to_json(flatten({k: np.asarray(v) for k, v in params.items()})[1])
     except (TypeError, ValueError, KeyError):
         return None
+
+
+def compression_block(fraction: float, info: dict, rounds: list[dict]) -> dict | None:
+    """summary.json's `compression`: what was sent per site-round against the dense update (None: dense)."""
+    if not fraction:
+        return None
+    sent = [e["bytes_sent"] for r in rounds for e in r["sites"].values() if e.get("status") == "ok"]
+    block = {"fraction": float(fraction), **info}
+    block["bytes_per_site_round"] = int(np.mean(sent)) if sent else 0
+    if info.get("ciphertexts") and info.get("dense_ciphertexts"):
+        block["ciphertext_fraction"] = info["ciphertexts"] / info["dense_ciphertexts"]
+    return block

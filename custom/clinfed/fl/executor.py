@@ -13,6 +13,11 @@ largest ε one job may plan, the lifetime budget, and which metrics leave the si
 of its budget and accepts or refuses the job as a whole, so no ε is spent on a job the site would
 drop half-way. Each round's spend is then reserved in the ledger (file-locked, cross-checked with
 the audit log) before training.
+
+With `compression` (a fraction F of the coordinates, `clinfed.fl.compression`) the site sends its
+model *change* at the round's shared coordinates only, keeps the rest in its error feedback, and
+holds the global model itself: the server's sum is one round's k values, which each site decrypts and
+adds to its own copy (`CompressedSite`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import fields, replace
+from pathlib import Path
 
 import numpy as np
 from nvflare.apis.executor import Executor
@@ -34,7 +40,8 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from clinfed import faults
 from clinfed.audit import AuditLog
 from clinfed.errors import SiteRefusal
-from clinfed.fl import payload
+from clinfed.fl import payload, streaming
+from clinfed.fl.compression import LAYER, CompressedSite
 from clinfed.fl.participant import SitePolicy, participant_root, site_context, site_index
 from clinfed.he.aggregation import TooFewContributors
 from clinfed.privacy.ledger import BudgetExceeded, site_ledger
@@ -92,6 +99,7 @@ class DPTrainExecutor(Executor):
         num_sites: int = 3,
         weight_unit: float = 1000.0,
         job_label: str = "",
+        compression: float = 0.0,
     ):
         """
         Args:
@@ -103,6 +111,7 @@ class DPTrainExecutor(Executor):
             weight_unit: aggregation weights are sample counts divided by this, keeping packed values
                 small enough for the CKKS precision headroom (see `clinfed.he.params`).
             job_label: the job name recorded in the ledger and audit log.
+            compression: send only this fraction of the update's coordinates (0: the whole update).
         """
         super().__init__()
         # FedJob serialises a component from the attributes named like its __init__ arguments:
@@ -111,7 +120,9 @@ class DPTrainExecutor(Executor):
         self.train_args, self.dp_args = dict(train_args or {}), dict(dp_args or {})
         self.train_cfg = TrainConfig(**self.train_args)
         self.encrypt, self.num_sites, self.weight_unit = encrypt, num_sites, weight_unit
-        self.job_label = job_label
+        self.job_label, self.compression = job_label, compression
+        self._compressed: CompressedSite | None = None
+        self._model_layout = None
         self._trainer: SiteTrainer | None = None
         self._admission: dict | None = None
         self._ctx = None
@@ -153,6 +164,8 @@ class DPTrainExecutor(Executor):
             rounds_left=self.train_cfg.rounds - start,
             prior_history=self.ledger.history_of_run(self.run_key) if start > 0 else [],
         )
+        if self.compression:
+            self._compressed = self._compression_state()
         self.audit.append(
             "job_start",
             job=self.job,
@@ -160,7 +173,23 @@ class DPTrainExecutor(Executor):
             encrypted=self.encrypt,
             dp=self.dp_cfg.enabled,
             policy_override=self.policy.simulated_override,
+            compression=self.compression or None,
         )
+
+    def _compression_state(self) -> CompressedSite:
+        """The site's compressed-round state, keyed by a secret only the sites share (derived from the
+        federation's CKKS secret key and the run key), so the server cannot tell which coordinates are
+        sent. Without encryption the server sees every value anyway, and the run key does."""
+        fraction = self.compression
+        if not (isinstance(fraction, int | float) and 0 < fraction <= 1):
+            raise SiteRefusal(f"{self.site}: job setting compression={fraction!r} is not a fraction in (0, 1]; refused")
+        key, slots = self.run_key, None
+        if self._ctx is not None:
+            from clinfed.he.ckks import slot_count
+            from clinfed.he.context import site_secret
+
+            key, slots = site_secret(self._ctx, f"compression|{self.run_key}").hex(), slot_count(self._ctx)
+        return CompressedSite(key, float(fraction), self.site, slots=slots)
 
     def _admit(self) -> dict:
         """Accept or refuse the whole job once: its planned spend against what is left of the budget."""
@@ -179,22 +208,28 @@ class DPTrainExecutor(Executor):
         return self._admission
 
     # --- the global model in ---------------------------------------------------------------------
+    def _check_encrypted(self, params: dict) -> None:
+        if self._ctx is None:
+            raise ValueError(f"{self.site}: received an encrypted model but this job runs without encryption")
+        fingerprint = str(params.get(payload.FINGERPRINT_KEY, ""))
+        if fingerprint != self._fingerprint:
+            raise ValueError(
+                f"{self.site}: the global model was encrypted under another key (fingerprint "
+                f"{fingerprint[:12]}…, this site's {self._fingerprint[:12]}…); refusing it"
+            )
+
     def _load_global(self, model: FLModel) -> None:
+        if self._compressed is not None:
+            self._load_compressed(model)
+            return
         params = model.params or {}
         if not params:
             return  # round 0: every site starts from the same seeded initialisation
         if payload.is_encrypted(params):
-            if self._ctx is None:
-                raise ValueError(f"{self.site}: received an encrypted model but this job runs without encryption")
+            self._check_encrypted(params)
             from clinfed.he.aggregation import decrypt_average
             from clinfed.he.packing import layout_from_json
 
-            fingerprint = str(params.get(payload.FINGERPRINT_KEY, ""))
-            if fingerprint != self._fingerprint:
-                raise ValueError(
-                    f"{self.site}: the global model was encrypted under another key (fingerprint "
-                    f"{fingerprint[:12]}…, this site's {self._fingerprint[:12]}…); refusing it"
-                )
             total = float(model.meta.get("total_weight", 0.0))
             if total <= 0:
                 raise ValueError(f"{self.site}: encrypted global model carries no total weight")
@@ -205,19 +240,86 @@ class DPTrainExecutor(Executor):
             weights = {k: np.asarray(v) for k, v in params.items()}
         self._trainer.set_weights(weights)
 
+    def _load_compressed(self, model: FLModel) -> None:
+        """Bring this site's own copy of the global model up to the server's latest sum (once per sum)."""
+        from clinfed.he.packing import flatten, unflatten
+
+        comp, params, meta = self._compressed, model.params or {}, model.meta or {}
+        if comp.base is None:
+            if params:
+                raise SiteRefusal(
+                    f"{self.site}: a compressed run's global model lives only at the sites that built it from "
+                    "round 0; this site cannot join it mid-way or resume it after a restart; refusing"
+                )
+            vec, self._model_layout = flatten(self._trainer.get_weights())  # the seeded initialisation
+            comp.start(vec)
+        sum_round = int(meta.get(payload.SUM_ROUND_KEY, -1)) if params else -1
+        comp.settle(sum_round, list(meta.get(payload.CONTRIBUTORS_KEY) or []))
+        if params and sum_round > comp.applied_round:
+            average, exact = self._decrypt_compressed(params, meta)
+            after = int(meta.get(payload.AFTER_ROUND_KEY, -1))
+            comp.apply(sum_round, after, str(meta.get(payload.DIGEST_KEY, "")), average, exact)
+        self._trainer.set_weights(unflatten(comp.base, self._model_layout))
+
+    def _decrypt_compressed(self, params: dict, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(the round's average change at its k coordinates, noise-flooded; the exact sum, only for
+        ranking next round's coordinates: flooding differs per decryption, the exact sum does not)."""
+        if not payload.is_encrypted(params):
+            average = np.asarray(params.get(LAYER, []), dtype=np.float64).reshape(-1)
+            return average, average
+        self._check_encrypted(params)
+        from clinfed.he.aggregation import decrypt_sum
+        from clinfed.he.ckks import decrypt_vector
+        from clinfed.he.packing import layout_from_json
+
+        total = float(meta.get("total_weight", 0.0))
+        if not (math.isfinite(total) and total > 0):
+            raise ValueError(f"{self.site}: encrypted global update carries no total weight")
+        layout = layout_from_json(params[payload.LAYOUT_KEY])
+        if LAYER not in layout.names:
+            raise ValueError(f"{self.site}: expected a compressed global update, got layers {list(layout.names)[:3]}")
+        sums, _ = decrypt_sum(self._ctx, params[payload.CKKS_KEY], layout)  # refuses < 3 contributors
+        start, stop = layout.offsets()[LAYER]
+        exact = decrypt_vector(self._ctx, params[payload.CKKS_KEY], layout.size, "server")[start:stop]
+        return sums[LAYER].astype(np.float64) / total, exact
+
     # --- the update out ------------------------------------------------------------------------
-    def _encode_update(self, weights: dict[str, np.ndarray], n_train: int) -> tuple[dict, float]:
+    def _encode_update(
+        self, weights: dict[str, np.ndarray], n_train: int, round_num: int = 0
+    ) -> tuple[dict, float, dict]:
+        """(params, aggregation weight, extra meta). Compressed, the arrays sent are the k values at the
+        round's shared coordinates (checked for NaN first, so a poisoned update never enters the error
+        feedback)."""
         for name, arr in weights.items():
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"{self.site}: local update has NaN/Inf in '{name}'; refusing to send it")
+        extra: dict = {}
+        if self._compressed is not None:
+            from clinfed.he.packing import flatten
+
+            values, digest = self._compressed.encode(round_num, flatten(weights)[0])
+            weights = {LAYER: values}
+            extra[payload.DIGEST_KEY] = digest
+            extra["compression"] = {
+                "fraction": self._compressed.fraction,
+                "k": int(values.size),  # ⌈F·P⌉ rounded up to fill the last ciphertext
+                "k_nominal": math.ceil(self._compressed.fraction * self._compressed.size),
+                "size": self._compressed.size,
+            }
         if not self.encrypt:
-            return weights, float(n_train)
+            return weights, float(n_train), extra
         from clinfed.he.aggregation import weighted_encrypt
+        from clinfed.he.ckks import expected_ciphertext_count
         from clinfed.he.packing import layout_to_json
 
         weight = n_train / self.weight_unit
-        cts, layout = weighted_encrypt(self._ctx, weights, weight, sites=self.num_sites)
-        return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint), weight
+        # straight to this round's on-disk spool when the update will be streamed (fl.streaming)
+        spool = streaming.Spool(self._spool_dir()) if getattr(self, "_cell", None) is not None else None
+        cts, layout = weighted_encrypt(self._ctx, weights, weight, sites=self.num_sites, into=spool)
+        if "compression" in extra:  # +1: the contributor count travels in every upload
+            extra["compression"]["ciphertexts"] = len(cts)
+            extra["compression"]["dense_ciphertexts"] = expected_ciphertext_count(self._ctx, self._compressed.size + 1)
+        return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint), weight, extra
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name not in (ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK):
@@ -227,10 +329,18 @@ class DPTrainExecutor(Executor):
         try:
             incoming = FLModelUtils.from_shareable(shareable)
             self._setup(fl_ctx, incoming)
+            self._cell = fl_ctx.get_engine().get_cell()
             payload.record_anchor(self.audit, incoming.meta, job=self.job, round_num=round_num, peer="server")
             if task_name == ADMIT_TASK:
                 return self._reply(FLModel(params={}, meta=dict(self._admit())))
-            self._load_global(incoming)
+            if streaming.is_streamed(incoming.params):  # the global model: pulled from the server's stream
+                incoming.params, _ = streaming.receive(
+                    self._cell, incoming.params, "server", self._spool_dir(), abort_signal
+                )
+            try:
+                self._load_global(incoming)
+            finally:
+                streaming.release(incoming.params)
             if task_name == VALIDATE_TASK:
                 metrics = self.policy.release_metrics(self._trainer.evaluate())
                 try:
@@ -247,11 +357,30 @@ class DPTrainExecutor(Executor):
             return self._status_reply("failed", reason, round_num, admission=task_name == ADMIT_TASK)
 
     def _reply(self, model: FLModel) -> Shareable:
-        """Every reply carries this site's audit-chain head, which the server records (anchoring)."""
+        """Every reply carries this site's audit-chain head, which the server records (anchoring).
+        An encrypted update moves to a spool on disk and leaves as a stream the server pulls when
+        it gets to this site (fl.streaming): the reply itself is a few hundred bytes."""
         audit = getattr(self, "audit", None)
         if audit is not None:
             model.meta = {**(model.meta or {}), AUDIT_HEAD_KEY: list(audit.head)}
+        if payload.is_encrypted(model.params) and getattr(self, "_cell", None) is not None:
+            spool = model.params[payload.CKKS_KEY]
+            if not isinstance(spool, streaming.Spool):  # (a payload damaged by an injected fault is a list)
+                spool = streaming.Spool(self._spool_dir())
+                spool.extend(model.params[payload.CKKS_KEY])
+            try:
+                model.params = streaming.offer(
+                    self._cell, {**model.params, payload.CKKS_KEY: spool}, ["server"], spool.close
+                )
+            except Exception:
+                spool.close()
+                raise
         return FLModelUtils.to_shareable(model)
+
+    def _spool_dir(self) -> Path:
+        folder = self.root / "spool"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return folder
 
     def _train(self, round_num: int, fl_ctx: FLContext, abort_signal: Signal) -> FLModel:
         trainer = self._trainer
@@ -284,7 +413,7 @@ class DPTrainExecutor(Executor):
             faults.crash_now()
         if fault == "nan":
             weights = faults.poison_weights(weights)
-        params, weight = self._encode_update(weights, len(trainer.data.train))
+        params, weight, extra = self._encode_update(weights, len(trainer.data.train), round_num)
         del weights
         release_free_memory()  # the round's garbage back to the OS before RSS is read (see sysinfo)
         if fault in ("corrupt", "wrongshape"):
@@ -307,6 +436,7 @@ class DPTrainExecutor(Executor):
             "metrics": metrics,
             "bytes_sent": size,
             "sha256": digest,
+            **extra,
             **self._privacy_meta(),
         }
         return FLModel(params=params, meta=meta, current_round=round_num)

@@ -11,9 +11,17 @@ shape with meta {"total_weight": Σ weights}, and only the sites can decrypt and
 counts (the weights) travel in the clear, as in FLARE's own FedAvg; the weights themselves never do.
 
 Plaintext (`--no-encrypt`, for comparison) is ordinary FedAvg: params are the arrays themselves.
+
+Compressed (`--compression F`, `clinfed.fl.compression`), the update is one layer of k = ⌈F·P⌉ values
+(the same coordinates at every site) and meta carries the keyed digest of those coordinates
+(`index_digest`); the sum the server sends back is tagged with the round it holds (`sum_round`), the
+round it follows (`after_round`) and whose updates it holds (`contributors`), so each site can add it
+to its own copy of the model exactly once and take back what the sum does not hold.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -28,16 +36,27 @@ CKKS_KEY = "ckks"
 LAYOUT_KEY = "layout"
 FINGERPRINT_KEY = "fingerprint"
 
+# compressed rounds (meta keys)
+DIGEST_KEY = "index_digest"
+SUM_ROUND_KEY = "sum_round"
+AFTER_ROUND_KEY = "after_round"
+CONTRIBUTORS_KEY = "contributors"
+
 
 def is_encrypted(params: dict | None) -> bool:
     return bool(params) and CKKS_KEY in params
 
 
-def payload_chunks(params: dict) -> list[bytes]:
-    """The bytes that go on the wire, in a fixed order, for hashing (audit) and size accounting."""
+def payload_chunks(params: dict) -> Iterator[bytes]:
+    """The bytes that go on the wire, in a fixed order, for hashing (audit) and size accounting;
+    yielded one at a time, so a streamed update read from its spool is never in memory whole."""
     if is_encrypted(params):
-        return [*params[CKKS_KEY], params[LAYOUT_KEY].encode(), params[FINGERPRINT_KEY].encode()]
-    return [k.encode() + np.ascontiguousarray(params[k]).tobytes() for k in sorted(params)]
+        yield from params[CKKS_KEY]
+        yield params[LAYOUT_KEY].encode()
+        yield params[FINGERPRINT_KEY].encode()
+        return
+    for k in sorted(params):
+        yield k.encode() + np.ascontiguousarray(params[k]).tobytes()
 
 
 def payload_size(params: dict) -> int:
@@ -52,13 +71,23 @@ def payload_sha256(params: dict) -> str:
 def log_update(audit, event: str, params: dict, *, job: str, round_num: int, site: str) -> tuple[str, int]:
     """Append `update_sent` / `update_received` for `params` (its digest and size, never its bytes);
     the site and the server log the same digest, which `clinfed audit verify` cross-checks."""
-    digest, size = payload_sha256(params), payload_size(params)
+    size = 0
+
+    def counted() -> Iterator[bytes]:  # one pass: a spooled update is read from disk once
+        nonlocal size
+        for chunk in payload_chunks(params):
+            size += len(chunk)
+            yield chunk
+
+    digest = payload_digest_chunks(counted())
     audit.append(event, job=job, round=round_num, site=site, sha256=digest, bytes=size, encrypted=is_encrypted(params))
     return digest, size
 
 
-def encrypted_params(cts: list[bytes], layout_json: str, fingerprint: str) -> dict:
-    return {CKKS_KEY: list(cts), LAYOUT_KEY: layout_json, FINGERPRINT_KEY: fingerprint}
+def encrypted_params(cts: Sequence[bytes], layout_json: str, fingerprint: str) -> dict:
+    """The encrypted payload; a list stays a list, a spool (`fl.streaming.Spool`) stays on disk."""
+    keep = isinstance(cts, Sequence) and not isinstance(cts, tuple)
+    return {CKKS_KEY: cts if keep else list(cts), LAYOUT_KEY: layout_json, FINGERPRINT_KEY: fingerprint}
 
 
 def record_anchor(audit, meta: dict | None, *, job: str, round_num: int, peer: str) -> None:

@@ -7,7 +7,10 @@ FLARE privacy scope (`local/privacy.json`, a task-result filter FLARE applies to
 site sends, after the job's own filters), so a job cannot remove or reorder it.
 
 What it lets through: results without model parameters (metrics, statistics, a refusal or an error
-reply carry no weights), and parameters that are CKKS ciphertexts (`clinfed.fl.payload`). Anything
+reply carry no weights), parameters that are CKKS ciphertexts (`clinfed.fl.payload`), and a stream
+reference to ciphertexts (`clinfed.fl.streaming`) that this process offered and whose every item is
+a SEAL-serialised object (the server pulls a stream after the filter ran, so the filter checks the
+stream's source itself). Anything
 else that carries weights, plaintext arrays or a format it cannot read, makes it raise FLARE's
 `UnsafeJobError`: FLARE then drops the result, marks the job unsafe at this site (no further task
 runs here) and the server, seeing UNSAFE_JOB, aborts the job.
@@ -23,7 +26,7 @@ from nvflare.apis.fl_exception import UnsafeJobError
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModelConst
 
-from clinfed.fl import payload
+from clinfed.fl import payload, streaming
 
 WEIGHT_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
 
@@ -45,6 +48,8 @@ def plaintext_weights(dxo: DXO) -> str | None:
         return None  # metrics, statistics, PSI, analytics: no model parameters
     if not params or payload.is_encrypted(params):
         return None
+    if streaming.is_streamed(params):  # ciphertexts the server pulls later (clinfed.fl.streaming)
+        return streaming.offered_ciphertexts(params)
     return f"{kind.value} holds {len(params)} plaintext layer(s)"
 
 

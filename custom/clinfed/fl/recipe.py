@@ -34,13 +34,16 @@ class SecureFedAvgRecipe(Recipe):
         task_timeout: int = 0,
         straggler_wait: int = 60,
         extra_summary: dict | None = None,
+        compression: float | None = None,
     ):
         """Each recipe is one *submission*: it draws a random `submission` id that the server keys its
         resume point by, so only a resubmission of this very job folder (after a server restart) resumes
         it; a new export of the same job starts at round 0 with a fresh run key.
 
-        There is no fault-injection argument: faults are a simulator-only switch (`clinfed.faults`)."""
+        There is no fault-injection argument: faults are a simulator-only switch (`clinfed.faults`).
+        `compression` F in (0, 1] sends only F of each update's coordinates (`clinfed.fl.compression`)."""
         _validate(name, task, num_rounds, num_sites, min_clients, dp_args or {})
+        _validate_compression(name, compression)
         min_clients = max(min_clients or num_sites, MIN_CONTRIBUTORS)  # the controller enforces it again
         job = FedJob(name=name, min_clients=min_clients)
         job.set_app_packages(["clinfed"])
@@ -55,6 +58,7 @@ class SecureFedAvgRecipe(Recipe):
             straggler_wait=straggler_wait,
             submission=secrets.token_hex(8),
             extra_summary=extra_summary,
+            compression=compression or 0.0,
         )
         job.to_server(controller, id="controller")
         executor = DPTrainExecutor(
@@ -65,6 +69,7 @@ class SecureFedAvgRecipe(Recipe):
             encrypt=encrypt,
             num_sites=num_sites,
             job_label=name,
+            compression=compression or 0.0,
         )
         job.to_clients(executor, id="executor", tasks=[ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK])
         self.num_sites, self.encrypt = num_sites, encrypt
@@ -94,3 +99,13 @@ def _validate(name: str, task: str, num_rounds: int, num_sites: int, min_clients
             raise ValueError(f"{name}: δ must be in (0, 1), got {delta!r}")
         if dp_args.get("max_grad_norm", 1.0) <= 0:
             raise ValueError(f"{name}: max_grad_norm must be positive")
+
+
+def _validate_compression(name: str, compression: float | None) -> None:
+    if compression is None:
+        return
+    ok = isinstance(compression, int | float) and not isinstance(compression, bool)
+    if not (ok and 0 < compression <= 1):
+        raise ValueError(
+            f"{name}: compression must be a fraction in (0, 1] (0.01 sends 1 % of each update), got {compression!r}"
+        )

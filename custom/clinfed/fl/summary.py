@@ -26,7 +26,14 @@ def training_summary(
     resumed_at: int,
     submission: str,
     extra: dict | None = None,
+    compression: dict | None = None,
 ) -> dict:
+    """The run's summary; `bytes_sent` totals each site's uploads over the rounds (each round's are in
+    `rounds[].sites[SITE].bytes_sent`), `compression` is None for dense updates."""
+    totals: dict[str, int] = {}
+    for rnd in rounds:
+        for site, entry in rnd.get("sites", {}).items():
+            totals[site] = totals.get(site, 0) + int(entry.get("bytes_sent", 0) or 0)
     return {
         "job": job,
         "sites": sites,
@@ -38,6 +45,8 @@ def training_summary(
         "admission": admission,
         "resumed_at_round": resumed_at,
         "submission": submission,
+        "bytes_sent": totals,
+        "compression": compression,
         **(extra or {}),
     }
 

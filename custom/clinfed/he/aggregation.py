@@ -41,10 +41,12 @@ import tenseal as ts
 from clinfed.he.ckks import (
     InvalidCiphertext,
     add_ciphertexts,
+    add_streamed,
     context_params,
     decrypt_vector,
     encrypt_vector,
     expected_ciphertext_count,
+    is_ciphertext_sequence,
     parse_ciphertexts,
     serialize_ciphertexts,
 )
@@ -124,11 +126,14 @@ class EncryptedSum(_RunningSum):
                 raise InvalidCiphertext(site, "already contributed to this sum")
             expected = self._expected
             if expected is None:
-                expected = len(cts) if isinstance(cts, list | tuple) else 0
+                expected = len(cts) if is_ciphertext_sequence(cts) else 0
             if expected == 0:
                 raise InvalidCiphertext(site, "sent no ciphertexts")
-            parsed = parse_ciphertexts(self._ctx, cts, expected, site)
-            self._total = add_ciphertexts(self._ctx, self._total, parsed)
+            if isinstance(cts, list | tuple):  # in memory already: parse once, then add
+                parsed = parse_ciphertexts(self._ctx, cts, expected, site)
+                self._total = add_ciphertexts(self._ctx, self._total, parsed)
+            else:  # a streamed upload read from its spool: vetted whole, added one ciphertext at a time
+                self._total = add_streamed(self._ctx, self._total, cts, expected, site)
             self._expected = expected
             self._weight += w
             self._sites.append(site)
@@ -203,8 +208,8 @@ def _same_layout(site: str, got: Layout, want: Layout) -> None:
 
 # --- site side ------------------------------------------------------------------------------------
 def weighted_encrypt(
-    ctx: ts.Context, arrays: Mapping[str, np.ndarray], weight: float, sites: int = 1
-) -> tuple[list[bytes], Layout]:
+    ctx: ts.Context, arrays: Mapping[str, np.ndarray], weight: float, sites: int = 1, into: Any = None
+) -> tuple[Sequence[bytes], Layout]:
     """Multiply a site's arrays by its weight, pack them into one vector and encrypt it.
 
     The vector carries one more value, ``COUNT_LAYER``, that is exactly 1 after weighting, so the
@@ -212,6 +217,7 @@ def weighted_encrypt(
     Refuses (ValueError) values the CKKS parameters could not sum without silent wraparound:
     |weight·x| must stay under :func:`max_abs_value` divided by the number of ``sites`` that will
     be summed (the bound holds for the sum, and the server cannot check a sum it cannot read).
+    ``into`` receives the ciphertexts one by one (see :func:`encrypt_vector`).
     """
     w = float(weight)
     if not math.isfinite(w) or w <= 0:
@@ -235,7 +241,7 @@ def weighted_encrypt(
                 f"±{bound:.4g} that {sites} site(s) can sum under these CKKS parameters; use a smaller "
                 "aggregation weight (e.g. samples / 100)"
             )
-    return encrypt_vector(ctx, vec), layout
+    return encrypt_vector(ctx, vec, into), layout
 
 
 def flood(values: np.ndarray, sigma: float = FLOOD_SIGMA) -> np.ndarray:

@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,10 +223,13 @@ def expected_ciphertext_count(ctx_or_params: ts.Context | CKKSParams, size: int)
 
 
 # --- site side ------------------------------------------------------------------------------------
-def encrypt_vector(ctx: ts.Context, vec: np.ndarray | Sequence[float]) -> list[bytes]:
+def encrypt_vector(ctx: ts.Context, vec: np.ndarray | Sequence[float], into: Any = None) -> Any:
     """Encrypt a flat vector into ⌈len/slots⌉ serialised, seeded symmetric ciphertexts (sites only).
 
     The last chunk is zero-padded by the encoder; the caller keeps the true length (the layout).
+    ``into``: anything with ``append`` that receives each ciphertext as it is made and is returned
+    (a stream's on-disk spool, so a large update's ciphertexts never sit in memory together);
+    a new list by default.
     """
     seal = _seal(ctx)
     if seal.encryptor is None:
@@ -236,7 +239,7 @@ def encrypt_vector(ctx: ts.Context, vec: np.ndarray | Sequence[float]) -> list[b
         raise ValueError(
             f"vector holds {int(np.count_nonzero(~np.isfinite(flat)))} NaN/Inf values; refusing to encrypt"
         )
-    out: list[bytes] = []
+    out = [] if into is None else into
     for start in range(0, flat.size, seal.slots):
         plain = sa.Plaintext()
         try:
@@ -255,9 +258,10 @@ def decrypt_vector(ctx: ts.Context, cts: Sequence[bytes], size: int, source: str
     seal = _seal(ctx)
     if seal.decryptor is None:
         raise HEContextError("this context holds no secret key: it cannot decrypt")
-    parsed = _parse(seal, cts, expected_ciphertext_count(ctx, size), source)
-    out = np.empty(len(parsed) * seal.slots, dtype=np.float64)
-    for i, ct in enumerate(parsed):
+    expected = expected_ciphertext_count(ctx, size)
+    out = np.empty(expected * seal.slots, dtype=np.float64)
+    # one ciphertext parsed at a time: a streamed (spooled) sum never lies in memory whole
+    for i, ct in enumerate(_iter_parse(seal, cts, expected, source)):
         plain = sa.Plaintext()
         seal.decryptor.decrypt(ct, plain)
         out[i * seal.slots : (i + 1) * seal.slots] = seal.encoder.decode_double(plain)
@@ -267,12 +271,21 @@ def decrypt_vector(ctx: ts.Context, cts: Sequence[bytes], size: int, source: str
 # --- server side ------------------------------------------------------------------------------------
 def _parse(seal: _Seal, cts: Sequence[bytes], expected_count: int, site: str) -> list[Any]:
     """Parse and vet every ciphertext of one payload before any of them is used."""
-    if not isinstance(cts, list | tuple):
+    return list(_iter_parse(seal, cts, expected_count, site))
+
+
+def is_ciphertext_sequence(cts: Any) -> bool:
+    """A list/tuple of ciphertexts, or a sequence that reads them one at a time (a stream's spool)."""
+    return isinstance(cts, Sequence) and not isinstance(cts, str | bytes | bytearray | memoryview)
+
+
+def _iter_parse(seal: _Seal, cts: Sequence[bytes], expected_count: int, site: str) -> Iterator[Any]:
+    """Parse and vet one payload's ciphertexts one at a time (raising on the first bad one)."""
+    if not is_ciphertext_sequence(cts):
         raise InvalidCiphertext(site, f"payload is {type(cts).__name__}, expected a list of ciphertexts")
     n = len(cts)
     if n != expected_count:
         raise InvalidCiphertext(site, f"sent {n} ciphertexts, expected {expected_count}")
-    parsed = []
     for i, data in enumerate(cts, start=1):
         if not isinstance(data, bytes | bytearray | memoryview):
             raise InvalidCiphertext(site, f"ciphertext {i} of {n} is {type(data).__name__}, not bytes")
@@ -294,8 +307,7 @@ def _parse(seal: _Seal, cts: Sequence[bytes], expected_count: int, site: str) ->
                 site,
                 f"ciphertext {i} of {n} has scale 2^{math.log2(ct.scale):.1f}, expected 2^{math.log2(seal.scale):g}",
             )
-        parsed.append(ct)
-    return parsed
+        yield ct
 
 
 def parse_ciphertexts(ctx: ts.Context, cts: Sequence[bytes], expected_count: int, site: str) -> list[Any]:
@@ -321,6 +333,26 @@ def add_ciphertexts(ctx: ts.Context, total: list[Any] | None, parsed: list[Any])
     evaluator = _seal(ctx).evaluator
     for acc, ct in zip(total, parsed, strict=True):
         evaluator.add_inplace(acc, ct)
+    return total
+
+
+def add_streamed(
+    ctx: ts.Context, total: list[Any] | None, cts: Sequence[bytes], expected_count: int, site: str
+) -> list[Any]:
+    """``total += cts`` for a payload read one ciphertext at a time (a stream's spool on disk).
+
+    Two passes, so a payload that turns bad at its 57th ciphertext never touches the sum: first every
+    ciphertext is parsed and vetted and then dropped, then each is parsed again and added. Memory:
+    the sum plus one ciphertext, whatever the payload's size (issue 14: the server never holds an
+    upload whole). ``total`` None starts a sum.
+    """
+    seal = _seal(ctx)
+    for _ in _iter_parse(seal, cts, expected_count, site):
+        pass
+    if total is None:
+        return list(_iter_parse(seal, cts, expected_count, site))
+    for acc, ct in zip(total, _iter_parse(seal, cts, expected_count, site), strict=True):
+        seal.evaluator.add_inplace(acc, ct)
     return total
 
 

@@ -211,3 +211,21 @@ def context_fingerprint(ctx: ts.Context) -> str:
         digest.update(len(piece).to_bytes(8, "big"))
         digest.update(piece)
     return digest.hexdigest() if parts.public_key else "params-only:" + digest.hexdigest()
+
+
+def site_secret(ctx: ts.Context, purpose: str) -> bytes:
+    """32 bytes every site holding the federation's secret key derives alike and the server cannot.
+
+    Why: some choices the sites must agree on are nobody else's business, e.g. which coordinates a
+    compressed round sends (`clinfed.fl.compression`). The secret key is the one thing all sites
+    share and the server lacks, so an HMAC keyed by it (SHA-256 of its SEAL serialisation, which is
+    byte-identical at every site, and domain-separated by `purpose`) is a shared secret with no new
+    key to distribute. Raises HEContextError for a public (server) context.
+    """
+    import hmac
+
+    parts = context_parts(ctx, with_secret_key=True)
+    if not parts.secret_key:
+        raise HEContextError("a context without the secret key cannot derive the sites' shared secret")
+    key = hashlib.sha256(parts.secret_key).digest()
+    return hmac.new(key, b"clinfed.he.site_secret.v1\x00" + purpose.encode(), hashlib.sha256).digest()

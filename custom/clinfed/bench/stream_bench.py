@@ -1,0 +1,184 @@
+"""`clinfed bench stream`: a model-sized encrypted update through a real FLARE federation (issue 14).
+
+`bench he` times the arithmetic in one process; this runs the product's own path end to end in
+FLARE's simulator (one process per site, cellnet between them): the `SecureFedAvg` controller,
+`fl.streaming` over FLARE's download service, CKKS at the sites, one round, then every site pulls
+and decrypts the global sum. No training: each site sends a seeded random update of ``params``
+float32 values (a stand-in for a 500 MB UNet's update; DP-SGD on such a model is not what is being
+measured), so every site can also recompute the exact average and report the decryption's error.
+
+Reported per role: wall seconds of each phase, bytes pulled per site, download-service messages,
+and the peak resident memory of each process (`ru_maxrss`), i.e. what a hospital's machine and the
+server need for a model of that size.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+from clinfed.fl import payload, streaming
+from clinfed.fl.participant import participant_root, site_context, site_index
+from clinfed.sysinfo import peak_rss_mb, release_free_memory
+
+LAYER = "update"
+SCALE = 0.1  # magnitude of the synthetic update: a trained layer's weights (FedAvg averages weights)
+
+
+def synthetic_update(index: int, params: int) -> np.ndarray:
+    """Site ``index``'s stand-in update: seeded, so every site can recompute the true average."""
+    return (np.random.default_rng(10_000 + index).standard_normal(params, dtype=np.float32) * SCALE).astype(np.float32)
+
+
+class StreamBenchExecutor(Executor):
+    """A site that sends one encrypted, streamed update of ``params`` values and checks the sum it gets back."""
+
+    def __init__(self, params: int, num_sites: int):
+        super().__init__()
+        self.params, self.num_sites = int(params), int(num_sites)
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        site = fl_ctx.get_identity_name()
+        root = participant_root(fl_ctx)
+        cell = fl_ctx.get_engine().get_cell()
+        spool_dir = root / "spool"
+        spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        incoming = FLModelUtils.from_shareable(shareable)
+        if task_name == payload.ADMIT_TASK:
+            return FLModelUtils.to_shareable(FLModel(params={}, meta={"status": "accepted"}))
+        ctx, fingerprint = site_context(root, site)
+        if task_name == payload.TRAIN_TASK:
+            return self._send(site, ctx, fingerprint, cell, spool_dir)
+        if task_name == payload.VALIDATE_TASK:
+            return self._check(site, ctx, cell, spool_dir, incoming, abort_signal)
+        return make_reply(ReturnCode.TASK_UNKNOWN)
+
+    def _send(self, site: str, ctx, fingerprint: str, cell, spool_dir: Path) -> Shareable:
+        from clinfed.he.aggregation import weighted_encrypt
+        from clinfed.he.packing import layout_to_json
+
+        update = synthetic_update(site_index(site) or 0, self.params)
+        start = time.monotonic()
+        spool = streaming.Spool(spool_dir)
+        _, layout = weighted_encrypt(ctx, {LAYER: update}, 1.0, sites=self.num_sites, into=spool)
+        seconds = time.monotonic() - start
+        del update
+        release_free_memory()
+        params = streaming.offer(
+            cell, payload.encrypted_params(spool, layout_to_json(layout), fingerprint), ["server"], spool.close
+        )
+        metrics = {"encrypt_seconds": seconds, "upload_bytes": spool.nbytes, "peak_rss_mb": peak_rss_mb()}
+        meta = {"status": "ok", "weight": 1.0, "bytes_sent": spool.nbytes, "metrics": metrics}
+        return FLModelUtils.to_shareable(FLModel(params=params, meta=meta))
+
+    def _check(self, site: str, ctx, cell, spool_dir: Path, incoming: FLModel, abort_signal: Signal) -> Shareable:
+        from clinfed.he.aggregation import decrypt_average
+        from clinfed.he.packing import layout_from_json
+
+        start = time.monotonic()
+        params, transfer = streaming.receive(cell, incoming.params, "server", spool_dir, abort_signal)
+        pulled = time.monotonic() - start
+        try:
+            layout = layout_from_json(params[payload.LAYOUT_KEY])
+            total = float(incoming.meta["total_weight"])
+            start = time.monotonic()
+            got = decrypt_average(ctx, params[payload.CKKS_KEY], total, layout)[LAYER].astype(np.float64)
+            decrypt_seconds = time.monotonic() - start
+        finally:
+            streaming.release(params)
+        want = np.zeros(self.params, dtype=np.float64)
+        for i in range(self.num_sites):
+            want += synthetic_update(i, self.params)
+        want /= self.num_sites
+        error = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        metrics = {
+            "download_bytes": transfer["bytes"],
+            "download_seconds": pulled,
+            "decrypt_seconds": decrypt_seconds,
+            "max_rel_error": error,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        return FLModelUtils.to_shareable(FLModel(metrics=metrics, meta={"status": "ok"}))
+
+
+def run_stream_bench(params: int, sites: int, out: str | Path | None = None) -> dict:
+    """One round of a ``params``-value encrypted update from ``sites`` sites in FLARE's simulator."""
+    import secrets
+
+    from nvflare.job_config.api import FedJob
+
+    from clinfed.fl.controller import SecureFedAvg
+    from clinfed.simulate import SimulationRequest, run_simulation
+
+    out = Path(out) if out else Path(tempfile.mkdtemp(prefix="clinfed-stream-"))
+    job = FedJob(name="stream_bench", min_clients=sites)
+    job.set_app_packages(["clinfed"])
+    job.to_server(
+        SecureFedAvg(
+            num_rounds=1,
+            min_clients=sites,
+            encrypted=True,
+            job_label="stream_bench",
+            primary_metric="max_rel_error",
+            submission=secrets.token_hex(8),
+        ),
+        id="controller",
+    )
+    job.to_clients(
+        StreamBenchExecutor(params, sites),
+        id="executor",
+        tasks=[payload.ADMIT_TASK, payload.TRAIN_TASK, payload.VALIDATE_TASK],
+    )
+    from nvflare.recipe.spec import Recipe
+
+    started = time.monotonic()
+    summary = run_simulation(SimulationRequest(job="stream_bench", sites=sites, out=out), recipe=Recipe(job))
+    wall = time.monotonic() - started
+    rnd = summary["rounds"][0]
+    ups = {s: e for s, e in rnd["sites"].items()}
+    checks = summary["final"]["per_site"]
+    result = {
+        "params": params,
+        "sites": sites,
+        "wall_seconds": wall,
+        "all_ok": all(e["status"] == "ok" for e in ups.values()) and len(checks) == sites,
+        "upload_bytes_per_param": float(np.mean([e["stream"]["bytes"] for e in ups.values()])) / params,
+        "download_bytes_per_param": float(np.mean([m["download_bytes"] for m in checks.values()])) / params,
+        "messages_per_upload": float(np.mean([e["stream"]["messages"] for e in ups.values()])),
+        "encrypt_seconds": float(np.median([e["metrics"]["encrypt_seconds"] for e in ups.values()])),
+        "aggregate_seconds": rnd.get("aggregate_seconds"),
+        "download_seconds": float(np.median([m["download_seconds"] for m in checks.values()])),
+        "decrypt_seconds": float(np.median([m["decrypt_seconds"] for m in checks.values()])),
+        "max_rel_error": float(max(m["max_rel_error"] for m in checks.values())),
+        "server_peak_rss_mb": rnd.get("server_peak_rss_mb"),
+        "site_peak_rss_mb": float(max(m["peak_rss_mb"] for m in checks.values())),
+        "model_mb": params * 4 / 2**20,
+    }
+    (out / "stream_bench.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_table(result: dict) -> str:
+    r = result
+    lines = [
+        f"stream bench: {r['params']:,} parameters ({r['model_mb']:.0f} MB float32) x {r['sites']} sites, one "
+        f"round through FLARE's simulator: {'all ok' if r['all_ok'] else 'NOT ALL OK'}, {r['wall_seconds']:.0f} s wall",
+        f"  upload {r['upload_bytes_per_param']:.2f} B/param in {r['messages_per_upload']:.0f} messages per site; "
+        f"download {r['download_bytes_per_param']:.2f} B/param",
+        f"  site: encrypt {r['encrypt_seconds']:.1f} s, pull {r['download_seconds']:.1f} s, decrypt "
+        f"{r['decrypt_seconds']:.1f} s; server: aggregate {r['aggregate_seconds'] or 0:.1f} s",
+        f"  peak memory: server {r['server_peak_rss_mb'] or 0:.0f} MB, largest site {r['site_peak_rss_mb']:.0f} MB; "
+        f"max rel. error {r['max_rel_error']:.1e}",
+    ]
+    return "\n".join(lines)

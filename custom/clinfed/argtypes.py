@@ -45,3 +45,15 @@ def fraction(text: str) -> float:
     if not math.isfinite(value) or not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
     return value
+
+
+def channel_list(text: str) -> list[int]:
+    """`--channels 32,64,128`: the imaging jobs' UNet widths, at least two positive integers."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) < 2 or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected at least 2 comma-separated positive integers, got '{text}'")
+    return values

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from clinfed.argtypes import fraction, positive_float, positive_int
+from clinfed.argtypes import channel_list, fraction, positive_float, positive_int
 from clinfed.jobs import JOB_NAMES, UnknownJob, available_jobs
 
 
@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="training jobs: each site sends F (e.g. 0.01) of its update's coordinates, the rest later",
     )
+    sim.add_argument(
+        "--channels",
+        type=channel_list,
+        default=None,
+        metavar="A,B,C",
+        help="segmentation jobs: the UNet's channels per level (default 8,16,32; 32,64,128 has 186 k parameters)",
+    )
     # --- cohort_stats on a `clinfed data split` folder (issue 13; --group above names its group column) ---
     sim.add_argument("--features", type=str, default=None, metavar="A,B", help="cohort_stats: numeric columns")
     sim.add_argument("--proportions", type=str, default=None, metavar="C,D", help="cohort_stats: categorical columns")
@@ -111,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-encrypt", action="store_true")
     exp.add_argument("--epsilon", type=positive_float, default=None)
     exp.add_argument("--compression", type=fraction, default=None, metavar="F")
+    exp.add_argument("--channels", type=channel_list, default=None, metavar="A,B,C")
     bench = sub.add_parser("bench", help="benchmarks: print a table, write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     he = bench_sub.add_parser("he", help="plaintext FedAvg vs FLARE's HE vs clinfed's CKKS aggregation")
@@ -282,6 +290,14 @@ ANALYTICS_OPTIONS += ("features", "proportions", "rate", "rate_per", "rate_unit"
 ANALYTICS_OPTIONS += ("difficulty", "public_pretrain")
 # training jobs (issue 15): top-F compressed updates
 ANALYTICS_OPTIONS += ("compression",)
+# imaging jobs (issue 15): a bigger UNet (`--channels 32,64,128`)
+ANALYTICS_OPTIONS += ("channels",)
+IMAGING_JOBS = ("segmentation_dp", "segmentation3d_dp")
+
+
+def _check_channels(command: str, args: argparse.Namespace) -> None:
+    if getattr(args, "channels", None) is not None and args.job not in IMAGING_JOBS:
+        raise UsageError(f"clinfed {command}: --channels is for {' and '.join(IMAGING_JOBS)}, not {args.job}")
 
 
 def _analytics_options(args: argparse.Namespace) -> dict:
@@ -295,6 +311,7 @@ def _analytics_options(args: argparse.Namespace) -> dict:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from clinfed.simulate import SimulationRequest, run_simulation
 
+    _check_channels("simulate", args)
     out = args.out or Path("out") / args.job
     req = SimulationRequest(
         job=args.job,
@@ -335,7 +352,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     module = load_job(args.job)
     rounds = args.rounds or module.DEFAULTS.get("rounds", 1)
     epsilon = args.epsilon if args.epsilon is not None else module.DEFAULTS.get("epsilon")
-    extra = {"compression": args.compression} if args.compression is not None else {}
+    _check_channels("export", args)
+    extra = {name: getattr(args, name) for name in ("compression", "channels") if getattr(args, name) is not None}
     recipe = module.make_recipe(sites=args.sites, rounds=rounds, encrypt=not args.no_encrypt, epsilon=epsilon, **extra)
     args.out.mkdir(parents=True, exist_ok=True)
     recipe.export(str(args.out))

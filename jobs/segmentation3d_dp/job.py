@@ -8,6 +8,8 @@ one local epoch of batch-16 Adam (lr 0.03) per round, 3 rounds; 256 train + 16 h
 Measured (3 sites, 3 rounds, encrypted, two CPU cores shared with other work): Dice 0.952 (sites
 0.972 / 0.958 / 0.926), ε 7.99 at every site, 2 min 8 s wall for the whole simulator run.
 `--difficulty hard`: small faint lesions in heavy noise, 64 volumes per site; recorded in summary.json.
+`--channels A,B,C` (default 8,16,32): a wider or deeper UNet, strides 2 between levels; the image
+size must be divisible by 2 ** (levels - 1). Recorded in summary.json.
 Run it: `clinfed simulate segmentation3d_dp --sites 3 --out out/seg3d`; a site's own NIfTI volumes:
 `--data-dir DIR` with `DIR/images/*.nii.gz` and `DIR/labels/*.nii.gz` paired by name (checked from
 the headers before the job starts: a missing label, mismatched shapes or an empty folder stop it
@@ -15,7 +17,7 @@ with one line naming the file).
 """
 
 from clinfed.data.segmentation3d import check_folder
-from clinfed.fl.recipe import SecureFedAvgRecipe
+from clinfed.fl.recipe import SecureFedAvgRecipe, unet_layout
 
 DEFAULTS = {
     "rounds": 3,
@@ -41,6 +43,8 @@ def make_recipe(
     public_pretrain: int = 0,
     data_dir: str | None = None,
     compression: float | None = None,
+    channels: list[int] | tuple[int, ...] = (8, 16, 32),
+    strides: list[int] | None = None,
     **_: object,
 ) -> SecureFedAvgRecipe:
     """`epsilon=None` trains without DP (the utility reference); the other arguments shrink it for tests.
@@ -53,6 +57,7 @@ def make_recipe(
         n_train = 64 if difficulty == "hard" else 256
     if data_dir:
         check_folder("--data-dir", data_dir)
+    channels, strides = unet_layout("segmentation3d_dp", channels, image_size, strides)
     return SecureFedAvgRecipe(
         name="segmentation3d_dp",
         task="segmentation3d",
@@ -63,7 +68,8 @@ def make_recipe(
             "image_size": image_size,
             "n_train": n_train,
             "n_test": n_test,
-            "channels": [8, 16, 32],
+            "channels": channels,
+            "strides": strides,
             "difficulty": difficulty,
             "public_pretrain": public_pretrain,
         },
@@ -76,6 +82,6 @@ def make_recipe(
             "grad_sample_mode": "hooks",
         },
         primary_metric="dice",
-        extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain},
+        extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain, "channels": channels},
         compression=compression,
     )

@@ -7,9 +7,11 @@ one local epoch of batch-32 Adam (lr 0.03) per round, 5 rounds; 512 train + 64 h
 Small clip and Adam are what keep utility at ε = 8: clipping to 0.1 keeps most per-sample gradients
 near their own direction, and Adam's per-coordinate scaling makes the step size insensitive to it.
 Run it: `clinfed simulate segmentation_dp --sites 3 --out out/seg`.
+`--channels A,B,C` (default 8,16,32): a wider or deeper UNet, strides 2 between levels; the image
+size must be divisible by 2 ** (levels - 1). Recorded in summary.json.
 """
 
-from clinfed.fl.recipe import SecureFedAvgRecipe
+from clinfed.fl.recipe import SecureFedAvgRecipe, unet_layout
 
 DEFAULTS = {
     "rounds": 5,
@@ -34,6 +36,8 @@ def make_recipe(
     difficulty: str = "standard",
     public_pretrain: int = 0,
     compression: float | None = None,
+    channels: list[int] | tuple[int, ...] = (8, 16, 32),
+    strides: list[int] | None = None,
     **_: object,
 ) -> SecureFedAvgRecipe:
     """`epsilon=None` trains without DP (the utility reference); the other arguments shrink it for tests.
@@ -42,6 +46,7 @@ def make_recipe(
     """
     if n_train is None:
         n_train = 128 if difficulty == "hard" else 512
+    channels, strides = unet_layout("segmentation_dp", channels, image_size, strides)
     return SecureFedAvgRecipe(
         name="segmentation_dp",
         task="segmentation",
@@ -52,7 +57,8 @@ def make_recipe(
             "image_size": image_size,
             "n_train": n_train,
             "n_test": n_test,
-            "channels": [8, 16, 32],
+            "channels": channels,
+            "strides": strides,
             "difficulty": difficulty,
             "public_pretrain": public_pretrain,
         },
@@ -65,6 +71,6 @@ def make_recipe(
             "grad_sample_mode": "hooks",
         },
         primary_metric="dice",
-        extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain},
+        extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain, "channels": channels},
         compression=compression,
     )

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from clinfed.fl.recipe import SecureFedAvgRecipe
+from clinfed.fl.recipe import SecureFedAvgRecipe, unet_layout
+from clinfed.jobs import load_job
 
 
 @pytest.mark.parametrize(
@@ -27,6 +28,41 @@ def test_bad_job_settings_are_refused(kwargs, message):
         SecureFedAvgRecipe(**args)
     assert str(err.value).startswith("job: ") and message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("channels", "strides", "image_size", "message"),
+    [
+        ([32], None, 128, "channels must be at least 2 positive integers"),
+        ([8, 0, 32], None, 128, "channels must be at least 2 positive integers"),
+        ([8, 16, 32], [2], 128, "one positive stride fewer than channels, got channels [8, 16, 32] / strides [2]"),
+        ([8, 16, 32], [2, 2, 2], 128, "one positive stride fewer than channels"),
+        ([8, 16, 32, 64], None, 100, "image size 100 is not divisible by the UNet's total stride 8"),
+    ],
+)
+def test_bad_unet_layouts_are_refused(channels, strides, image_size, message):
+    with pytest.raises(ValueError) as err:
+        unet_layout("job", channels, image_size, strides)
+    assert str(err.value).startswith("job: ") and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("job", ["segmentation_dp", "segmentation3d_dp"])
+def test_imaging_jobs_take_channels_and_derive_strides(job, tmp_path):
+    """`--channels A,B,C` reaches the sites' task (strides 2 between levels) and summary.json."""
+    module = load_job(job)
+    default = module.make_recipe(sites=3, rounds=1)
+    bigger = module.make_recipe(sites=3, rounds=1, channels=[16, 32, 64, 128])
+    for recipe, channels, strides in ((default, [8, 16, 32], [2, 2]), (bigger, [16, 32, 64, 128], [2, 2, 2])):
+        out = tmp_path / str(len(channels))
+        recipe.export(str(out))
+        client = json.loads((out / job / "app" / "config" / "config_fed_client.json").read_text())
+        task_args = client["executors"][0]["executor"]["args"]["task_args"]
+        assert task_args["channels"] == channels and task_args["strides"] == strides
+        server = json.loads((out / job / "app" / "config" / "config_fed_server.json").read_text())
+        assert server["workflows"][0]["args"]["extra_summary"]["channels"] == channels
+    with pytest.raises(ValueError, match=f"^{job}: the UNet needs one positive stride fewer"):
+        module.make_recipe(sites=3, rounds=1, channels=[8, 16, 32], strides=[2])
 
 
 def test_exported_config_carries_every_setting(tmp_path):

@@ -414,11 +414,16 @@ class SecureFedAvg(ModelController):
         )
 
     def _streamed(self, model: FLModel, targets: list[str]) -> FLModel:
-        if not payload.is_encrypted(model.params):
+        """The task's model as a stream reference; the previous task's stream ends here (every site that
+        answered it has pulled it; one that did not is out of that round anyway)."""
+        streaming.withdraw(getattr(self, "_last_offer", None))
+        self._last_offer = None
+        if not payload.is_encrypted(model.params) or not streaming.worth_streaming(model.params[payload.CKKS_KEY]):
             return model
         cell = self.fl_ctx.get_engine().get_cell()
+        self._last_offer = streaming.offer(cell, model.params, targets)
         return FLModel(
-            params=streaming.offer(cell, model.params, targets),
+            params=self._last_offer,
             meta=dict(model.meta or {}),
             current_round=model.current_round,
             total_rounds=model.total_rounds,

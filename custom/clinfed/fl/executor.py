@@ -363,11 +363,13 @@ class DPTrainExecutor(Executor):
         audit = getattr(self, "audit", None)
         if audit is not None:
             model.meta = {**(model.meta or {}), AUDIT_HEAD_KEY: list(audit.head)}
-        if payload.is_encrypted(model.params) and getattr(self, "_cell", None) is not None:
-            spool = model.params[payload.CKKS_KEY]
+        cts = (model.params or {}).get(payload.CKKS_KEY)
+        streamed = payload.is_encrypted(model.params) and getattr(self, "_cell", None) is not None
+        if streamed and streaming.worth_streaming(cts):
+            spool = cts
             if not isinstance(spool, streaming.Spool):  # (a payload damaged by an injected fault is a list)
                 spool = streaming.Spool(self._spool_dir())
-                spool.extend(model.params[payload.CKKS_KEY])
+                spool.extend(cts)
             try:
                 model.params = streaming.offer(
                     self._cell, {**model.params, payload.CKKS_KEY: spool}, ["server"], spool.close
@@ -375,6 +377,9 @@ class DPTrainExecutor(Executor):
             except Exception:
                 spool.close()
                 raise
+        elif isinstance(cts, streaming.Spool):  # fits one message: it rides in the reply
+            model.params = {**model.params, payload.CKKS_KEY: list(cts)}
+            cts.close()
         return FLModelUtils.to_shareable(model)
 
     def _spool_dir(self) -> Path:

@@ -109,3 +109,29 @@ def _validate_compression(name: str, compression: float | None) -> None:
         raise ValueError(
             f"{name}: compression must be a fraction in (0, 1] (0.01 sends 1 % of each update), got {compression!r}"
         )
+
+
+def unet_layout(name: str, channels, image_size: int, strides=None) -> tuple[list[int], list[int]]:
+    """The imaging jobs' UNet (`--channels A,B,C`): channels per level and strides between levels.
+
+    Strides default to 2 between consecutive levels; a given list must have one entry fewer than
+    `channels`, and `image_size` must be divisible by their product. Refused here, in one line
+    naming the job, before the job is exported or any site starts."""
+    channels = list(channels)
+    if len(channels) < 2 or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
+        raise ValueError(f"{name}: channels must be at least 2 positive integers (e.g. 32,64,128), got {channels!r}")
+    strides = [2] * (len(channels) - 1) if strides is None else list(strides)
+    if len(strides) != len(channels) - 1 or not all(isinstance(s, int) and s > 0 for s in strides):
+        raise ValueError(
+            f"{name}: the UNet needs one positive stride fewer than channels, "
+            f"got channels {channels} / strides {strides}"
+        )
+    total = 1
+    for s in strides:
+        total *= s
+    if image_size % total:
+        raise ValueError(
+            f"{name}: image size {image_size} is not divisible by the UNet's total stride {total} "
+            f"({len(channels)} channel levels); use fewer levels"
+        )
+    return channels, strides

@@ -31,6 +31,7 @@ request ahead), and fetches the sites' uploads one after the other, never 20 at 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -118,6 +119,7 @@ class Spool(Sequence[bytes]):
             self.close()
 
 
+@functools.cache
 def _source_class():
     """`CiphertextSource` is built on FLARE's CacheableObject, imported only where FLARE runs."""
     from nvflare.fuel.f3.cellnet.fqcn import FQCN
@@ -168,15 +170,47 @@ def offer(cell: Any, params: dict, readers: Sequence[str], on_done=None, timeout
     cts = params[payload.CKKS_KEY]
     readers = frozenset(readers)
     downloader = ObjectDownloader(cell=cell, timeout=timeout, num_receivers=max(1, len(readers)))
-    source = _source_class()(cts, STREAM_CHUNK_BYTES, readers, on_done)
+    refs: list[str] = []
+
+    def done() -> None:  # every reader has it, or it timed out or was withdrawn
+        for r in refs:
+            _downloaders.pop(r, None)
+        if on_done is not None:
+            on_done()
+
+    source = _source_class()(cts, STREAM_CHUNK_BYTES, readers, done)
     ref = downloader.add_object(source)
+    refs.append(ref)
     _offered[ref] = source
+    _downloaders[ref] = downloader
     out = {k: v for k, v in params.items() if k != payload.CKKS_KEY}
     out[STREAM_KEY] = {"source": cell.get_fqcn(), "ref": ref, "count": len(cts)}
     return out
 
 
 _offered: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()  # ref -> source, this process
+
+
+_downloaders: dict[str, Any] = {}  # ref -> its ObjectDownloader, until withdrawn
+
+
+def worth_streaming(cts: Sequence[bytes]) -> bool:
+    """Stream a payload only when it takes more than one message anyway (as FLARE's own decomposers
+    send small arrays inline): every stream leaves FLARE bookkeeping behind for up to 30 minutes
+    (finished-transfer records, stream error contexts), a few KB a round that a 30 KB model's
+    updates would otherwise pay every round for nothing."""
+    size = cts.nbytes if isinstance(cts, Spool) else sum(len(c) for c in cts)
+    return size > STREAM_CHUNK_BYTES
+
+
+def withdraw(params: dict | None) -> None:
+    """End the stream ``params`` refer to (e.g. last round's global model once a new one is out): a
+    receiver that never came must not keep its source, and the bytes it serves, for the idle timeout."""
+    ref = str(((params or {}).get(STREAM_KEY) or {}).get("ref", ""))
+    downloader = _downloaders.pop(ref, None)
+    if downloader is not None:
+        with contextlib.suppress(Exception):  # already finished or timed out: nothing to end
+            downloader.delete_transaction()
 
 
 def is_streamed(params: dict | None) -> bool:
@@ -201,6 +235,7 @@ def offered_ciphertexts(params: dict) -> str | None:
     return None
 
 
+@functools.cache
 def _sink_class():
     from nvflare.fuel.f3.streaming.cacheable import ItemConsumer
 

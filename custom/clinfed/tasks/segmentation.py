@@ -13,8 +13,9 @@ Three choices are forced by DP-SGD rather than by taste (measured with opacus 1.
 
 The network is MONAI's `UNet` with channels (8, 16, 32): about 12 k parameters, so a site trains an
 epoch of 128 × 128 images in seconds on two CPU cores, with DP-SGD costing well under 2× (see
-`clinfed.bench.dp_bench`). Its PReLU and transposed convolutions have no Opacus hook; Opacus falls
-back to functorch for them in the default "hooks" mode, and the per-sample gradients are exact.
+`clinfed.bench.dp_bench`). The jobs' `--channels` picks others (32, 64, 128: about 186 k). Its PReLU
+and transposed convolutions have no Opacus hook; Opacus falls back to functorch for them in the
+default "hooks" mode, and the per-sample gradients are exact.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ instance norm (each volume normalised on its own, so per-sample gradients exist)
 activation (checked by `check_dp_compatible`), and Dice + cross-entropy computed per volume and then
 averaged, so the batch loss is the mean of independent per-sample losses.
 
-The network is MONAI's `UNet` with `spatial_dims=3` and channels (8, 16, 32): about 35 k parameters.
+The network is MONAI's `UNet` with `spatial_dims=3` and channels (8, 16, 32): about 35 k parameters
+(the job's `--channels` picks others).
 Opacus' "hooks" mode has hooks for `Conv3d` and `InstanceNorm3d`; the PReLU and the transposed 3-D
 convolutions fall back to functorch, and the per-sample gradients are exact (the unit tests compare
 them with one backward pass per volume).

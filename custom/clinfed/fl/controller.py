@@ -248,10 +248,26 @@ class SecureFedAvg(ModelController):
 
     def _global_from(self, acc, layout: str | None) -> FLModel:
         if self.encrypted:
-            cts, total, _ = acc.result()
+            # serialised straight to a spool: the parsed running sum is all the server holds in memory;
+            # a sum small enough to ride in one message comes back into memory
+            spool = streaming.Spool(self._spool_dir)
+            cts, total, _ = acc.result(into=spool)
+            if not streaming.worth_streaming(spool):
+                cts = list(spool)
+                spool.close()
             return FLModel(params=payload.encrypted_params(cts, layout, self.fingerprint), meta={"total_weight": total})
         avg, total, _ = acc.result()
         return FLModel(params=avg, meta={"total_weight": total})
+
+    def _replace_global(self, model: FLModel | None) -> None:
+        """A new global model: the old one's stream ends first, then its spool is deleted."""
+        old = self._global
+        if old is not None and old is not model:
+            streaming.withdraw(getattr(self, "_last_offer", None))
+            self._last_offer = None
+            streaming.release(old.params)
+        if model is not None:
+            self._global = model
 
     def _record_privacy(self, site: str, meta: dict) -> None:
         keys = ("epsilon", "delta", "accountant", "budget", "history", "site_total_epsilon", "policy_override")
@@ -343,10 +359,11 @@ class SecureFedAvg(ModelController):
                     }
                 )
                 if new_global is not None:
-                    self._global = new_global
+                    self._replace_global(new_global)
                     self._completed += 1
                 self._save_state(round_num + 1)
         final = self._final_validation(sorted(self._sites))
+        self._replace_global(None)  # the last stream ends, its spool goes
         self.audit.append("job_end", job=self.job, rounds_completed=self._completed)
         summary = training_summary(
             job=self.job,

@@ -138,12 +138,13 @@ class EncryptedSum(_RunningSum):
             self._weight += w
             self._sites.append(site)
 
-    def result(self) -> tuple[list[bytes], float, list[str]]:
-        """(serialised encrypted sum, total weight, contributing sites in arrival order)."""
+    def result(self, into: Any = None) -> tuple[Sequence[bytes], float, list[str]]:
+        """(serialised encrypted sum, total weight, contributing sites in arrival order); ``into``
+        receives the ciphertexts one by one (see :func:`serialize_ciphertexts`)."""
         with self._lock:
             if self._total is None:
                 raise ValueError("no site contributed to the sum")
-            return serialize_ciphertexts(self._total), self._weight, list(self._sites)
+            return serialize_ciphertexts(self._total, into), self._weight, list(self._sites)
 
 
 class PlainWeightedSum(_RunningSum):

@@ -356,9 +356,13 @@ def add_streamed(
     return total
 
 
-def serialize_ciphertexts(cts: Sequence[Any]) -> list[bytes]:
-    """Parsed ciphertexts back to SEAL's wire format."""
-    return [_seal_dump(ct.save) for ct in cts]
+def serialize_ciphertexts(cts: Sequence[Any], into: Any = None) -> Any:
+    """Parsed ciphertexts back to SEAL's wire format: a new list, or appended one by one to ``into``
+    (a spool on disk, so the serialised sum never sits in memory beside the parsed one)."""
+    out = [] if into is None else into
+    for ct in cts:
+        out.append(_seal_dump(ct.save))
+    return out
 
 
 def sum_ciphertexts(ctx: ts.Context, payloads: Sequence[Sequence[bytes]]) -> list[bytes]:

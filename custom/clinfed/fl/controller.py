@@ -253,8 +253,7 @@ class SecureFedAvg(ModelController):
             spool = streaming.Spool(self._spool_dir)
             cts, total, _ = acc.result(into=spool)
             if not streaming.worth_streaming(spool):
-                cts = list(spool)
-                spool.close()
+                cts = streaming.into_memory(spool)
             return FLModel(params=payload.encrypted_params(cts, layout, self.fingerprint), meta={"total_weight": total})
         avg, total, _ = acc.result()
         return FLModel(params=avg, meta={"total_weight": total})

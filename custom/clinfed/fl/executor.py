@@ -126,6 +126,7 @@ class DPTrainExecutor(Executor):
         self._trainer: SiteTrainer | None = None
         self._admission: dict | None = None
         self._ctx = None
+        self._cell = None  # this site's FLARE cell, set per task: streams are offered and pulled through it
         self._fingerprint = ""
 
     # --- state that lives for the whole job at this site -------------------------------------------
@@ -268,8 +269,7 @@ class DPTrainExecutor(Executor):
             average = np.asarray(params.get(LAYER, []), dtype=np.float64).reshape(-1)
             return average, average
         self._check_encrypted(params)
-        from clinfed.he.aggregation import decrypt_sum
-        from clinfed.he.ckks import decrypt_vector
+        from clinfed.he.aggregation import decrypt_sum_exact, flood
         from clinfed.he.packing import layout_from_json
 
         total = float(meta.get("total_weight", 0.0))
@@ -278,10 +278,10 @@ class DPTrainExecutor(Executor):
         layout = layout_from_json(params[payload.LAYOUT_KEY])
         if LAYER not in layout.names:
             raise ValueError(f"{self.site}: expected a compressed global update, got layers {list(layout.names)[:3]}")
-        sums, _ = decrypt_sum(self._ctx, params[payload.CKKS_KEY], layout)  # refuses < 3 contributors
+        vec, _ = decrypt_sum_exact(self._ctx, params[payload.CKKS_KEY], layout)  # refuses < 3 contributors
         start, stop = layout.offsets()[LAYER]
-        exact = decrypt_vector(self._ctx, params[payload.CKKS_KEY], layout.size, "server")[start:stop]
-        return sums[LAYER].astype(np.float64) / total, exact
+        exact = vec[start:stop]
+        return flood(exact) / total, exact
 
     # --- the update out ------------------------------------------------------------------------
     def _encode_update(
@@ -314,7 +314,7 @@ class DPTrainExecutor(Executor):
 
         weight = n_train / self.weight_unit
         # straight to this round's on-disk spool when the update will be streamed (fl.streaming)
-        spool = streaming.Spool(self._spool_dir()) if getattr(self, "_cell", None) is not None else None
+        spool = streaming.Spool(self._spool_dir()) if self._cell is not None else None
         cts, layout = weighted_encrypt(self._ctx, weights, weight, sites=self.num_sites, into=spool)
         if "compression" in extra:  # +1: the contributor count travels in every upload
             extra["compression"]["ciphertexts"] = len(cts)
@@ -364,7 +364,7 @@ class DPTrainExecutor(Executor):
         if audit is not None:
             model.meta = {**(model.meta or {}), AUDIT_HEAD_KEY: list(audit.head)}
         cts = (model.params or {}).get(payload.CKKS_KEY)
-        streamed = payload.is_encrypted(model.params) and getattr(self, "_cell", None) is not None
+        streamed = payload.is_encrypted(model.params) and self._cell is not None
         if streamed and streaming.worth_streaming(cts):
             spool = cts
             if not isinstance(spool, streaming.Spool):  # (a payload damaged by an injected fault is a list)
@@ -378,8 +378,7 @@ class DPTrainExecutor(Executor):
                 spool.close()
                 raise
         elif isinstance(cts, streaming.Spool):  # fits one message: it rides in the reply
-            model.params = {**model.params, payload.CKKS_KEY: list(cts)}
-            cts.close()
+            model.params = {**model.params, payload.CKKS_KEY: streaming.into_memory(cts)}
         return FLModelUtils.to_shareable(model)
 
     def _spool_dir(self) -> Path:

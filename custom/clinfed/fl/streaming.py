@@ -203,6 +203,15 @@ def worth_streaming(cts: Sequence[bytes]) -> bool:
     return size > STREAM_CHUNK_BYTES
 
 
+def into_memory(spool: Spool) -> list[bytes]:
+    """A spool's ciphertexts as a list, the spool deleted: for a payload small enough to ride in one
+    message (see `worth_streaming`), which FLARE then sends inline."""
+    try:
+        return list(spool)
+    finally:
+        spool.close()
+
+
 def withdraw(params: dict | None) -> None:
     """End the stream ``params`` refer to (e.g. last round's global model once a new one is out): a
     receiver that never came must not keep its source, and the bytes it serves, for the idle timeout."""

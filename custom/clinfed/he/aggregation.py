@@ -261,6 +261,18 @@ def decrypt_sum(
     Refuses (TooFewContributors) a sum of fewer than MIN_CONTRIBUTORS updates, and (ValueError) one
     without a count, whatever the server says about it.
     """
+    vec, contributors = decrypt_sum_exact(ctx, cts, layout, source)
+    arrays = unflatten(flood(vec), layout)
+    arrays.pop(COUNT_LAYER)
+    return arrays, contributors
+
+
+def decrypt_sum_exact(
+    ctx: ts.Context, cts: Sequence[bytes], layout: Layout, source: str = "server"
+) -> tuple[np.ndarray, int]:
+    """:func:`decrypt_sum` before flooding: (the flat decrypted vector, the true contributor count),
+    with the same refusals. Nothing computed from it may leave the site (see :func:`flood`); a
+    compressed site ranks next round's coordinates on it, identically at every site."""
     if COUNT_LAYER not in layout.names:
         raise ValueError(f"{source}: the encrypted sum carries no contributor count; refusing to decrypt it")
     vec = decrypt_vector(ctx, cts, layout.size, source)
@@ -274,9 +286,7 @@ def decrypt_sum(
             f"{source}: the encrypted sum holds {contributors} update(s), fewer than {MIN_CONTRIBUTORS}: "
             "decrypting it would let a contributor read another's update; refusing"
         )
-    arrays = unflatten(flood(vec), layout)
-    arrays.pop(COUNT_LAYER)
-    return arrays, contributors
+    return vec, contributors
 
 
 def decrypt_average(

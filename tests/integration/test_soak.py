@@ -6,7 +6,7 @@ import pytest
 
 from clinfed.bench.soak import run_soak
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.bench]  # 92 s: CLINFED_BENCH=1 runs it
 
 
 def test_rss_is_flat_over_30_rounds(tmp_path):

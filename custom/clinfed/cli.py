@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="training jobs: each site sends F (e.g. 0.01) of its update's coordinates, the rest later",
     )
     sim.add_argument(
+        "--he-format",
+        choices=["compact", "real"],
+        default=None,
+        help="training jobs: encrypted dense updates as compact integers (default, ~3.75 B/param) or CKKS reals (16)",
+    )
+    sim.add_argument(
         "--channels",
         type=channel_list,
         default=None,
@@ -119,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--epsilon", type=positive_float, default=None)
     exp.add_argument("--compression", type=fraction, default=None, metavar="F")
     exp.add_argument("--channels", type=channel_list, default=None, metavar="A,B,C")
+    exp.add_argument("--he-format", choices=["compact", "real"], default=None)
     bench = sub.add_parser("bench", help="benchmarks: print a table, write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     he = bench_sub.add_parser("he", help="plaintext FedAvg vs FLARE's HE vs clinfed's CKKS aggregation")
@@ -129,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=he_contenders,
         default=None,
         metavar="A,B",
-        help="some of plaintext,flare_he,ours,ours_flare_params,ours_compact (default: all)",
+        help="some of plaintext,flare_he,ours,ours_flare_params,ours_real (default: all)",
     )
     he.add_argument("--repeats", type=positive_int, default=3, help="rounds per contender; the table shows medians")
     he.add_argument("--json", type=Path, default=None)
@@ -292,12 +299,17 @@ ANALYTICS_OPTIONS += ("difficulty", "public_pretrain")
 ANALYTICS_OPTIONS += ("compression",)
 # imaging jobs (issue 15): a bigger UNet (`--channels 32,64,128`)
 ANALYTICS_OPTIONS += ("channels",)
+# training jobs (issue 14): the encrypted updates' wire format
+ANALYTICS_OPTIONS += ("he_format",)
+TRAINING_JOBS = ("breast_cancer_dp", "segmentation_dp", "segmentation3d_dp")
 IMAGING_JOBS = ("segmentation_dp", "segmentation3d_dp")
 
 
 def _check_channels(command: str, args: argparse.Namespace) -> None:
     if getattr(args, "channels", None) is not None and args.job not in IMAGING_JOBS:
         raise UsageError(f"clinfed {command}: --channels is for {' and '.join(IMAGING_JOBS)}, not {args.job}")
+    if getattr(args, "he_format", None) is not None and args.job not in TRAINING_JOBS:
+        raise UsageError(f"clinfed {command}: --he-format is for the training jobs, not {args.job}")
 
 
 def _analytics_options(args: argparse.Namespace) -> dict:
@@ -353,7 +365,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     rounds = args.rounds or module.DEFAULTS.get("rounds", 1)
     epsilon = args.epsilon if args.epsilon is not None else module.DEFAULTS.get("epsilon")
     _check_channels("export", args)
-    extra = {name: getattr(args, name) for name in ("compression", "channels") if getattr(args, name) is not None}
+    names = ("compression", "channels", "he_format")
+    extra = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     recipe = module.make_recipe(sites=args.sites, rounds=rounds, encrypt=not args.no_encrypt, epsilon=epsilon, **extra)
     args.out.mkdir(parents=True, exist_ok=True)
     recipe.export(str(args.out))

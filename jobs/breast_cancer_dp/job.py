@@ -23,6 +23,7 @@ def make_recipe(
     epsilon: float | None = 3.0,
     straggler_wait: int = 60,
     compression: float | None = None,
+    he_format: str = "compact",
     **_: object,
 ) -> SecureFedAvgRecipe:
     """`epsilon=None` trains without DP (the utility reference)."""
@@ -46,4 +47,5 @@ def make_recipe(
         },
         primary_metric="auc",
         compression=compression,
+        he_format=he_format,
     )

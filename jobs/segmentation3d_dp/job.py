@@ -43,6 +43,7 @@ def make_recipe(
     public_pretrain: int = 0,
     data_dir: str | None = None,
     compression: float | None = None,
+    he_format: str = "compact",
     channels: list[int] | tuple[int, ...] = (8, 16, 32),
     strides: list[int] | None = None,
     **_: object,
@@ -84,4 +85,5 @@ def make_recipe(
         primary_metric="dice",
         extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain, "channels": channels},
         compression=compression,
+        he_format=he_format,
     )

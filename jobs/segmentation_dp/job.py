@@ -36,6 +36,7 @@ def make_recipe(
     difficulty: str = "standard",
     public_pretrain: int = 0,
     compression: float | None = None,
+    he_format: str = "compact",
     channels: list[int] | tuple[int, ...] = (8, 16, 32),
     strides: list[int] | None = None,
     **_: object,
@@ -73,4 +74,5 @@ def make_recipe(
         primary_metric="dice",
         extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain, "channels": channels},
         compression=compression,
+        he_format=he_format,
     )

@@ -50,3 +50,28 @@ def test_decrypting_twice_does_not_average_the_flood_away():
     first = decrypt_average(secret, cts, total, layout)["w"]
     second = decrypt_average(secret, cts, total, layout)["w"]
     assert not np.array_equal(first, second), "two decryptions of one ciphertext are identical: no fresh flood"
+
+
+def test_a_compact_release_is_a_function_of_the_updates_alone_never_of_the_ckks_error():
+    """The training jobs' compact format releases no flood, so its claim is stronger: what a site
+    decrypts is exactly Σ round(share·x/δ), whatever noise the encryptions drew. Two federations of
+    the same updates under fresh encryptions (new noise, new seeds) and a fresh key must release
+    bit-identical models; were any CKKS error left in the release, they would differ."""
+    from clinfed.he.compact import CompactSpec, CompactSum, compact_decrypt_average, compact_encrypt
+
+    rng = np.random.default_rng(1)
+    updates = [{"w": rng.normal(0, 0.3, 5000).astype(np.float32)} for _ in range(3)]
+    shares = [0.3, 0.5, 0.2]
+    spec = CompactSpec(4.0, 3, pooled=True)
+    releases = []
+    for _ in range(2):
+        secret, public = create_context_pair()
+        acc = CompactSum(public, spec)
+        for i, (update, share) in enumerate(zip(updates, shares, strict=True)):
+            cts, layout = compact_encrypt(secret, update, share, spec)
+            acc.add(f"site-{i + 1}", cts, share, context_fingerprint(public), spec.to_json())
+        cts, total, _ = acc.result()
+        releases.append(compact_decrypt_average(secret, cts, total, layout, spec)["w"])
+    np.testing.assert_array_equal(releases[0], releases[1])
+    exact = sum(u["w"].astype(np.float64) * s for u, s in zip(updates, shares, strict=True))
+    assert np.max(np.abs(releases[0] - exact)) <= spec.sum_error_bound(3) + 1e-7  # still the model

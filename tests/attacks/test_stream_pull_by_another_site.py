@@ -72,8 +72,13 @@ def test_the_privacy_filter_refuses_a_stream_of_plaintext_weights():
 
     weights = np.random.default_rng(0).normal(size=4096).astype(np.float32)
     plain, _held = _offered("plain", [weights.tobytes()])
-    assert "not a SEAL ciphertext" in _filter_verdict(plain)
+    assert "not a SEAL or compact-format ciphertext" in _filter_verdict(plain)
     assert "did not offer" in _filter_verdict({**plain, "stream": {"ref": "forged", "count": 1}})
     secret, _ = create_context_pair()
     cts, _held = _offered("cts", encrypt_vector(secret, weights))
     assert _filter_verdict(cts) is None
+    from clinfed.he.compact import CompactSpec, compact_encrypt
+
+    upload, _ = compact_encrypt(secret, {"w": weights}, 0.5, CompactSpec(8.0, 3, pooled=True))
+    compact, _held2 = _offered("compact", upload)
+    assert _filter_verdict(compact) is None

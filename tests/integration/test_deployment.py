@@ -365,8 +365,11 @@ def _edited_job(folder: Path, **dp_edits) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("edit", "named"),
-    [({"enabled": False}, "dp_args.enabled"), ({"target_epsilon": 1e6}, "dp_args.target_epsilon"),
-     ({"delta": 0.5}, "dp_args.delta")],
+    [
+        ({"enabled": False}, "dp_args.enabled"),
+        ({"target_epsilon": 1e6}, "dp_args.target_epsilon"),
+        ({"delta": 0.5}, "dp_args.delta"),
+    ],
     ids=["dp-off", "epsilon-1e6", "delta-0.5"],
 )
 def test_a_leads_edited_job_that_weakens_dp_trains_at_no_site(fed, tmp_path, edit, named):
@@ -384,8 +387,17 @@ def test_a_leads_edited_job_that_weakens_dp_trains_at_no_site(fed, tmp_path, edi
 
 def test_a_two_site_job_is_refused_up_front(fed):
     proc = subprocess.run(
-        [sys.executable, "-m", "clinfed.cli", "submit", "breast_cancer_dp", "--kit", str(fed / "lead@clinfed.local"),
-         "--sites", "2"],
+        [
+            sys.executable,
+            "-m",
+            "clinfed.cli",
+            "submit",
+            "breast_cancer_dp",
+            "--kit",
+            str(fed / "lead@clinfed.local"),
+            "--sites",
+            "2",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -130,7 +130,7 @@ def test_a_value_past_the_head_room_is_refused_before_encrypting(pair, monkeypat
     import clinfed.he.compact as compact
 
     called = []
-    monkeypatch.setattr(compact, "compact_encrypt_ints", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(compact, "_encrypt_halves", lambda *a, **k: called.append(1))
     with pytest.raises(ValueError, match=r"layer 'big'.*exceeds the job's value_bound") as info:
         compact_encrypt(site, {"ok": np.zeros(4), "big": np.array([0.5, 0.6])}, 2.0, spec)
     assert "\n" not in str(info.value) and not called
@@ -212,23 +212,96 @@ def test_a_sum_of_too_few_sites_is_refused(pair):
         compact_decrypt_sum(site, total, two[0][1], spec)
 
 
-def test_contexts_do_not_mix_with_the_default_path(pair):
-    from clinfed.he import HEContextError, create_context_pair, encrypt_vector
+def test_the_compact_format_runs_on_the_federations_own_key_and_refuses_other_parameters(pair):
+    """No second key to make or exchange: the federation's default context (N=4096 [60 | 40], scale
+    2^36) carries compact ciphertexts at their own scale, and its real-valued path still works."""
+    from clinfed.he import HEContextError, create_context, create_context_pair, encrypt_vector
+    from clinfed.he.params import CKKSParams
 
-    site, _ = pair
-    with pytest.raises(HEContextError):
-        encrypt_vector(site, [1.0])  # the default codec refuses the compact context (scale 2^14)
-    default_site, _ = create_context_pair()
+    site, server = create_context_pair()
+    spec = CompactSpec(1.0, 3, pooled=True)
+    ups = [compact_encrypt(site, {"x": np.full(5, 0.25 * (i + 1))}, 1 / 3, spec) for i in range(3)]
+    sums, count = compact_decrypt_sum(site, sum_compact(server, [u[0] for u in ups], spec), ups[0][1], spec)
+    assert count == 3 and np.allclose(sums["x"], 0.5, atol=spec.sum_error_bound(3))
+    assert len(encrypt_vector(site, [1.0])) == 1
+    other = create_context(CKKSParams(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40, 60)))
     with pytest.raises(HEContextError, match="not the compact"):
-        compact_encrypt(default_site, {"x": np.zeros(2)}, 1.0, CompactSpec(1.0, 3))
+        compact_encrypt(other, {"x": np.zeros(2)}, 1.0, CompactSpec(1.0, 3))
     with pytest.raises(HEContextError, match="secret key"):
         CompactSum(site, CompactSpec(1.0, 3))
+
+
+def test_pooled_shares_keep_full_precision_at_twenty_sites_and_sum_exactly_at_the_bound(pair):
+    """Pooled (the training jobs): shares of the round's total weight, |x| ≤ bound, so the sum's
+    field holds the bound whatever the number of sites: at 20 sites the average is within
+    sites·δ/2 of the exact FedAvg, δ = bound/(2^20 − 11), i.e. ≤ 1e-5 of the bound."""
+    site, server = pair
+    sites = 20
+    spec = CompactSpec(2.0, sites, pooled=True)
+    weights = np.array([float(50 + 13 * i) for i in range(sites)])
+    shares = weights / weights.sum()
+    rng = np.random.default_rng(7)
+    updates = [{"w": rng.uniform(-2.0, 2.0, PER_CT).astype(np.float32)} for _ in range(sites)]
+    updates[0]["w"][:4] = [2.0, -2.0, 2.0, -2.0]  # every site at the bound in its first values
+    for u in updates:
+        u["w"][:4] = updates[0]["w"][:4]
+    acc = CompactSum(server, spec)
+    for i, (u, s) in enumerate(zip(updates, shares, strict=True)):
+        cts, layout = compact_encrypt(site, u, float(s), spec)
+        acc.add(f"site-{i}", cts, float(s), context_fingerprint(server), spec.to_json())
+    total, weight, _ = acc.result()
+    avg = compact_decrypt_average(site, total, weight, layout, spec)
+    exact = sum(s * u["w"].astype(np.float64) for u, s in zip(updates, shares, strict=True))
+    err = np.abs(avg["w"].astype(np.float64) - exact).max()
+    assert err <= spec.sum_error_bound(sites) + 1e-6  # + float32 rounding of the result
+    assert spec.sum_error_bound(sites) / spec.value_bound <= 1e-5
+    np.testing.assert_allclose(avg["w"][:4], [2.0, -2.0, 2.0, -2.0], atol=1e-5)  # no wraparound at the bound
+    with pytest.raises(ValueError, match="share"):
+        compact_encrypt(site, updates[0], 1.5, spec)  # a share above the whole would overflow the sum
+    with pytest.raises(ValueError, match=r"value 2\.5.*exceeds"):
+        compact_encrypt(site, {"w": np.array([2.5], dtype=np.float32)}, 0.1, spec)
+
+
+def test_a_streamed_upload_and_sum_go_through_spools_and_a_bad_item_leaves_the_sum_intact(pair, tmp_path):
+    """Streaming (fl.streaming): a model of several ciphertexts encrypted straight into a spool, added
+    from the spool (vetted whole, then added one ciphertext at a time), the sum written into a spool
+    and decrypted from it; an upload whose last ciphertext is damaged never touches the sum."""
+    from clinfed.fl.streaming import Spool
+
+    site, server = pair
+    spec = CompactSpec(1.0, 5, pooled=True)
+    size = 2 * PER_CT + 100  # three ciphertexts with the count
+    ups = [{"w": np.full(size, 0.1 * (i + 1), dtype=np.float32)} for i in range(4)]
+    acc = CompactSum(server, spec, size=size)
+    fp = context_fingerprint(server)
+    spools = []
+    for i, u in enumerate(ups[:3]):
+        spool = Spool(tmp_path)
+        cts, layout = compact_encrypt(site, u, 0.25, spec, into=spool)
+        assert cts is spool and len(spool) == 3
+        acc.add(f"site-{i}", spool, 0.25, fp)
+        spools.append(spool)
+    bad = Spool(tmp_path)
+    good = compact_encrypt(site, ups[3], 0.25, spec)[0]
+    bad.extend([good[0], good[1], good[2][:-8] + b"\xff" * 8])
+    with pytest.raises(InvalidCiphertext, match="ciphertext 3 of 3"):
+        acc.add("site-3", bad, 0.25, fp)
+    out = Spool(tmp_path)
+    total, weight, sites = acc.result(into=out)
+    assert total is out and sites == ["site-0", "site-1", "site-2"] and weight == pytest.approx(0.75)
+    avg = compact_decrypt_average(site, out, weight, layout, spec)
+    assert np.allclose(avg["w"], 0.2, atol=1e-5)  # (0.1 + 0.2 + 0.3) / 3: site-3's 0.4 never entered
+    for sp in (*spools, bad, out):
+        sp.close()
 
 
 def test_the_spec_round_trips_and_bounds_its_inputs():
     spec = CompactSpec(0.5, 7)
     assert CompactSpec.from_json(spec.to_json()) == spec
-    assert spec.quantum == pytest.approx(0.5 / ((2**21 - 1) // 7))
+    assert spec.quantum == pytest.approx(0.5 / ((2**20 - 1) // 7))
+    pooled = CompactSpec(0.5, 7, pooled=True)
+    assert CompactSpec.from_json(pooled.to_json()) == pooled != spec
+    assert pooled.quantum == pytest.approx(0.5 / (2**20 - 1 - 4))  # the bound holds for the sum
     json.loads(spec.to_json())
     for bad in (0.0, float("inf"), -1.0):
         with pytest.raises(ValueError, match="value_bound"):

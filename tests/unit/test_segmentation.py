@@ -229,6 +229,7 @@ def test_hard_difficulty_draws_smaller_fainter_lesions_and_unknown_is_refused():
     hard = SegmentationSiteData.synthetic(1, 3, 6, difficulty="hard")
     assert hard.foreground_fraction() < 0.2 * standard.foreground_fraction()
     assert site_profile(1, 3, "hard").blur_noise > 0 and site_profile(1, 3).blur_noise == 0
+
     # lesion vs background contrast: the mean intensity gap shrinks
     def gap(d):
         img, lab = d.images.numpy(), d.labels.numpy() > 0

@@ -7,16 +7,18 @@ Contenders (``CONTENDERS``; ``contenders=`` picks some):
   ``HEInTimeAccumulateWeightedAggregator`` → fobs → ``HEModelDecryptor``) with real FLContext,
   Shareable and DXO objects and the context FLARE's ``HEBuilder`` provisions (N=8192, [60, 40, 40],
   2^40, symmetric), one TenSEAL vector per layer.
-- ``ours``: clinfed's default path (``weighted_encrypt`` / ``EncryptedSum`` / ``decrypt_average``,
-  N=4096 [60, 40] 2^36, seeded, the whole model packed into one vector).
-- ``ours_flare_params``: the same code and wire format at FLARE's parameters (N=8192, [60, 40, 40],
-  2^40), so the ratio to FLARE splits into engineering (``flare_he`` → ``ours_flare_params``) and
-  parameter choice (``ours_flare_params`` → ``ours``).
-- ``ours_compact``: the opt-in compact format (``clinfed.he.compact``: N=4096 [31, 31 | 40] 2^14,
-  integers quantised to the job's grid, two 22-bit fields per half slot, both halves of each slot,
-  bit-packed seeded uploads). Its ``value_bound`` is the largest |weight·value| any site sends (the
-  tightest bound a job could configure from its clipping bound; a looser bound costs precision in
-  proportion) and ``max_sites`` is ``sites``.
+- ``ours``: what clinfed's training jobs send, the compact format (``clinfed.he.compact``: the
+  federation's key, N=4096 [60 | 40], scale 2^15 per ciphertext; each site sends its share of the
+  total weight times its model, quantised to the job's grid, two 21-bit fields per half slot, both
+  halves of each slot, bit-packed seeded uploads). Its pooled ``value_bound`` is the largest |value|
+  any site sends (the tightest bound a job could set; the training jobs use a looser public 16,
+  which costs precision in proportion) and ``max_sites`` is ``sites``.
+- ``ours_real``: clinfed's real-valued CKKS path, which the statistics jobs use (``weighted_encrypt``
+  / ``EncryptedSum`` / ``decrypt_average``, same key, scale 2^36, seeded, the whole model packed into
+  one vector, every decryption noise-flooded).
+- ``ours_flare_params``: the real-valued path's code and wire format at FLARE's parameters (N=8192,
+  [60, 40, 40], 2^40), so the ratio to FLARE splits into engineering (``flare_he`` →
+  ``ours_flare_params``), parameter choice (→ ``ours_real``) and integer packing (→ ``ours``).
 
 Every contender aggregates the same site updates (a layered float32 model of ``params`` values with
 16-value biases and norm scales, as a MONAI-style CNN has; each site's is the global model plus ~1 %
@@ -77,7 +79,7 @@ from typing import Any
 
 import numpy as np
 
-CONTENDERS = ("plaintext", "flare_he", "ours", "ours_flare_params", "ours_compact")
+CONTENDERS = ("plaintext", "flare_he", "ours", "ours_flare_params", "ours_real")
 BIAS = 16  # the smallest layers: a 16-channel bias or norm scale costs FLARE a whole ciphertext
 
 
@@ -115,14 +117,14 @@ def _site_update(model: dict[str, np.ndarray], scales: dict[str, float], site: i
 
 
 def _reference(model, scales, weights: Sequence[float], seed: int) -> tuple[dict[str, np.ndarray], float]:
-    """Exact FedAvg in float64, one site at a time; and the largest |weight·value| any site sends."""
+    """Exact FedAvg in float64, one site at a time; and the largest |value| any site sends."""
     total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in model.items()}
     peak = 0.0
     for i, w in enumerate(weights):
         update = _site_update(model, scales, i, seed)
         for k, v in update.items():
             total[k] += w * v.astype(np.float64)
-            peak = max(peak, w * float(np.max(np.abs(v))))
+            peak = max(peak, float(np.max(np.abs(v))))
     whole = sum(weights)
     return {k: v / whole for k, v in total.items()}, peak
 
@@ -409,7 +411,7 @@ class _FlareHE(_Contender):
 
 
 class _Ours(_Contender):
-    """clinfed's default path (``ours``), or the same code at other CKKS parameters (``ours_flare_params``)."""
+    """clinfed's real-valued path (``ours_real``), or its code at FLARE's parameters (``ours_flare_params``)."""
 
     def __init__(self, name: str, params, sites: int, workdir: Path):
         from clinfed.he import context_fingerprint, load_server_context, load_site_context, write_context_pair
@@ -479,20 +481,16 @@ class _Ours(_Contender):
 
 
 class _OursCompact(_Ours):
-    """The opt-in compact format (``clinfed.he.compact``)."""
+    """The training jobs' compact format (``clinfed.he.compact``) on the federation's own key."""
 
-    def __init__(self, sites: int, value_bound: float):
-        from clinfed.he import context_fingerprint, public_context
-        from clinfed.he.compact import CompactSpec, create_compact_context
+    def __init__(self, sites: int, value_bound: float, weights: Sequence[float], workdir: Path):
+        from clinfed.he import DEFAULT_PARAMS
+        from clinfed.he.compact import CompactSpec
 
-        self.name, self.sites = "ours_compact", sites
-        self.spec = CompactSpec(value_bound, sites)
-        self.site_ctx = create_compact_context(self.spec.params)
-        self.server_ctx = public_context(self.site_ctx)
-        self.fingerprint = context_fingerprint(self.site_ctx)
-        self.server_fingerprint = context_fingerprint(self.server_ctx)
+        super().__init__("ours", DEFAULT_PARAMS, sites, workdir)
+        self.spec = CompactSpec(value_bound, sites, pooled=True)
         self.spec_json = self.spec.to_json()
-        self.ct_per_update = 0
+        self.whole = float(sum(weights))  # the admitted sites' total: each site sends its share
 
     def start_round(self) -> None:
         from clinfed.he.compact import CompactSum
@@ -507,10 +505,11 @@ class _OursCompact(_Ours):
         from clinfed.he import layout_to_json
         from clinfed.he.compact import compact_encrypt
 
-        cts, layout = compact_encrypt(self.site_ctx, update, weight, self.spec)
+        share = weight / self.whole
+        cts, layout = compact_encrypt(self.site_ctx, update, share, self.spec)
         data = {"ckks": cts, "layout": layout_to_json(layout), "fingerprint": self.fingerprint, "spec": self.spec_json}
         self.ct_per_update = len(cts)
-        return fobs.dumps(DXO(DataKind.WEIGHT_DIFF, data=data, meta={"weight": weight}).to_shareable()), sum(
+        return fobs.dumps(DXO(DataKind.WEIGHT_DIFF, data=data, meta={"weight": share}).to_shareable()), sum(
             map(len, cts)
         )
 
@@ -543,6 +542,7 @@ class _OursCompact(_Ours):
             "context": {
                 **self.spec.params.as_dict(),
                 "max_sites": self.spec.max_sites,
+                "pooled": True,
                 "encryption": "symmetric, seeded, integer fields, complex slots, bit-packed",
             },
         }
@@ -637,7 +637,7 @@ def run_he_bench(
     model = bench_model(params, seed)
     scales = _layer_scales(model)
     weights = _weights(sites)
-    reference, peak_weighted = _reference(model, scales, weights, seed)
+    reference, peak_value = _reference(model, scales, weights, seed)
     mem = _Memory()
     runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="clinfed-he-bench-") as tmp:
@@ -649,13 +649,13 @@ def run_he_bench(
             elif name == "flare_he":
                 built[name] = _FlareHE(sites, work)
             elif name == "ours":
+                built[name] = _OursCompact(sites, peak_value, weights, work)
+            elif name == "ours_real":
                 from clinfed.he import DEFAULT_PARAMS
 
                 built[name] = _Ours(name, DEFAULT_PARAMS, sites, work)
-            elif name == "ours_flare_params":
-                built[name] = _Ours(name, CKKSParams(8192, (60, 40, 40), 40), sites, work)
             else:
-                built[name] = _OursCompact(sites, peak_weighted)
+                built[name] = _Ours(name, CKKSParams(8192, (60, 40, 40), 40), sites, work)
         for _ in range(repeats):
             for name in names:
                 runs[name].append(_round(built[name], model, scales, weights, seed, reference, mem))
@@ -699,7 +699,7 @@ def format_table(result: dict) -> str:
     )
     lines.append(" B/param: one site's FLARE-serialised update; MB: peak RSS above the round's start, per role)")
     flare = result.get("flare_he")
-    for name in ("ours", "ours_flare_params", "ours_compact"):
+    for name in ("ours", "ours_flare_params", "ours_real"):
         if name in result and flare is not None:
             ours = result[name]
             line = (

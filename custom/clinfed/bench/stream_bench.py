@@ -2,7 +2,8 @@
 
 `bench he` times the arithmetic in one process; this runs the product's own path end to end in
 FLARE's simulator (one process per site, cellnet between them): the `SecureFedAvg` controller,
-`fl.streaming` over FLARE's download service, CKKS at the sites, one round, then every site pulls
+`fl.streaming` over FLARE's download service, CKKS at the sites in the training jobs' compact format
+(`he.compact`, the job's spec and the admitted weight from the controller), one round, then every site pulls
 and decrypts the global sum. No training: each site sends a seeded random update of ``params``
 float32 values (a stand-in for a 500 MB UNet's update; DP-SGD on such a model is not what is being
 measured), so every site can also recompute the exact average and report the decryption's error.
@@ -34,6 +35,7 @@ from clinfed.sysinfo import peak_rss_mb, release_free_memory
 
 LAYER = "update"
 SCALE = 0.1  # magnitude of the synthetic update: a trained layer's weights (FedAvg averages weights)
+VALUE_BOUND = 1.0  # the job's public bound on |value| (10 σ of the synthetic update)
 
 
 def synthetic_update(index: int, params: int) -> np.ndarray:
@@ -56,34 +58,36 @@ class StreamBenchExecutor(Executor):
         spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         incoming = FLModelUtils.from_shareable(shareable)
         if task_name == payload.ADMIT_TASK:
-            return FLModelUtils.to_shareable(FLModel(params={}, meta={"status": "accepted"}))
+            return FLModelUtils.to_shareable(FLModel(params={}, meta={"status": "accepted", "weight": 1.0}))
         ctx, fingerprint = site_context(root, site)
         if task_name == payload.TRAIN_TASK:
-            return self._send(site, ctx, fingerprint, cell, spool_dir)
+            spec = str(incoming.meta[payload.COMPACT_KEY])
+            share = 1.0 / float(incoming.meta[payload.ADMITTED_WEIGHT_KEY])
+            return self._send(site, ctx, fingerprint, cell, spool_dir, spec, share)
         if task_name == payload.VALIDATE_TASK:
             return self._check(site, ctx, cell, spool_dir, incoming, abort_signal)
         return make_reply(ReturnCode.TASK_UNKNOWN)
 
-    def _send(self, site: str, ctx, fingerprint: str, cell, spool_dir: Path) -> Shareable:
-        from clinfed.he.aggregation import weighted_encrypt
+    def _send(self, site: str, ctx, fingerprint: str, cell, spool_dir: Path, spec: str, share: float) -> Shareable:
+        from clinfed.he.compact import CompactSpec, compact_encrypt
         from clinfed.he.packing import layout_to_json
 
         update = synthetic_update(site_index(site) or 0, self.params)
         start = time.monotonic()
         spool = streaming.Spool(spool_dir)
-        _, layout = weighted_encrypt(ctx, {LAYER: update}, 1.0, sites=self.num_sites, into=spool)
+        _, layout = compact_encrypt(ctx, {LAYER: update}, share, CompactSpec.from_json(spec), into=spool)
         seconds = time.monotonic() - start
         del update
         release_free_memory()
         params = streaming.offer(
-            cell, payload.encrypted_params(spool, layout_to_json(layout), fingerprint), ["server"], spool.close
+            cell, payload.encrypted_params(spool, layout_to_json(layout), fingerprint, spec), ["server"], spool.close
         )
         metrics = {"encrypt_seconds": seconds, "upload_bytes": spool.nbytes, "peak_rss_mb": peak_rss_mb()}
-        meta = {"status": "ok", "weight": 1.0, "bytes_sent": spool.nbytes, "metrics": metrics}
+        meta = {"status": "ok", "weight": share, "bytes_sent": spool.nbytes, "metrics": metrics}
         return FLModelUtils.to_shareable(FLModel(params=params, meta=meta))
 
     def _check(self, site: str, ctx, cell, spool_dir: Path, incoming: FLModel, abort_signal: Signal) -> Shareable:
-        from clinfed.he.aggregation import decrypt_average
+        from clinfed.he.compact import CompactSpec, compact_decrypt_average
         from clinfed.he.packing import layout_from_json
 
         start = time.monotonic()
@@ -93,7 +97,8 @@ class StreamBenchExecutor(Executor):
             layout = layout_from_json(params[payload.LAYOUT_KEY])
             total = float(incoming.meta["total_weight"])
             start = time.monotonic()
-            got = decrypt_average(ctx, params[payload.CKKS_KEY], total, layout)[LAYER].astype(np.float64)
+            spec = CompactSpec.from_json(str(params[payload.COMPACT_KEY]))
+            got = compact_decrypt_average(ctx, params[payload.CKKS_KEY], total, layout, spec)[LAYER].astype(np.float64)
             decrypt_seconds = time.monotonic() - start
         finally:
             streaming.release(params)
@@ -132,6 +137,7 @@ def run_stream_bench(params: int, sites: int, out: str | Path | None = None) -> 
             job_label="stream_bench",
             primary_metric="max_rel_error",
             submission=secrets.token_hex(8),
+            value_bound=VALUE_BOUND,
         ),
         id="controller",
     )

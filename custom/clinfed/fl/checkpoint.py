@@ -43,6 +43,7 @@ def model_doc(model: FLModel, encrypted: bool) -> dict:
             "layout": params[payload.LAYOUT_KEY],
             "fingerprint": params[payload.FINGERPRINT_KEY],
             "ckks": [c.hex() for c in params[payload.CKKS_KEY]],
+            "compact_spec": params.get(payload.COMPACT_KEY),
         }
     return {
         "total_weight": model.meta["total_weight"],
@@ -52,7 +53,9 @@ def model_doc(model: FLModel, encrypted: bool) -> dict:
 
 def model_from_doc(doc: dict) -> FLModel:
     if "ckks" in doc:
-        params = payload.encrypted_params([bytes.fromhex(c) for c in doc["ckks"]], doc["layout"], doc["fingerprint"])
+        params = payload.encrypted_params(
+            [bytes.fromhex(c) for c in doc["ckks"]], doc["layout"], doc["fingerprint"], doc.get("compact_spec")
+        )
     else:
         params = {k: np.asarray(v, dtype=np.float32) for k, v in doc["arrays"].items()}
     return FLModel(params=params, meta={"total_weight": doc["total_weight"]})

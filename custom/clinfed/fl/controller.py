@@ -21,6 +21,12 @@ sites that accept are sent training tasks, and summary.json records `admission`.
 site carries the server's audit-chain head and every reply the site's; each side records the other's
 (`anchor`), so no single party can rewrite its own audit history unnoticed.
 
+Dense encrypted updates use the compact format (`clinfed.he.compact`, `he_format="compact"`, the
+default): after admission the server fixes the job's `CompactSpec` (its public `value_bound`, the
+admitted sites as `max_sites`, pooled) and sends it with every train task together with the admitted
+sites' total weight, which each site turns into its share. The server only checks that every upload
+was made under that spec and adds; `he_format="real"` keeps the real-valued CKKS path.
+
 With `compression` the sites send k values at coordinates they agree on among themselves; the
 server still only adds, and checks that every update it adds comes with the same keyed digest of
 those coordinates (the majority's: a site that disagrees would corrupt the sum). The sum it returns
@@ -62,6 +68,8 @@ class SecureFedAvg(ModelController):
         extra_summary: dict | None = None,
         submission: str = "",
         compression: float = 0.0,
+        he_format: str = "compact",
+        value_bound: float = 16.0,
     ):
         """
         Args:
@@ -80,6 +88,10 @@ class SecureFedAvg(ModelController):
                 Without one, the FLARE job id is used, so nothing resumes across submissions.
             compression: the fraction of coordinates the sites send (0: dense updates); recorded in
                 summary.json and used to expect one index digest per round.
+            he_format: "compact" (dense updates at ~3.75 B/param, `clinfed.he.compact`) or "real"
+                (the real-valued CKKS path, 16 B/param). Compressed updates always use "real".
+            value_bound: the public bound on |model value| of the compact format: values beyond it are
+                clipped at the site; the quantum is value_bound / 2^20.
         """
         super().__init__()
         self._error_codes: dict[str, str] = {}
@@ -91,6 +103,9 @@ class SecureFedAvg(ModelController):
         self.job_label, self.primary_metric, self.task_timeout = job_label, primary_metric, task_timeout
         self.extra_summary = dict(extra_summary or {})
         self.compression = compression
+        self.he_format, self.value_bound = he_format, value_bound
+        self._spec = None  # the job's CompactSpec once the sites are admitted (compact format only)
+        self._admitted_weight = 0.0
 
     # --- setup ---------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -110,6 +125,10 @@ class SecureFedAvg(ModelController):
         from clinfed.he.packing import layout_from_json
 
         layout = layout_from_json(layout_json) if layout_json else None
+        if self._spec is not None:
+            from clinfed.he.compact import CompactSum
+
+            return CompactSum(self.ctx, self._spec, self.fingerprint, size=layout.size if layout else None)
         if self.encrypted:
             return EncryptedSum(self.ctx, self.fingerprint, size=layout.size if layout else None)
         return PlainWeightedSum(reference=layout)
@@ -240,7 +259,11 @@ class SecureFedAvg(ModelController):
         if self.encrypted:
             if not payload.is_encrypted(params):
                 raise ValueError(f"{site}: sent a plaintext update to an encrypted job")
-            acc.add(site, params[payload.CKKS_KEY], weight, params.get(payload.FINGERPRINT_KEY, ""))
+            if self._spec is not None:  # the spec the site quantised with must be the job's
+                spec = str(params.get(payload.COMPACT_KEY) or "")
+                acc.add(site, params[payload.CKKS_KEY], weight, params.get(payload.FINGERPRINT_KEY, ""), spec)
+            else:
+                acc.add(site, params[payload.CKKS_KEY], weight, params.get(payload.FINGERPRINT_KEY, ""))
         else:
             if payload.is_encrypted(params):
                 raise ValueError(f"{site}: sent ciphertexts to a plaintext job")
@@ -254,7 +277,10 @@ class SecureFedAvg(ModelController):
             cts, total, _ = acc.result(into=spool)
             if not streaming.worth_streaming(spool):
                 cts = streaming.into_memory(spool)
-            return FLModel(params=payload.encrypted_params(cts, layout, self.fingerprint), meta={"total_weight": total})
+            spec = self._spec.to_json() if self._spec is not None else None
+            return FLModel(
+                params=payload.encrypted_params(cts, layout, self.fingerprint, spec), meta={"total_weight": total}
+            )
         avg, total, _ = acc.result()
         return FLModel(params=avg, meta={"total_weight": total})
 
@@ -331,6 +357,7 @@ class SecureFedAvg(ModelController):
         self._run_key = f"{self.fl_ctx.get_job_id()}-{secrets.token_hex(6)}"
         start = self._load_state()
         admitted = self._admit(self.sample_clients(), start)
+        self._spec = self._compact_spec(admitted)
         if len(admitted) < self._floor:
             self.warning(f"only {len(admitted)} site(s) admitted the job (< {self._floor}); no round can be aggregated")
             self.audit.append("job_not_admitted", job=self.job, admitted=sorted(admitted), needed=self._floor)
@@ -341,6 +368,9 @@ class SecureFedAvg(ModelController):
                 self._sites.update(admitted)
                 outgoing = self._global or FLModel(params={})
                 outgoing.current_round, outgoing.total_rounds = round_num, self.num_rounds
+                if self._spec is not None:  # what each site quantises with, and its share's denominator
+                    outgoing.meta[payload.COMPACT_KEY] = self._spec.to_json()
+                    outgoing.meta[payload.ADMITTED_WEIGHT_KEY] = self._admitted_weight
                 self.info(f"round {round_num}: sending to {admitted}")
                 results = self._collect("train", self._stamped(outgoing), admitted)
                 started = time.monotonic()
@@ -375,12 +405,43 @@ class SecureFedAvg(ModelController):
             admission=self._admission,
             resumed_at=start,
             submission=self._submission,
-            extra=self.extra_summary,
+            extra={**self.extra_summary, "he_format": self._format_block()},
             compression=compression_block(self.compression, self._compression, self._rounds),
         )
         path = write_summary(self.get_run_dir(), summary)
         self.info(f"summary written to {path}")
         self._checkpoint_path.unlink(missing_ok=True)
+
+    def _compact_spec(self, admitted: list[str]):
+        """The job's CompactSpec (None: the real-valued path): pooled over the admitted sites, whose
+        weights (sample counts, public as in FLARE's FedAvg) sum to the shares' denominator."""
+        if not (self.encrypted and self.he_format == "compact" and not self.compression and admitted):
+            return None
+        from clinfed.he.compact import CompactSpec
+
+        weights = [self._admission.get(s, {}).get("weight") for s in admitted]
+        self._admitted_weight = float(sum(w for w in weights if isinstance(w, int | float) and w > 0))
+        return CompactSpec(float(self.value_bound), max(len(admitted), MIN_CONTRIBUTORS), pooled=True)
+
+    def _format_block(self) -> dict | None:
+        """summary.json's `he_format`: the wire format of the updates and its public parameters."""
+        if not self.encrypted:
+            return None
+        if self._spec is None:
+            return {"format": "real"}
+        sent = [e["bytes_sent"] for r in self._rounds for e in r["sites"].values() if e.get("status") == "ok"]
+        size = 0
+        if self._layout:
+            from clinfed.he.packing import layout_from_json
+
+            size = layout_from_json(self._layout).size
+        return {
+            "format": "compact",
+            "value_bound": self._spec.value_bound,
+            "max_sites": self._spec.max_sites,
+            "quantum": self._spec.quantum,
+            "upload_bytes_per_param": round(float(np.mean(sent)) / size, 3) if sent and size else None,
+        }
 
     def _stamped(self, model: FLModel) -> FLModel:
         """The outgoing message with the run key and the server's audit-chain head."""
@@ -405,6 +466,8 @@ class SecureFedAvg(ModelController):
             payload.record_anchor(self.audit, meta, job=self.job, round_num=start, peer=site)
             if meta.get("status") == "accepted":
                 entry = {"status": "accepted", "reason": "", "planned_epsilon": meta.get("planned_epsilon")}
+                if isinstance(meta.get("weight"), int | float):
+                    entry["weight"] = float(meta["weight"])  # the site's sample weight (public, as in FedAvg)
             else:
                 reason = meta.get("reason") or f"{site}: {meta.get('status', 'no answer')}"
                 entry = {"status": "refused", "reason": reason}

@@ -14,6 +14,12 @@ of its budget and accepts or refuses the job as a whole, so no ε is spent on a 
 drop half-way. Each round's spend is then reserved in the ledger (file-locked, cross-checked with
 the audit log) before training.
 
+Dense encrypted updates go in the compact format (`clinfed.he.compact`) when the train task carries
+the job's `CompactSpec`: the site sends its share w / W of the admitted sites' total weight W, values
+clipped to the spec's public `value_bound` (post-processing of the DP-trained model, so no privacy is
+spent; how many were clipped stays in the site's own audit log). Decryption is exact (integers), so
+the compact global model needs no noise flooding.
+
 With `compression` (a fraction F of the coordinates, `clinfed.fl.compression`) the site sends its
 model *change* at the round's shared coordinates only, keeps the rest in its error feedback, and
 holds the global model itself: the server's sum is one round's k values, which each site decrypts and
@@ -128,6 +134,7 @@ class DPTrainExecutor(Executor):
         self._ctx = None
         self._cell = None  # this site's FLARE cell, set per task: streams are offered and pulled through it
         self._fingerprint = ""
+        self._wire: tuple[str, float] | None = None  # this round's (CompactSpec JSON, admitted weight total)
 
     # --- state that lives for the whole job at this site -------------------------------------------
     def _setup(self, fl_ctx: FLContext, incoming: FLModel) -> None:
@@ -200,6 +207,7 @@ class DPTrainExecutor(Executor):
             self._admission = {
                 "status": "accepted",
                 "reason": "",
+                "weight": self._sample_weight(),  # public, as in FLARE's FedAvg: the server sums the shares' base
                 "planned_epsilon": self.ledger.epsilon_of_run_if(self.run_key, planned),
                 "projected_site_epsilon": projected,
             }
@@ -207,6 +215,19 @@ class DPTrainExecutor(Executor):
         if self._admission["status"] != "accepted":
             raise SiteRefusal(self._admission["reason"])
         return self._admission
+
+    def _sample_weight(self) -> float:
+        return len(self._trainer.data.train) / self.weight_unit
+
+    def _compact_spec(self, text: str):
+        """The job's CompactSpec as the server sent it, if this site can use it (ValueError otherwise):
+        pooled, on this federation's key's parameters. A wrong bound costs only accuracy, never privacy."""
+        from clinfed.he.compact import COMPACT_PARAMS, CompactSpec
+
+        spec = CompactSpec.from_json(text)
+        if not spec.pooled or spec.params != COMPACT_PARAMS:
+            raise ValueError(f"{self.site}: the job's compact spec is not the pooled format on this federation's key")
+        return spec
 
     # --- the global model in ---------------------------------------------------------------------
     def _check_encrypted(self, params: dict) -> None:
@@ -234,9 +255,14 @@ class DPTrainExecutor(Executor):
             total = float(model.meta.get("total_weight", 0.0))
             if total <= 0:
                 raise ValueError(f"{self.site}: encrypted global model carries no total weight")
-            weights = decrypt_average(
-                self._ctx, params[payload.CKKS_KEY], total, layout_from_json(params[payload.LAYOUT_KEY])
-            )
+            layout = layout_from_json(params[payload.LAYOUT_KEY])
+            if params.get(payload.COMPACT_KEY):  # exact integers: no flooding needed (he.compact)
+                from clinfed.he.compact import compact_decrypt_average
+
+                spec = self._compact_spec(str(params[payload.COMPACT_KEY]))
+                weights = compact_decrypt_average(self._ctx, params[payload.CKKS_KEY], total, layout, spec)
+            else:
+                weights = decrypt_average(self._ctx, params[payload.CKKS_KEY], total, layout)
         else:
             weights = {k: np.asarray(v) for k, v in params.items()}
         self._trainer.set_weights(weights)
@@ -308,6 +334,8 @@ class DPTrainExecutor(Executor):
             }
         if not self.encrypt:
             return weights, float(n_train), extra
+        if self._compressed is None and self._wire is not None:
+            return self._encode_compact(weights, n_train, round_num)
         from clinfed.he.aggregation import weighted_encrypt
         from clinfed.he.ckks import expected_ciphertext_count
         from clinfed.he.packing import layout_to_json
@@ -321,6 +349,33 @@ class DPTrainExecutor(Executor):
             extra["compression"]["dense_ciphertexts"] = expected_ciphertext_count(self._ctx, self._compressed.size + 1)
         return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint), weight, extra
 
+    def _encode_compact(self, weights: dict[str, np.ndarray], n_train: int, round_num: int) -> tuple[dict, float, dict]:
+        """The dense update in the compact format: the site's share of the admitted total weight,
+        values clipped to the job's public bound, encrypted straight into this round's spool."""
+        from clinfed.he.compact import compact_encrypt
+        from clinfed.he.packing import layout_to_json
+
+        spec_json, admitted = self._wire
+        spec = self._compact_spec(spec_json)
+        own = n_train / self.weight_unit
+        if not (math.isfinite(admitted) and admitted > 0 and own <= admitted * (1 + 1e-9)):
+            raise ValueError(
+                f"{self.site}: the server's admitted weight total {admitted!r} is below this site's own weight "
+                f"{own:g}; refusing to encrypt a share above the whole (it would overflow the sum)"
+            )
+        share = min(own / admitted, 1.0)
+        bound, clipped = spec.value_bound, 0
+        for name, arr in weights.items():
+            over = int(np.count_nonzero(np.abs(arr) > bound))
+            if over:
+                clipped += over
+                weights[name] = np.clip(arr, -bound, bound)
+        if clipped:  # post-processing of the DP-trained model; the count stays at the site
+            self.audit.append("update_clipped", job=self.job, round=round_num, values=clipped, bound=bound)
+        spool = streaming.Spool(self._spool_dir()) if self._cell is not None else None
+        cts, layout = compact_encrypt(self._ctx, weights, share, spec, into=spool)
+        return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint, spec_json), share, {}
+
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name not in (ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK):
             return make_reply(ReturnCode.TASK_UNKNOWN)
@@ -333,6 +388,9 @@ class DPTrainExecutor(Executor):
             payload.record_anchor(self.audit, incoming.meta, job=self.job, round_num=round_num, peer="server")
             if task_name == ADMIT_TASK:
                 return self._reply(FLModel(params={}, meta=dict(self._admit())))
+            spec = (incoming.meta or {}).get(payload.COMPACT_KEY)
+            admitted = (incoming.meta or {}).get(payload.ADMITTED_WEIGHT_KEY)
+            self._wire = (str(spec), float(admitted or 0.0)) if spec else None
             if streaming.is_streamed(incoming.params):  # the global model: pulled from the server's stream
                 incoming.params, _ = streaming.receive(
                     self._cell, incoming.params, "server", self._spool_dir(), abort_signal

@@ -10,6 +10,11 @@ The server adds the ciphertexts and sums the weights; the global model it sends 
 shape with meta {"total_weight": Σ weights}, and only the sites can decrypt and divide. Sample
 counts (the weights) travel in the clear, as in FLARE's own FedAvg; the weights themselves never do.
 
+Dense training updates use the compact format (`clinfed.he.compact`, ~3.75 B/param up, 7.5 down):
+the train task's meta carries the job's `CompactSpec` (`compact_spec`) and the admitted sites' total
+weight (`admitted_weight`); a site sends its share w_i / W of that total as its weight and the spec
+in `params["compact_spec"]`, and the server's sum carries it back.
+
 Plaintext (`--no-encrypt`, for comparison) is ordinary FedAvg: params are the arrays themselves.
 
 Compressed (`--compression F`, `clinfed.fl.compression`), the update is one layer of k = ⌈F·P⌉ values
@@ -35,6 +40,8 @@ AUDIT_HEAD_KEY = "audit_head"  # meta key: the sender's audit-chain head (anchor
 CKKS_KEY = "ckks"
 LAYOUT_KEY = "layout"
 FINGERPRINT_KEY = "fingerprint"
+COMPACT_KEY = "compact_spec"  # params (compact-format payloads) and train-task meta: the job's CompactSpec
+ADMITTED_WEIGHT_KEY = "admitted_weight"  # train-task meta: Σ of the admitted sites' weights
 
 # compressed rounds (meta keys)
 DIGEST_KEY = "index_digest"
@@ -54,6 +61,8 @@ def payload_chunks(params: dict) -> Iterator[bytes]:
         yield from params[CKKS_KEY]
         yield params[LAYOUT_KEY].encode()
         yield params[FINGERPRINT_KEY].encode()
+        if params.get(COMPACT_KEY):
+            yield str(params[COMPACT_KEY]).encode()
         return
     for k in sorted(params):
         yield k.encode() + np.ascontiguousarray(params[k]).tobytes()
@@ -84,10 +93,14 @@ def log_update(audit, event: str, params: dict, *, job: str, round_num: int, sit
     return digest, size
 
 
-def encrypted_params(cts: Sequence[bytes], layout_json: str, fingerprint: str) -> dict:
-    """The encrypted payload; a list stays a list, a spool (`fl.streaming.Spool`) stays on disk."""
+def encrypted_params(cts: Sequence[bytes], layout_json: str, fingerprint: str, compact: str | None = None) -> dict:
+    """The encrypted payload; a list stays a list, a spool (`fl.streaming.Spool`) stays on disk.
+    ``compact``: the `CompactSpec` JSON of a compact-format payload (None: the real-valued format)."""
     keep = isinstance(cts, Sequence) and not isinstance(cts, tuple)
-    return {CKKS_KEY: cts if keep else list(cts), LAYOUT_KEY: layout_json, FINGERPRINT_KEY: fingerprint}
+    params = {CKKS_KEY: cts if keep else list(cts), LAYOUT_KEY: layout_json, FINGERPRINT_KEY: fingerprint}
+    if compact:
+        params[COMPACT_KEY] = compact
+    return params
 
 
 def record_anchor(audit, meta: dict | None, *, job: str, round_num: int, peer: str) -> None:

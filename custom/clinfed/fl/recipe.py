@@ -35,15 +35,23 @@ class SecureFedAvgRecipe(Recipe):
         straggler_wait: int = 60,
         extra_summary: dict | None = None,
         compression: float | None = None,
+        he_format: str = "compact",
+        value_bound: float = 16.0,
     ):
         """Each recipe is one *submission*: it draws a random `submission` id that the server keys its
         resume point by, so only a resubmission of this very job folder (after a server restart) resumes
         it; a new export of the same job starts at round 0 with a fresh run key.
 
         There is no fault-injection argument: faults are a simulator-only switch (`clinfed.faults`).
-        `compression` F in (0, 1] sends only F of each update's coordinates (`clinfed.fl.compression`)."""
+        `compression` F in (0, 1] sends only F of each update's coordinates (`clinfed.fl.compression`).
+        `he_format` "compact" (default) sends dense encrypted updates as integers on a grid of
+        `value_bound` / 2^20 (`clinfed.he.compact`, ~3.75 B/param); "real" as CKKS reals (16 B/param)."""
         _validate(name, task, num_rounds, num_sites, min_clients, dp_args or {})
         _validate_compression(name, compression)
+        if he_format not in ("compact", "real"):
+            raise ValueError(f"{name}: he_format must be 'compact' or 'real', got {he_format!r}")
+        if not (isinstance(value_bound, int | float) and 0 < value_bound < float("inf")):
+            raise ValueError(f"{name}: value_bound must be a positive number, got {value_bound!r}")
         min_clients = max(min_clients or num_sites, MIN_CONTRIBUTORS)  # the controller enforces it again
         job = FedJob(name=name, min_clients=min_clients)
         job.set_app_packages(["clinfed"])
@@ -59,6 +67,8 @@ class SecureFedAvgRecipe(Recipe):
             submission=secrets.token_hex(8),
             extra_summary=extra_summary,
             compression=compression or 0.0,
+            he_format=he_format,
+            value_bound=float(value_bound),
         )
         job.to_server(controller, id="controller")
         executor = DPTrainExecutor(

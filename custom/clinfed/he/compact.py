@@ -1,34 +1,42 @@
 """Compact encrypted FedAvg: ≤ 4 bytes per parameter up, ≤ 8 down, exact in the quantised sense.
 
-Opt-in. Nothing here changes :mod:`clinfed.he.ckks` or :data:`clinfed.he.params.DEFAULT_PARAMS`; the
-compact format has its own parameters, its own context (keys) and its own wire format, and the
-default path keeps working as before. The arithmetic and the security level are written out in
-``docs/he-parameters.md``; in short:
+The training jobs' wire format (dense updates; `clinfed.fl.controller` picks it). It runs on the
+federation's own CKKS key (:data:`clinfed.he.params.DEFAULT_PARAMS`: N = 4096, [60 | 40]), so no
+second key has to be made or exchanged: CKKS keeps the scale per ciphertext, and this format only
+chooses its own scale and packing. The statistics jobs keep the real-valued path
+(:mod:`clinfed.he.ckks`), whose exactness they rely on. The arithmetic and the security level are
+written out in ``docs/he-parameters.md``; in short:
 
-* **Parameters** (:data:`COMPACT_PARAMS`): N = 4096, coefficient modulus [31, 31 | 40] (two data
-  primes, SEAL's special prime last), 102 bits in all ≤ the 109 that the HomomorphicEncryption.org
-  table allows N = 4096 for **128-bit security**; scale 2^14.
-* **Integers, not reals.** A site multiplies its update by its aggregation weight, then quantises
-  every value to an integer multiple of the job's quantum δ = ``value_bound`` / M with
-  M = ⌊(2^21 − 1) / max_sites⌋ (:class:`CompactSpec`); a 22-bit signed *field* then holds the sum of
-  up to ``max_sites`` such integers without overflow. A value beyond ``value_bound`` is refused
-  (ValueError) before anything is encrypted.
+* **Parameters** (:data:`COMPACT_PARAMS`): N = 4096, coefficient modulus [60 | 40] (one 60-bit data
+  prime, SEAL's special prime last), 100 bits in all ≤ the 109 that the HomomorphicEncryption.org
+  table allows N = 4096 for **128-bit security**; scale 2^15 (per ciphertext).
+* **Integers, not reals.** A site quantises every value to an integer multiple of the job's
+  quantum δ (:class:`CompactSpec`). In the training jobs' *pooled* spec a site sends its share
+  s = w / W of the admitted sites' total weight W times its model (|x| ≤ ``value_bound``), so the
+  *sum* of all sites' integers is bounded by ``value_bound`` / δ and δ = ``value_bound`` / (2^20 − 1
+  − ⌈max_sites / 2⌉): the precision does not shrink with the number of sites. (A spec that is not
+  pooled bounds each site's |w·x| instead, with M = ⌊(2^20 − 1) / max_sites⌋ levels per site.) A
+  value beyond ``value_bound`` is refused (ValueError) before anything is encrypted.
 * **Two fields per half slot, both halves of each slot.** TenSEAL's ``ckks_vector`` takes real
   vectors only, but the SEAL encoder shipped in the same wheel (``tenseal.sealapi.CKKSEncoder``)
   encodes complex vectors, so each of the N/2 slots carries two reals (real and imaginary halves),
-  and each half carries the integer T = f0 + f1·2^22 (two fields). One ciphertext thus holds
-  2·N = 8192 values. Sums of ciphertexts are sums of T; after decryption each half is rounded to
-  the nearest integer (the CKKS error is ~0.04 at 20 sites, far below the 0.5 that rounding
+  and each half carries the integer T = f0 + f1·2^21 (two 21-bit fields). One ciphertext thus
+  holds 2·N = 8192 values. Sums of ciphertexts are sums of T; after decryption each half is rounded
+  to the nearest integer (the CKKS error is ~0.02 at 20 sites, far below the 0.5 that rounding
   forgives) and split back into fields with balanced digits. The decrypted sum is therefore
-  *exactly* Σ_sites round(w·x/δ): the only error is the quantisation, |error of the sum| ≤
-  sites·δ/2, and of the average ≤ sites·δ / (2·Σw). Because the output is an exact integer, it
-  reveals nothing of the CKKS error, so no noise flooding is needed (compare ``aggregation.flood``).
+  *exactly* Σ_sites round(s·x/δ): the only error is the quantisation, |error of the sum| ≤
+  sites·δ/2. Because the output is an exact integer, it reveals nothing of the CKKS error, so no
+  noise flooding is needed (compare ``aggregation.flood``).
 * **Wire format.** A seeded upload is c0 plus SEAL's 64-byte PRNG seed for c1; instead of SEAL's
-  zstd (which stores a 31-bit residue in ~6.5 bytes), every residue is bit-packed to the bit length
-  of its prime. Upload: 62 bits per coefficient, N coefficients per 2N values: 3.875 B/param plus
-  69 bytes per ciphertext; download (c0 and c1): 7.75 B/param. The server rebuilds SEAL's own
+  zstd (which stores a 60-bit residue in ~7.9 bytes), every residue is bit-packed to the bit length
+  of its prime. Upload: 60 bits per coefficient, N coefficients per 2N values: 3.75 B/param plus
+  69 bytes per ciphertext; download (c0 and c1): 7.5 B/param. The server rebuilds SEAL's own
   (uncompressed) serialisation from its context and lets SEAL load it, so SEAL still vets every
   coefficient and expands the seed; metadata (parameters id, scale) never comes from the sender.
+* **Streaming.** Encryption walks the model in chunks (:func:`clinfed.he.packing.iter_flat`) and
+  hands each ciphertext to ``into`` (a spool on disk, :mod:`clinfed.fl.streaming`); decryption
+  writes each ciphertext's values straight into the model's arrays: a site holds its float32 model
+  plus one chunk, never a float64 copy of the whole model.
 
 A contributor count travels in the first field, as in :mod:`clinfed.he.aggregation`: sites refuse
 to decrypt a sum of fewer than ``MIN_CONTRIBUTORS`` updates, whatever the server says.
@@ -63,7 +71,7 @@ from clinfed.he.ckks import (
     _secret_tools,
 )
 from clinfed.he.context import HEContextError, context_fingerprint
-from clinfed.he.packing import Layout, flatten, unflatten
+from clinfed.he.packing import FlatWriter, Layout, iter_flat, layout_of
 from clinfed.he.params import MAX_COEFF_BITS_128
 from clinfed.textio import one_line
 
@@ -84,6 +92,7 @@ _MAGIC = b"CFK"
 _VERSION = 1
 _SEEDED, _FULL = b"S", b"F"
 _HEADER = len(_MAGIC) + 2
+UPLOAD_HEAD = _MAGIC + bytes([_VERSION]) + _SEEDED  # how every compact upload starts (privacy filter)
 _SEED_BYTES = 65  # SEAL's UniformRandomGeneratorInfo: 1 byte PRNG type + 64-byte seed
 
 
@@ -97,9 +106,9 @@ class CompactParams:
     """
 
     poly_modulus_degree: int = 4096
-    coeff_mod_bit_sizes: tuple[int, ...] = (31, 31, 40)
-    scale_bits: int = 14
-    field_bits: int = 22
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40)
+    scale_bits: int = 15
+    field_bits: int = 21
     fields: int = 2
 
     def __post_init__(self) -> None:
@@ -191,14 +200,18 @@ COMPACT_PARAMS = CompactParams()
 class CompactSpec:
     """What every site and the server of a job agree on before a round: bound, sites, parameters.
 
-    ``value_bound`` bounds |weight·x| for every value a site sends (a DP job clips its noised update
-    to it); ``max_sites`` is the most updates one sum may hold (the server refuses more). Together
-    they fix the quantum δ = value_bound / M, M = ⌊(2^(field_bits−1) − 1) / max_sites⌋.
+    ``max_sites`` is the most updates one sum may hold (the server refuses more). Not ``pooled``,
+    ``value_bound`` bounds |weight·x| for every value a site sends and the quantum is
+    δ = value_bound / M, M = ⌊(2^(field_bits−1) − 1) / max_sites⌋. ``pooled`` (the training jobs),
+    each site sends its share s ≤ 1 of the round's total weight (Σ s ≤ 1) times values
+    |x| ≤ ``value_bound``, so the bound holds for the whole sum and δ = value_bound / M with
+    M = 2^(field_bits−1) − 1 − ⌈max_sites / 2⌉ (each site's rounding may add ½).
     """
 
     value_bound: float
     max_sites: int
     params: CompactParams = COMPACT_PARAMS
+    pooled: bool = False
 
     def __post_init__(self) -> None:
         bound = float(self.value_bound)
@@ -215,8 +228,15 @@ class CompactSpec:
 
     @property
     def per_site_limit(self) -> int:
-        """M: the largest |integer| one site may put in a field."""
+        """M: the largest |integer| one site may put in a field (pooled: the sites together, before rounding)."""
+        if self.pooled:
+            return 2 ** (self.params.field_bits - 1) - 1 - math.ceil(self.max_sites / 2)
         return (2 ** (self.params.field_bits - 1) - 1) // self.max_sites
+
+    @property
+    def sum_limit(self) -> int:
+        """The largest |integer| a field of an honest sum can hold."""
+        return 2 ** (self.params.field_bits - 1) - 1 if self.pooled else self.max_sites * self.per_site_limit
 
     @property
     def quantum(self) -> float:
@@ -230,7 +250,7 @@ class CompactSpec:
     def to_json(self) -> str:
         return json.dumps(
             {"version": _VERSION, "value_bound": self.value_bound, "max_sites": self.max_sites,
-             "params": {"poly_modulus_degree": self.params.poly_modulus_degree,
+             "pooled": bool(self.pooled), "params": {"poly_modulus_degree": self.params.poly_modulus_degree,
                         "coeff_mod_bit_sizes": list(self.params.coeff_mod_bit_sizes),
                         "scale_bits": self.params.scale_bits, "field_bits": self.params.field_bits,
                         "fields": self.params.fields}},
@@ -243,7 +263,10 @@ class CompactSpec:
             obj = json.loads(text)
             if obj.get("version") != _VERSION:
                 raise ValueError(f"malformed compact spec: unsupported version {obj.get('version')!r}")
-            return cls(float(obj["value_bound"]), int(obj["max_sites"]), CompactParams(**obj["params"]))
+            pooled = obj.get("pooled", False)
+            if not isinstance(pooled, bool):
+                raise ValueError(f"malformed compact spec: pooled={pooled!r}")
+            return cls(float(obj["value_bound"]), int(obj["max_sites"]), CompactParams(**obj["params"]), pooled)
         except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed compact spec: {exc}") from exc
 
@@ -448,12 +471,13 @@ def _compact(ctx: ts.Context, params: CompactParams) -> _Compact:
     if cached is not None and cached.params == params and (cached.decryptor is not None) == private:
         return cached
     parms, context, parts = _seal_context(ctx, "the compact format needs CKKS")
-    got = (parms.poly_modulus_degree(), tuple(m.bit_count() for m in parms.coeff_modulus()), float(ctx.global_scale))
-    want = (params.poly_modulus_degree, params.coeff_mod_bit_sizes, 2.0**params.scale_bits)
+    # The scale is the ciphertext's, not the context's: the federation's key serves both formats.
+    got = (parms.poly_modulus_degree(), tuple(m.bit_count() for m in parms.coeff_modulus()))
+    want = (params.poly_modulus_degree, params.coeff_mod_bit_sizes)
     if got != want:
         raise HEContextError(
-            f"context (N={got[0]}, primes {list(got[1])}, scale 2^{math.log2(got[2]):g}) is not the compact "
-            f"format's (N={want[0]}, primes {list(want[1])}, scale 2^{params.scale_bits})"
+            f"context (N={got[0]}, primes {list(got[1])}) is not the compact format's "
+            f"(N={want[0]}, primes {list(want[1])})"
         )
     data = context.first_context_data()
     moduli = tuple(m.value() for m in data.parms().coeff_modulus())
@@ -574,45 +598,147 @@ def _dump_full(seal: _Compact, ct: Any) -> bytes:
 
 
 # --- site side ----------------------------------------------------------------------------------------
-def compact_encrypt_ints(ctx: ts.Context, ints: np.ndarray, params: CompactParams = COMPACT_PARAMS) -> list[bytes]:
-    """Encrypt signed integers (each within one site's share of a field) as seeded compact uploads."""
-    seal = _compact(ctx, params)
-    if seal.encryptor is None:
-        raise HEContextError("this context holds no secret key: only sites encrypt")
-    halves = pack_fields(ints, seal.params)
+_CHUNK_CIPHERTEXTS = 64  # ciphertexts' worth of values (64 x 8192) quantised and packed at a time
+
+
+def _encrypt_halves(seal: _Compact, halves: np.ndarray, out: Any) -> None:
+    """Encrypt rows of half-slot integers as seeded compact uploads, appending each to ``out``."""
     n, k = seal.n, seal.k
     c0_words = k * n
     expected = len(seal.seeded_prefix) + 8 * c0_words + 16 + _SEED_BYTES
-    out = []
+    start = len(seal.seeded_prefix)
     for row in halves:
         values = row.astype(np.float64)
         plain = sa.Plaintext()
         seal.encoder.encode((values[: n // 2] + 1j * values[n // 2 :]).tolist(), seal.scale, plain)
         body = _seal_body(_seal_dump(seal.encryptor.encrypt_symmetric(plain).save), expected)
-        start = len(seal.seeded_prefix)
         c0 = np.frombuffer(body, dtype="<u8", count=c0_words, offset=start).astype(np.uint64)
         out.append(_encode_wire(seal, _SEEDED, c0, body[-_SEED_BYTES:]))
+
+
+def _site_seal(ctx: ts.Context, params: CompactParams) -> _Compact:
+    seal = _compact(ctx, params)
+    if seal.encryptor is None:
+        raise HEContextError("this context holds no secret key: only sites encrypt")
+    return seal
+
+
+def compact_encrypt_ints(
+    ctx: ts.Context, ints: np.ndarray, params: CompactParams = COMPACT_PARAMS, into: Any = None
+) -> Sequence[bytes]:
+    """Encrypt signed integers (each within one site's share of a field) as seeded compact uploads;
+    ``into`` (default: a new list) receives each ciphertext as it is made."""
+    seal = _site_seal(ctx, params)
+    out = [] if into is None else into
+    _encrypt_halves(seal, pack_fields(ints, seal.params), out)
     return out
 
 
+def _check_update(arrays: Mapping[str, np.ndarray], layout: Layout, bound: float, spec: CompactSpec, w: float) -> None:
+    """Refuse NaN/Inf and any value past the bound, layer by layer, before anything is encrypted."""
+    for name in layout.names:
+        arr = np.asarray(arrays[name])
+        if arr.size == 0:
+            continue
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise ValueError(
+                f"update holds {int((~finite).sum())} NaN/Inf values (first in layer '{name}'); refusing to encrypt it"
+            )
+        peak = float(np.max(np.abs(arr)))
+        if peak * (1.0 if spec.pooled else w) > bound:
+            what = "value" if spec.pooled else "weighted value"
+            shown = peak if spec.pooled else peak * w
+            raise ValueError(
+                f"{what} {shown:.6g} in layer '{name}' exceeds the job's value_bound ±{bound:.6g}, past which "
+                f"{spec.max_sites} sites' sum would overflow its field; clip the update or raise the bound"
+            )
+
+
 def compact_encrypt(
-    ctx: ts.Context, arrays: Mapping[str, np.ndarray], weight: float, spec: CompactSpec
-) -> tuple[list[bytes], Layout]:
+    ctx: ts.Context, arrays: Mapping[str, np.ndarray], weight: float, spec: CompactSpec, into: Any = None
+) -> tuple[Sequence[bytes], Layout]:
     """A site's update: multiply by ``weight``, quantise to ``spec``'s grid, pack, encrypt (seeded).
 
-    Refuses (ValueError, one line, before encrypting) a non-positive weight, NaN/Inf, and any
-    |weight·x| above ``spec.value_bound``. The first field carries the contributor count (1).
+    ``weight`` is the site's share s ∈ (0, 1] of the round's total weight when ``spec.pooled``, its
+    aggregation weight otherwise. Refuses (ValueError, one line, before encrypting) a bad weight,
+    NaN/Inf, and any value past the bound (pooled |x|, else |weight·x|, above ``spec.value_bound``).
+    The first field carries the contributor count (1). The model is walked in chunks of
+    ``_CHUNK_CIPHERTEXTS`` ciphertexts, and ``into`` (default: a new list) receives each ciphertext.
     """
     w = float(weight)
-    if not math.isfinite(w) or w <= 0:
-        raise ValueError(f"aggregation weight {weight!r} is not a positive finite number")
-    _compact(ctx, spec.params)  # a context of another format fails here, before any work
-    vec, layout = flatten(arrays)
-    vec *= w
-    ints = np.empty(vec.size + 1, dtype=np.int64)
-    ints[0] = 1
-    ints[1:] = quantize(vec, spec, layout)
-    return compact_encrypt_ints(ctx, ints, spec.params), layout
+    if not math.isfinite(w) or w <= 0 or (spec.pooled and w > 1.0):
+        raise ValueError(
+            f"aggregation {'share' if spec.pooled else 'weight'} {weight!r} is not a "
+            + ("fraction in (0, 1] of the round's total weight" if spec.pooled else "positive finite number")
+        )
+    seal = _site_seal(ctx, spec.params)  # a context of another format fails here, before any work
+    layout = layout_of(arrays)
+    _check_update(arrays, layout, spec.value_bound, spec, w)
+    out = [] if into is None else into
+    per = seal.params.values_per_ciphertext * _CHUNK_CIPHERTEXTS
+    scale, limit = w / spec.quantum, spec.per_site_limit
+    first = True
+
+    def chunks() -> Any:  # the count (1) first, then the model's values
+        yield np.ones(1)
+        yield from iter_flat(arrays, layout, per)
+
+    buf, fill = np.empty(per, dtype=np.int64), 0
+    for piece in chunks():
+        ints = piece if first else np.rint(piece * scale)
+        if not first:
+            np.clip(ints, -limit, limit, out=ints)  # |x| ≤ bound ⇒ |s·x/δ| ≤ M up to 1 ulp
+        first = False
+        pos = 0
+        while pos < ints.size:
+            take = min(per - fill, ints.size - pos)
+            buf[fill : fill + take] = ints[pos : pos + take]
+            fill, pos = fill + take, pos + take
+            if fill == per:
+                _encrypt_halves(seal, pack_fields(buf, seal.params), out)
+                fill = 0
+    if fill:
+        _encrypt_halves(seal, pack_fields(buf[:fill], seal.params), out)
+    return out, layout
+
+
+def _decrypt_halves(seal: _Compact, data: Any, label: str) -> np.ndarray:
+    ct = _load(seal, data, _FULL, label)
+    plain = sa.Plaintext()
+    seal.decryptor.decrypt(ct, plain)
+    z = np.asarray(seal.encoder.decode_complex(plain), dtype=np.complex128)
+    values = np.concatenate([z.real, z.imag])
+    rounded = np.rint(values)
+    if not np.all(np.abs(values - rounded) <= _ROUND_TOLERANCE) or np.any(
+        np.abs(rounded) >= 2.0 ** (seal.params.half_slot_bits)
+    ):
+        raise ValueError(
+            f"{label} does not decrypt to whole numbers under this key: another federation's key, "
+            "or a sum past its noise bound; refusing it"
+        )
+    return rounded.astype(np.int64)
+
+
+def _decrypted_fields(
+    ctx: ts.Context, cts: Sequence[bytes], size: int, params: CompactParams, field_limit: int | None, source: str
+) -> Any:
+    """Yield a compact sum's signed integer fields one ciphertext at a time (the first ``size`` in all)."""
+    seal = _compact(ctx, params)
+    if seal.decryptor is None:
+        raise HEContextError("this context holds no secret key: it cannot decrypt")
+    expected = math.ceil(size / seal.params.values_per_ciphertext)
+    if isinstance(cts, str | bytes) or not isinstance(cts, Sequence) or len(cts) != expected:
+        got = len(cts) if isinstance(cts, Sequence) and not isinstance(cts, str | bytes) else type(cts).__name__
+        raise ValueError(f"{source}: sent {got} ciphertexts, expected {expected}")
+    per, left = seal.params.values_per_ciphertext, size
+    for i in range(expected):
+        label = f"{source}: ciphertext {i + 1} of {expected}"
+        try:
+            yield unpack_fields(_decrypt_halves(seal, cts[i], label)[None, :], seal.params, min(per, left), field_limit)
+        except ValueError as exc:
+            raise ValueError(exc.args[0] if str(exc).startswith(source) else f"{source}: {exc}") from exc
+        left -= per
 
 
 def compact_decrypt_ints(
@@ -628,44 +754,12 @@ def compact_decrypt_ints(
     Raises ValueError (one line) for a wrong count, malformed bytes, or a sum that does not decrypt
     to whole numbers within the fields (another federation's key, or a corrupted sum).
     """
-    seal = _compact(ctx, params)
-    if seal.decryptor is None:
-        raise HEContextError("this context holds no secret key: it cannot decrypt")
-    expected = math.ceil(size / seal.params.values_per_ciphertext)
-    if not isinstance(cts, list | tuple) or len(cts) != expected:
-        got = len(cts) if isinstance(cts, list | tuple) else type(cts).__name__
-        raise ValueError(f"{source}: sent {got} ciphertexts, expected {expected}")
-    n = seal.n
-    halves = np.empty((len(cts), n), dtype=np.int64)
-    for i, data in enumerate(cts):
-        label = f"{source}: ciphertext {i + 1} of {len(cts)}"
-        ct = _load(seal, data, _FULL, label)
-        plain = sa.Plaintext()
-        seal.decryptor.decrypt(ct, plain)
-        z = np.asarray(seal.encoder.decode_complex(plain), dtype=np.complex128)
-        values = np.concatenate([z.real, z.imag])
-        rounded = np.rint(values)
-        if not np.all(np.abs(values - rounded) <= _ROUND_TOLERANCE) or np.any(
-            np.abs(rounded) >= 2.0 ** (seal.params.half_slot_bits)
-        ):
-            raise ValueError(
-                f"{label} does not decrypt to whole numbers under this key: another federation's key, "
-                "or a sum past its noise bound; refusing it"
-            )
-        halves[i] = rounded.astype(np.int64)
-    try:
-        return unpack_fields(halves, seal.params, size, field_limit)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from exc
+    parts = list(_decrypted_fields(ctx, cts, size, params, field_limit, source))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def compact_decrypt_sum(
-    ctx: ts.Context, cts: Sequence[bytes], layout: Layout, spec: CompactSpec, source: str = "server"
-) -> tuple[dict[str, np.ndarray], int]:
-    """(the summed weighted arrays in float64, the true contributor count), refusing fewer than
-    ``MIN_CONTRIBUTORS``. Each value is within ``spec.sum_error_bound(count)`` of the exact sum."""
-    ints = compact_decrypt_ints(ctx, cts, layout.size + 1, spec.params, spec.max_sites * spec.per_site_limit, source)
-    contributors = int(ints[0])
+def _checked_count(first: np.ndarray, spec: CompactSpec, source: str) -> int:
+    contributors = int(first[0])
     if not 1 <= contributors <= spec.max_sites:
         raise ValueError(f"{source}: contributor count {contributors} is outside 1..{spec.max_sites}; refusing the sum")
     if contributors < MIN_CONTRIBUTORS:
@@ -673,22 +767,46 @@ def compact_decrypt_sum(
             f"{source}: the encrypted sum holds {contributors} update(s), fewer than {MIN_CONTRIBUTORS}: "
             "decrypting it would let a contributor read another's update; refusing"
         )
-    values = ints[1:].astype(np.float64) * spec.quantum
-    offsets = layout.offsets()
-    return {name: values[start:stop].reshape(shape) for (name, (start, stop)), shape in
-            zip(offsets.items(), layout.shapes, strict=True)}, contributors  # fmt: skip
+    return contributors
+
+
+def _decrypt_into(
+    ctx: ts.Context, cts: Sequence[bytes], layout: Layout, spec: CompactSpec, factor: float, source: str
+) -> tuple[dict[str, np.ndarray], int]:
+    """Decrypt one ciphertext at a time, check the contributor count on the first, and write
+    fields·``factor`` straight into arrays of the layout (see :class:`FlatWriter`)."""
+    writer, contributors = FlatWriter(layout), 0
+    for i, fields in enumerate(_decrypted_fields(ctx, cts, layout.size + 1, spec.params, spec.sum_limit, source)):
+        if i == 0:
+            contributors = _checked_count(fields, spec, source)  # refused before any value is used
+            fields = fields[1:]
+        writer.write(fields * factor)
+    return writer.result(), contributors
+
+
+def compact_decrypt_sum(
+    ctx: ts.Context, cts: Sequence[bytes], layout: Layout, spec: CompactSpec, source: str = "server"
+) -> tuple[dict[str, np.ndarray], int]:
+    """(the summed weighted arrays in float64, the true contributor count), refusing fewer than
+    ``MIN_CONTRIBUTORS``. Each value is within ``spec.sum_error_bound(count)`` of the exact sum."""
+    wide = Layout(layout.names, layout.shapes, tuple(np.dtype(np.float64).str for _ in layout.names))
+    return _decrypt_into(ctx, cts, wide, spec, spec.quantum, source)
 
 
 def compact_decrypt_average(
-    ctx: ts.Context, cts: Sequence[bytes], total_weight: float, layout: Layout, spec: CompactSpec
+    ctx: ts.Context,
+    cts: Sequence[bytes],
+    total_weight: float,
+    layout: Layout,
+    spec: CompactSpec,
+    source: str = "server",
 ) -> dict[str, np.ndarray]:
-    """Decrypt the sum and divide by the (public) total weight, in the layout's dtypes."""
+    """Decrypt the sum and divide by the (public) total weight, in the layout's dtypes, one
+    ciphertext at a time: the site holds the model in its own dtypes plus one ciphertext's values."""
     total = float(total_weight)
     if not math.isfinite(total) or total <= 0:
         raise ValueError(f"total weight {total_weight!r} is not a positive finite number")
-    sums, _ = compact_decrypt_sum(ctx, cts, layout, spec)
-    flat = np.concatenate([v.reshape(-1) for v in sums.values()]) / total if sums else np.zeros(0)
-    return unflatten(flat, layout)
+    return _decrypt_into(ctx, cts, layout, spec, spec.quantum / total, source)[0]
 
 
 # --- server side --------------------------------------------------------------------------------------
@@ -697,7 +815,9 @@ class CompactSum(_RunningSum):
 
     Besides what :class:`clinfed.he.EncryptedSum` checks (fingerprint, count, parse, duplicates), it
     refuses a contribution past ``spec.max_sites`` (the fields' head-room is sized for that many) and
-    a site that declares another spec.
+    a site that declares another spec. An upload in memory (a list) is parsed once and added; one
+    streamed from a spool is vetted whole first, then read again and added one ciphertext at a time,
+    so the server holds the running sum plus one ciphertext in flight.
     """
 
     def __init__(self, ctx: ts.Context, spec: CompactSpec, fingerprint: str | None = None, size: int | None = None):
@@ -722,7 +842,7 @@ class CompactSum(_RunningSum):
             raise InvalidCiphertext(site, "ciphertexts were made under another federation's key (context fingerprint)")
         if spec is not None and spec != self.spec.to_json():
             raise InvalidCiphertext(site, "quantised with another compact spec (value bound, sites or parameters)")
-        if not isinstance(cts, list | tuple) or not cts:
+        if isinstance(cts, str | bytes) or not isinstance(cts, Sequence) or not len(cts):
             raise InvalidCiphertext(site, "sent no ciphertexts")
         with self._lock:
             if site in self._sites:
@@ -732,27 +852,46 @@ class CompactSum(_RunningSum):
             expected = self._expected if self._expected is not None else len(cts)
             if len(cts) != expected:
                 raise InvalidCiphertext(site, f"sent {len(cts)} ciphertexts, expected {expected}")
-            parsed = []
-            for i, data in enumerate(cts, start=1):
+
+            def load(i: int) -> Any:
                 try:
-                    parsed.append(_load(self._seal, data, _SEEDED, f"ciphertext {i} of {len(cts)}"))
+                    return _load(self._seal, cts[i], _SEEDED, f"ciphertext {i + 1} of {expected}")
                 except ValueError as exc:
                     raise InvalidCiphertext(site, str(exc)) from exc
-            if self._total is None:
-                self._total = parsed
+
+            if isinstance(cts, list | tuple):
+                parsed = [load(i) for i in range(expected)]
+                if self._total is None:
+                    self._total = parsed
+                else:
+                    for acc, ct in zip(self._total, parsed, strict=True):
+                        self._seal.evaluator.add_inplace(acc, ct)
             else:
-                for acc, ct in zip(self._total, parsed, strict=True):
-                    self._seal.evaluator.add_inplace(acc, ct)
+                for i in range(expected):  # vet the whole upload before it touches the sum
+                    load(i)
+                first = self._total is None
+                total = [] if first else self._total
+                for i in range(expected):
+                    ct = load(i)
+                    if first:
+                        total.append(ct)
+                    else:
+                        self._seal.evaluator.add_inplace(total[i], ct)
+                self._total = total
             self._expected = expected
             self._weight += w
             self._sites.append(site)
 
-    def result(self) -> tuple[list[bytes], float, list[str]]:
-        """(the encrypted sum in the compact wire format, total weight, contributing sites)."""
+    def result(self, into: Any = None) -> tuple[Sequence[bytes], float, list[str]]:
+        """(the encrypted sum in the compact wire format, total weight, contributing sites); ``into``
+        (default: a new list) receives each serialised ciphertext."""
         with self._lock:
             if self._total is None:
                 raise ValueError("no site contributed to the sum")
-            return [_dump_full(self._seal, ct) for ct in self._total], self._weight, list(self._sites)
+            out = [] if into is None else into
+            for ct in self._total:
+                out.append(_dump_full(self._seal, ct))
+            return out, self._weight, list(self._sites)
 
 
 def sum_compact(ctx: ts.Context, payloads: Sequence[Sequence[bytes]], spec: CompactSpec) -> list[bytes]:
@@ -761,3 +900,8 @@ def sum_compact(ctx: ts.Context, payloads: Sequence[Sequence[bytes]], spec: Comp
     for j, payload in enumerate(payloads, start=1):
         acc.add(f"payload {j}", payload, 1.0, acc.fingerprint)
     return acc.result()[0]
+
+
+def is_compact_upload(head: bytes) -> bool:
+    """Whether ``head`` (≥ :data:`UPLOAD_HEAD` bytes) starts a compact-format seeded upload."""
+    return bytes(head[: len(UPLOAD_HEAD)]) == UPLOAD_HEAD

@@ -13,7 +13,7 @@ ciphertexts: it reveals the architecture (names, shapes, dtypes), never a value.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from math import prod
 
@@ -80,6 +80,76 @@ def flatten(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, Layout]:
         dtypes.append(arr.dtype.str)
     vec = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
     return vec, Layout(names, tuple(shapes), tuple(dtypes))
+
+
+def layout_of(arrays: Mapping[str, np.ndarray]) -> Layout:
+    """The layout :func:`flatten` would return, without building the flat vector."""
+    names = tuple(sorted(arrays))
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"layer names must be str, got {type(name).__name__}")
+        dtype = np.asarray(arrays[name]).dtype
+        if dtype.kind not in "fiu":
+            raise ValueError(f"layer '{name}' has dtype {dtype}; only real numbers can be aggregated")
+    return Layout(
+        names,
+        tuple(tuple(int(d) for d in np.shape(arrays[n])) for n in names),
+        tuple(np.asarray(arrays[n]).dtype.str for n in names),
+    )
+
+
+def iter_flat(arrays: Mapping[str, np.ndarray], layout: Layout, chunk: int) -> Iterator[np.ndarray]:
+    """The flat float64 vector of ``arrays`` in pieces of ``chunk`` values (the last may be shorter),
+    so a 500 MB model is never doubled into one float64 copy: at most one chunk is extra."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    buf, fill = np.empty(chunk, dtype=np.float64), 0
+    for name in layout.names:
+        flat = np.asarray(arrays[name]).reshape(-1)
+        pos = 0
+        while pos < flat.size:
+            take = min(chunk - fill, flat.size - pos)
+            buf[fill : fill + take] = flat[pos : pos + take]
+            fill, pos = fill + take, pos + take
+            if fill == chunk:
+                yield buf
+                buf, fill = np.empty(chunk, dtype=np.float64), 0
+    if fill:
+        yield buf[:fill]
+
+
+class FlatWriter:
+    """The inverse of :func:`iter_flat`: consecutive pieces of the flat vector written straight into
+    arrays of the layout's shapes and dtypes (integer layers rounded), one piece at a time."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        parts = zip(layout.names, layout.shapes, layout.dtypes, strict=True)
+        self.arrays = {n: np.empty(shape, dtype=np.dtype(d)) for n, shape, d in parts}
+        self._flat = [self.arrays[n].reshape(-1) for n in layout.names]
+        self._layer, self._pos, self.written = 0, 0, 0
+
+    def write(self, piece: np.ndarray) -> None:
+        piece = np.asarray(piece).reshape(-1)
+        if self.written + piece.size > self.layout.size:
+            raise ValueError(f"{self.written + piece.size} values written, layout holds {self.layout.size}")
+        done = 0
+        while done < piece.size:
+            target = self._flat[self._layer]
+            take = min(target.size - self._pos, piece.size - done)
+            part = piece[done : done + take]
+            target[self._pos : self._pos + take] = np.rint(part) if target.dtype.kind in "iu" else part
+            done, self._pos = done + take, self._pos + take
+            if self._pos == target.size:
+                self._layer, self._pos = self._layer + 1, 0
+        self.written += piece.size
+        while self._layer < len(self._flat) and self._flat[self._layer].size == 0:  # empty layers
+            self._layer += 1
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.written != self.layout.size:
+            raise ValueError(f"vector has {self.written} values, layout expects {self.layout.size}")
+        return self.arrays
 
 
 def unflatten(vec: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:

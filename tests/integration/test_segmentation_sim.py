@@ -98,3 +98,18 @@ def test_each_site_leaves_example_predictions_in_out(summary, out):
 def test_round_plot_is_drawn_from_the_summary(summary, tmp_path):
     with Image.open(plot_rounds(summary, tmp_path / "rounds.png", "dice")) as png:
         assert png.format == "PNG"
+
+
+def test_updates_travel_in_the_compact_format_at_plaintext_size(summary):
+    """Dense encrypted updates use the compact format (8,192 values per ciphertext, ~3.75 B/value):
+    each upload is ⌈(P + 1) / 8192⌉ ciphertexts (the +1: the contributor count) where the
+    real-valued format needs ⌈(P + 1) / 2048⌉, and its bytes are within 4 per packed value."""
+    task = SegmentationTask(image_size=TINY["image_size"], n_train=TINY["n_train"], n_test=TINY["n_test"])
+    size = sum(p.numel() for p in task.build_model().parameters())
+    fmt = summary["he_format"]
+    assert fmt["format"] == "compact" and fmt["max_sites"] == SITES and fmt["value_bound"] == 16.0
+    cts = -(-(size + 1) // 8192)
+    for r in summary["rounds"]:
+        for site, entry in r["sites"].items():
+            assert entry["stream"]["ciphertexts"] == cts, (site, entry["stream"])
+            assert entry["stream"]["bytes"] <= 4.0 * 8192 * cts, (site, entry["stream"])

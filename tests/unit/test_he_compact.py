@@ -310,3 +310,19 @@ def test_the_spec_round_trips_and_bounds_its_inputs():
         CompactSpec(1.0, COMPACT_PARAMS.max_sites + 1)
     with pytest.raises(ValueError, match="malformed"):
         CompactSpec.from_json("{}")
+
+
+def test_the_60_bit_fast_packing_is_the_generic_little_endian_bit_packing():
+    """The federation's 60-bit prime takes a shift-based fast path; the bytes must be exactly the
+    generic bit-packing's (wire compatibility), and unpack must invert it at the prime's edges."""
+    from clinfed.he.compact import _bitpack, _bitunpack
+
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 2**60, 4096, dtype=np.uint64)
+    values[:2] = [2**60 - 1, 0]
+    bits = np.unpackbits(values.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")[:, :60]
+    generic = np.packbits(bits.reshape(-1), bitorder="little").tobytes()
+    assert _bitpack(values, 60) == generic and len(generic) == 4096 * 60 // 8
+    np.testing.assert_array_equal(_bitunpack(generic, 4096, 60), values)
+    odd = values[:5]  # an odd count takes the generic path both ways
+    np.testing.assert_array_equal(_bitunpack(_bitpack(odd, 60), 5, 60), odd)

@@ -343,12 +343,26 @@ def unpack_fields(halves: np.ndarray, params: CompactParams, size: int, field_li
 
 def _bitpack(values: np.ndarray, bits: int) -> bytes:
     """uint64 values < 2^bits → ⌈len·bits/8⌉ bytes, little-endian bit order."""
+    if bits == 60 and values.size % 2 == 0:  # the federation's prime: two values in 15 bytes, by shifts
+        pairs = np.ascontiguousarray(values, dtype="<u8").reshape(-1, 2)
+        out = np.empty((pairs.shape[0], 15), dtype=np.uint8)
+        out[:, :8] = (pairs[:, 0] | (pairs[:, 1] << np.uint64(60))).view(np.uint8).reshape(-1, 8)
+        out[:, 8:] = (pairs[:, 1] >> np.uint64(4)).view(np.uint8).reshape(-1, 8)[:, :7]
+        return out.tobytes()
     as_bytes = np.ascontiguousarray(values, dtype="<u8").view(np.uint8).reshape(-1, 8)
     planes = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits]
     return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
 
 
 def _bitunpack(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
+    if bits == 60 and count % 2 == 0:  # inverse of _bitpack's fast path
+        raw = np.frombuffer(data, dtype=np.uint8, count=count * 15 // 2).reshape(-1, 15)
+        lo = np.ascontiguousarray(raw[:, :8]).view("<u8").reshape(-1)
+        hi = np.ascontiguousarray(raw[:, 7:]).view("<u8").reshape(-1) >> np.uint64(8)  # bytes 8..14
+        out = np.empty(count, dtype=np.uint64)
+        out[0::2] = lo & np.uint64((1 << 60) - 1)
+        out[1::2] = (lo >> np.uint64(60)) | (hi << np.uint64(4))
+        return out
     planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: count * bits]
     full = np.zeros((count, 64), dtype=np.uint8)
     full[:, :bits] = planes.reshape(count, bits)

@@ -63,7 +63,9 @@ def test_killed_server_resumes_the_job_from_its_last_encrypted_round(fed, tmp_pa
     else:
         pytest.fail("the job never completed two rounds")
     state = json.loads(checkpoint.read_text())
-    assert "ckks" in state["global"] and "arrays" not in state["global"], "the resume point is ciphertext only"
+    assert "ckks_file" in state["global"] and "arrays" not in state["global"], "the resume point is ciphertext only"
+    blob = checkpoint.with_name(state["global"]["ckks_file"])
+    assert blob.exists() and state["global"]["ckks_count"] >= 1  # binary records, not hex inside the JSON
 
     server = federation._read_pids(fed)["localhost"]
     tree = [psutil.Process(server["pid"]), *psutil.Process(server["pid"]).children(recursive=True)]
@@ -82,4 +84,4 @@ def test_killed_server_resumes_the_job_from_its_last_encrypted_round(fed, tmp_pa
     assert summary["final"]["metrics"]["auc"] >= 0.95
     # the resumed run spends only what the job planned: the sites' ε stays within the job's target
     assert all(p["epsilon"] <= 3.0 * 1.02 for p in summary["privacy"].values())
-    assert not checkpoint.exists(), "a finished job leaves no resume point behind"
+    assert not checkpoint.exists() and not blob.exists(), "a finished job leaves no resume point behind"

@@ -305,7 +305,8 @@ class SecureFedAvg(ModelController):
     # --- persistence (clinfed.fl.checkpoint) -------------------------------------------------------
     def _save_state(self, next_round: int) -> None:
         """After every round: the global model (run folder) and this submission's resume point."""
-        doc = checkpoint.model_doc(self._global, self.encrypted) if self._global is not None else None
+        blob = self._checkpoint_path.with_suffix(checkpoint.CIPHERTEXT_SUFFIX)
+        doc = checkpoint.model_doc(self._global, self.encrypted, blob) if self._global is not None else None
         if self._global is not None:
             checkpoint.save_global_model(self.get_run_dir(), self._global, self.encrypted, next_round - 1)
         state = {
@@ -331,7 +332,11 @@ class SecureFedAvg(ModelController):
             return 0
         self._completed, self._rounds = state["completed"], state["rounds"]
         self._privacy, self._sites, self._layout = state["privacy"], set(state["sites"]), state["layout"]
-        self._global = checkpoint.model_from_doc(state["global"]) if state.get("global") else None
+        if state.get("global"):  # ciphertexts back into a spool: the sum goes out as a stream anyway
+            spool = streaming.Spool(self._spool_dir) if self.encrypted else None
+            self._global = checkpoint.model_from_doc(state["global"], self._checkpoint_path.parent, spool)
+            if spool is not None and not streaming.worth_streaming(spool):
+                self._global.params[payload.CKKS_KEY] = streaming.into_memory(spool)
         self._run_key = state.get("run_key", self._run_key)
         self.info(f"resuming {self.job} at round {state['next_round']} from {self._checkpoint_path}")
         self.audit.append("job_resumed", job=self.job, round=state["next_round"], submission=self._submission)
@@ -411,6 +416,7 @@ class SecureFedAvg(ModelController):
         path = write_summary(self.get_run_dir(), summary)
         self.info(f"summary written to {path}")
         self._checkpoint_path.unlink(missing_ok=True)
+        self._checkpoint_path.with_suffix(checkpoint.CIPHERTEXT_SUFFIX).unlink(missing_ok=True)
 
     def _compact_spec(self, admitted: list[str]):
         """The job's CompactSpec (None: the real-valued path): pooled over the admitted sites, whose

@@ -71,7 +71,7 @@ from clinfed.he.ckks import (
     _secret_tools,
 )
 from clinfed.he.context import HEContextError, context_fingerprint
-from clinfed.he.packing import FlatWriter, Layout, iter_flat, layout_of
+from clinfed.he.packing import FlatWriter, Layout, iter_flat, layout_of, rechunk
 from clinfed.he.params import MAX_COEFF_BITS_128
 from clinfed.textio import one_line
 
@@ -692,28 +692,15 @@ def compact_encrypt(
     out = [] if into is None else into
     per = seal.params.values_per_ciphertext * _CHUNK_CIPHERTEXTS
     scale, limit = w / spec.quantum, spec.per_site_limit
-    first = True
 
-    def chunks() -> Any:  # the count (1) first, then the model's values
-        yield np.ones(1)
-        yield from iter_flat(arrays, layout, per)
+    def quantised() -> Any:  # the count (1) first, then the model's values on the grid
+        yield np.ones(1, dtype=np.int64)
+        for piece in iter_flat(arrays, layout, per):
+            ints = np.rint(piece * scale)
+            yield np.clip(ints, -limit, limit, out=ints)  # |x| ≤ bound ⇒ |s·x/δ| ≤ M up to 1 ulp
 
-    buf, fill = np.empty(per, dtype=np.int64), 0
-    for piece in chunks():
-        ints = piece if first else np.rint(piece * scale)
-        if not first:
-            np.clip(ints, -limit, limit, out=ints)  # |x| ≤ bound ⇒ |s·x/δ| ≤ M up to 1 ulp
-        first = False
-        pos = 0
-        while pos < ints.size:
-            take = min(per - fill, ints.size - pos)
-            buf[fill : fill + take] = ints[pos : pos + take]
-            fill, pos = fill + take, pos + take
-            if fill == per:
-                _encrypt_halves(seal, pack_fields(buf, seal.params), out)
-                fill = 0
-    if fill:
-        _encrypt_halves(seal, pack_fields(buf[:fill], seal.params), out)
+    for ints in rechunk(quantised(), per, np.int64):
+        _encrypt_halves(seal, pack_fields(ints, seal.params), out)
     return out, layout
 
 

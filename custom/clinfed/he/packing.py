@@ -13,7 +13,7 @@ ciphertexts: it reveals the architecture (names, shapes, dtypes), never a value.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from math import prod
 
@@ -98,24 +98,29 @@ def layout_of(arrays: Mapping[str, np.ndarray]) -> Layout:
     )
 
 
+def rechunk(pieces: Iterable[np.ndarray], size: int, dtype: np.dtype | type = np.float64) -> Iterator[np.ndarray]:
+    """Consecutive 1-D ``pieces`` regrouped into arrays of exactly ``size`` values (the last may be
+    shorter), each a fresh array of ``dtype``: at most one group is held besides the pieces."""
+    if size < 1:
+        raise ValueError(f"chunk size must be positive, got {size}")
+    buf, fill = np.empty(size, dtype=dtype), 0
+    for piece in pieces:
+        flat, pos = np.asarray(piece).reshape(-1), 0
+        while pos < flat.size:
+            take = min(size - fill, flat.size - pos)
+            buf[fill : fill + take] = flat[pos : pos + take]
+            fill, pos = fill + take, pos + take
+            if fill == size:
+                yield buf
+                buf, fill = np.empty(size, dtype=dtype), 0
+    if fill:
+        yield buf[:fill]
+
+
 def iter_flat(arrays: Mapping[str, np.ndarray], layout: Layout, chunk: int) -> Iterator[np.ndarray]:
     """The flat float64 vector of ``arrays`` in pieces of ``chunk`` values (the last may be shorter),
     so a 500 MB model is never doubled into one float64 copy: at most one chunk is extra."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be positive, got {chunk}")
-    buf, fill = np.empty(chunk, dtype=np.float64), 0
-    for name in layout.names:
-        flat = np.asarray(arrays[name]).reshape(-1)
-        pos = 0
-        while pos < flat.size:
-            take = min(chunk - fill, flat.size - pos)
-            buf[fill : fill + take] = flat[pos : pos + take]
-            fill, pos = fill + take, pos + take
-            if fill == chunk:
-                yield buf
-                buf, fill = np.empty(chunk, dtype=np.float64), 0
-    if fill:
-        yield buf[:fill]
+    return rechunk((arrays[name] for name in layout.names), chunk, np.float64)
 
 
 class FlatWriter:

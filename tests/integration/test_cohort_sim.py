@@ -213,7 +213,7 @@ def test_psi_every_site_finds_the_same_intersection_of_the_expected_size(linked)
         "intersection_size": expected,
         "expected_intersection_size": expected,
         "per_site": dict.fromkeys(SITES, expected),
-    }
+    }, psi["final"]["reason"]
     core = set.intersection(*(set(patient_ids(registry_rows(i, 3))) for i in range(3)))
     for site in SITES:
         folder = root / "ws" / site / "local" / "psi"
@@ -227,7 +227,7 @@ def test_psi_every_site_finds_the_same_intersection_of_the_expected_size(linked)
 def test_cohort_stats_on_the_linked_cohort_counts_only_linked_rows(linked):
     _, _, cohort = linked
     table = bc.load_bundled()
-    assert cohort["cohort"] == "intersect" and cohort["final"]["status"] == "released"
+    assert cohort["cohort"] == "intersect" and cohort["final"]["status"] == "released", cohort["final"]["reason"]
     core = np.asarray(registry_rows(2, 3))[: expected_intersection_size(3)]  # the last site's range starts at the core
     rows = np.tile(core, 3)  # every site holds its own record of each linked patient
     assert cohort["statistics"]["all"]["mean radius"]["count"] == 3 * 193

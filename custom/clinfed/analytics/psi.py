@@ -4,6 +4,10 @@ The protocol is FLARE's own (`nvflare.app_common.psi`: `DhPSIController` / `DhPS
 server, `PSIExecutor` + `DhPSITaskHandler` at the sites, backed by OpenMined's `openmined.psi`
 elliptic-curve Diffie-Hellman PSI). What clinfed adds around it, and why:
 
+* :class:`~clinfed.analytics.psi_exact.ExactDhPSITaskHandler`: FLARE's handler, but the server
+  role sends a Golomb-compressed set instead of OpenMined's Bloom filter, which reports patients
+  who are not in the intersection far more often than the rate FLARE asks for (see that module).
+
 * :class:`ClinfedPSI` (FLARE's `PSI` spec): the identifiers a site brings, from its own CSV
   (``id_column`` of `<data_dir>/data.csv`, the data folder set in the site's `local/resources.json`)
   or, for the bundled demo, from overlapping row ranges of the 569 breast-cancer rows, so the true
@@ -316,8 +320,8 @@ class LinkageRecipe(Recipe):
     """FLARE's `DhPSIRecipe` wiring, with clinfed's PSI items, site-local writer, size report and summary."""
 
     def __init__(self, name: str, num_sites: int, id_column: str = "patient_id"):
-        # FLARE's handler imports openmined.psi at import time; only this job needs it.
-        from nvflare.app_opt.psi.dh_psi.dh_psi_task_handler import DhPSITaskHandler
+        # The handler imports openmined.psi at import time; only this job needs it.
+        from clinfed.analytics.psi_exact import ExactDhPSITaskHandler
 
         job = FedJob(name=name, min_clients=num_sites)
         job.set_app_packages(["clinfed"])
@@ -328,7 +332,7 @@ class LinkageRecipe(Recipe):
             id="report_executor",
             tasks=[REPORT_TASK],
         )
-        job.to_clients(DhPSITaskHandler(local_psi_id="local_psi"), id="dh_psi")
+        job.to_clients(ExactDhPSITaskHandler(local_psi_id="local_psi"), id="dh_psi")
         job.to_clients(ClinfedPSI(psi_writer_id="psi_writer", num_sites=num_sites, id_column=id_column), id="local_psi")
         job.to_clients(SiteLocalPSIWriter(), id="psi_writer")
         self.num_sites = num_sites

@@ -15,7 +15,6 @@ from clinfed.he.compact import (
     CompactSpec,
     CompactSum,
     compact_ciphertext_count,
-    compact_context_pair,
     compact_decrypt_average,
     compact_decrypt_ints,
     compact_decrypt_sum,
@@ -26,6 +25,7 @@ from clinfed.he.compact import (
     sum_compact,
     unpack_fields,
 )
+from clinfed.he.context import create_context_pair
 from clinfed.he.params import MAX_COEFF_BITS_128
 
 PER_CT = COMPACT_PARAMS.values_per_ciphertext  # 8192
@@ -33,7 +33,7 @@ PER_CT = COMPACT_PARAMS.values_per_ciphertext  # 8192
 
 @pytest.fixture(scope="module")
 def pair():
-    return compact_context_pair()
+    return create_context_pair()
 
 
 def _sites_updates(sites: int, size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -187,7 +187,7 @@ def test_malformed_uploads_are_refused_with_one_line_and_the_sum_stays_intact(pa
 
 def test_a_sum_under_another_key_or_corrupted_does_not_decrypt(pair):
     site, _ = pair
-    other_site, other_server = compact_context_pair()
+    other_site, other_server = create_context_pair()
     spec = CompactSpec(1.0, 5)
     payloads = [compact_encrypt(other_site, {"x": np.full(10, 0.1 * i)}, 1.0, spec) for i in range(3)]
     layout = payloads[0][1]

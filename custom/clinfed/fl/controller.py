@@ -435,7 +435,7 @@ class SecureFedAvg(ModelController):
             return None
         if self._spec is None:
             return {"format": "real"}
-        sent = [e["bytes_sent"] for r in self._rounds for e in r["sites"].values() if e.get("status") == "ok"]
+        sent = mean_bytes_sent(self._rounds)
         size = 0
         if self._layout:
             from clinfed.he.packing import layout_from_json
@@ -446,7 +446,7 @@ class SecureFedAvg(ModelController):
             "value_bound": self._spec.value_bound,
             "max_sites": self._spec.max_sites,
             "quantum": self._spec.quantum,
-            "upload_bytes_per_param": round(float(np.mean(sent)) / size, 3) if sent and size else None,
+            "upload_bytes_per_param": round(sent / size, 3) if sent is not None and size else None,
         }
 
     def _stamped(self, model: FLModel) -> FLModel:
@@ -544,13 +544,18 @@ def layout_json(params: dict) -> str | None:
         return None
 
 
+def mean_bytes_sent(rounds: list[dict]) -> float | None:
+    """Mean bytes one site sent in one round, over the site-rounds that went through (None: none did)."""
+    sent = [e["bytes_sent"] for r in rounds for e in r["sites"].values() if e.get("status") == "ok"]
+    return float(np.mean(sent)) if sent else None
+
+
 def compression_block(fraction: float, info: dict, rounds: list[dict]) -> dict | None:
     """summary.json's `compression`: what was sent per site-round against the dense update (None: dense)."""
     if not fraction:
         return None
-    sent = [e["bytes_sent"] for r in rounds for e in r["sites"].values() if e.get("status") == "ok"]
     block = {"fraction": float(fraction), **info}
-    block["bytes_per_site_round"] = int(np.mean(sent)) if sent else 0
+    block["bytes_per_site_round"] = int(mean_bytes_sent(rounds) or 0)
     if info.get("ciphertexts") and info.get("dense_ciphertexts"):
         block["ciphertext_fraction"] = info["ciphertexts"] / info["dense_ciphertexts"]
     return block

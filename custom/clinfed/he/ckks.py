@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,32 +328,37 @@ def check_ciphertexts(ctx: ts.Context, cts: Sequence[bytes], expected_count: int
 
 def add_ciphertexts(ctx: ts.Context, total: list[Any] | None, parsed: list[Any]) -> list[Any]:
     """Chunk-wise ``total += parsed`` on parsed ciphertexts (no secret key needed); ``total`` None starts a sum."""
+    return add_parsed(_seal(ctx).evaluator, total, parsed)
+
+
+def add_parsed(evaluator: Any, total: list[Any] | None, parsed: Iterable[Any]) -> list[Any]:
+    """``total += parsed`` with SEAL's evaluator (any context, any scale); ``total`` None starts a sum."""
     if total is None:
-        return parsed
-    evaluator = _seal(ctx).evaluator
+        return list(parsed)
     for acc, ct in zip(total, parsed, strict=True):
         evaluator.add_inplace(acc, ct)
     return total
 
 
+def add_in_two_passes(evaluator: Any, total: list[Any] | None, parse: Callable[[], Iterator[Any]]) -> list[Any]:
+    """``total += parse()`` for a payload read one ciphertext at a time (a stream's spool on disk).
+
+    Two passes, so a payload that turns bad at its 57th ciphertext never touches the sum: first every
+    ciphertext is parsed and vetted (``parse`` raises on a bad one) and then dropped, then each is
+    parsed again and added. Memory: the sum plus one ciphertext, whatever the payload's size (issue
+    14: the server never holds an upload whole). Used by both wire formats (real-valued and compact).
+    """
+    for _ in parse():
+        pass
+    return add_parsed(evaluator, total, parse())
+
+
 def add_streamed(
     ctx: ts.Context, total: list[Any] | None, cts: Sequence[bytes], expected_count: int, site: str
 ) -> list[Any]:
-    """``total += cts`` for a payload read one ciphertext at a time (a stream's spool on disk).
-
-    Two passes, so a payload that turns bad at its 57th ciphertext never touches the sum: first every
-    ciphertext is parsed and vetted and then dropped, then each is parsed again and added. Memory:
-    the sum plus one ciphertext, whatever the payload's size (issue 14: the server never holds an
-    upload whole). ``total`` None starts a sum.
-    """
+    """``total += cts`` for a spooled payload of the real-valued format (see :func:`add_in_two_passes`)."""
     seal = _seal(ctx)
-    for _ in _iter_parse(seal, cts, expected_count, site):
-        pass
-    if total is None:
-        return list(_iter_parse(seal, cts, expected_count, site))
-    for acc, ct in zip(total, _iter_parse(seal, cts, expected_count, site), strict=True):
-        seal.evaluator.add_inplace(acc, ct)
-    return total
+    return add_in_two_passes(seal.evaluator, total, lambda: _iter_parse(seal, cts, expected_count, site))
 
 
 def serialize_ciphertexts(cts: Sequence[Any], into: Any = None) -> Any:

@@ -53,7 +53,7 @@ import math
 import struct
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,8 @@ from clinfed.he.ckks import (
     _seal_dump,
     _seal_restore,
     _secret_tools,
+    add_in_two_passes,
+    add_parsed,
 )
 from clinfed.he.context import HEContextError, context_fingerprint
 from clinfed.he.packing import FlatWriter, Layout, iter_flat, layout_of, rechunk
@@ -279,25 +281,15 @@ def compact_ciphertext_count(params: CompactParams, size: int) -> int:
 
 
 # --- integer packing (pure numpy) ------------------------------------------------------------------
-def quantize(vec: np.ndarray, spec: CompactSpec, names: Layout | None = None) -> np.ndarray:
-    """round(vec / δ) as int64; ValueError (one line, naming the layer when ``names`` is given) when
-    any |value| exceeds ``spec.value_bound`` or is not finite: refused before anything is encrypted."""
-    flat = np.asarray(vec, dtype=np.float64).reshape(-1)
-    bad = ~np.isfinite(flat)
-    if bad.any():
-        where = f" (first in layer '{names.locate(int(np.argmax(bad)))}')" if names is not None else ""
-        raise ValueError(f"update holds {int(bad.sum())} NaN/Inf values{where}; refusing to encrypt it")
-    if flat.size:
-        peak = int(np.argmax(np.abs(flat)))
-        if abs(flat[peak]) > spec.value_bound:
-            where = f" in layer '{names.locate(peak)}'" if names is not None else f" at position {peak}"
-            raise ValueError(
-                f"weighted value {flat[peak]:.6g}{where} exceeds the job's value_bound ±{spec.value_bound:.6g}, "
-                f"past which {spec.max_sites} sites' sum would overflow its field; clip the update or raise the bound"
-            )
-    ints = np.rint(flat / spec.quantum).astype(np.int64)
-    np.clip(ints, -spec.per_site_limit, spec.per_site_limit, out=ints)  # |v| ≤ bound ⇒ |v/δ| ≤ M up to 1 ulp
-    return ints
+def quantize(values: np.ndarray, spec: CompactSpec, weight: float = 1.0) -> np.ndarray:
+    """round(weight·values / δ) as int64, clipped to the per-site field share.
+
+    Callers vet the values first (:func:`_check_update`: finite, within ``spec.value_bound``); the
+    clip only absorbs the last ulp of |weight·x/δ| at the bound itself.
+    """
+    ints = np.rint(np.asarray(values, dtype=np.float64).reshape(-1) * (float(weight) / spec.quantum))
+    limit = spec.per_site_limit
+    return np.clip(ints, -limit, limit, out=ints).astype(np.int64)
 
 
 def pack_fields(ints: np.ndarray, params: CompactParams) -> np.ndarray:
@@ -534,25 +526,6 @@ def _compact(ctx: ts.Context, params: CompactParams) -> _Compact:
     return bundle
 
 
-def create_compact_context(params: CompactParams = COMPACT_PARAMS) -> ts.Context:
-    """A fresh secret (site) context for the compact format: new keys, public key included."""
-    ctx = ts.context(
-        ts.SCHEME_TYPE.CKKS,
-        poly_modulus_degree=params.poly_modulus_degree,
-        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
-    )
-    ctx.global_scale = 2.0**params.scale_bits
-    return ctx
-
-
-def compact_context_pair(params: CompactParams = COMPACT_PARAMS) -> tuple[ts.Context, ts.Context]:
-    """(site context with the secret key, server context without it), as :func:`create_context_pair`."""
-    from clinfed.he.context import public_context
-
-    secret = create_compact_context(params)
-    return secret, public_context(secret)
-
-
 # --- wire format ---------------------------------------------------------------------------------------
 def _encode_wire(seal: _Compact, kind: bytes, words: np.ndarray, seed: bytes = b"") -> bytes:
     polys = 1 if kind == _SEEDED else 2
@@ -691,13 +664,11 @@ def compact_encrypt(
     _check_update(arrays, layout, spec.value_bound, spec, w)
     out = [] if into is None else into
     per = seal.params.values_per_ciphertext * _CHUNK_CIPHERTEXTS
-    scale, limit = w / spec.quantum, spec.per_site_limit
 
     def quantised() -> Any:  # the count (1) first, then the model's values on the grid
         yield np.ones(1, dtype=np.int64)
         for piece in iter_flat(arrays, layout, per):
-            ints = np.rint(piece * scale)
-            yield np.clip(ints, -limit, limit, out=ints)  # |x| ≤ bound ⇒ |s·x/δ| ≤ M up to 1 ulp
+            yield quantize(piece, spec, w)
 
     for ints in rechunk(quantised(), per, np.int64):
         _encrypt_halves(seal, pack_fields(ints, seal.params), out)
@@ -860,25 +831,13 @@ class CompactSum(_RunningSum):
                 except ValueError as exc:
                     raise InvalidCiphertext(site, str(exc)) from exc
 
-            if isinstance(cts, list | tuple):
-                parsed = [load(i) for i in range(expected)]
-                if self._total is None:
-                    self._total = parsed
-                else:
-                    for acc, ct in zip(self._total, parsed, strict=True):
-                        self._seal.evaluator.add_inplace(acc, ct)
-            else:
-                for i in range(expected):  # vet the whole upload before it touches the sum
-                    load(i)
-                first = self._total is None
-                total = [] if first else self._total
-                for i in range(expected):
-                    ct = load(i)
-                    if first:
-                        total.append(ct)
-                    else:
-                        self._seal.evaluator.add_inplace(total[i], ct)
-                self._total = total
+            def parse() -> Iterator[Any]:
+                return (load(i) for i in range(expected))
+
+            if isinstance(cts, list | tuple):  # in memory: parse once (all of it vetted before adding)
+                self._total = add_parsed(self._seal.evaluator, self._total, list(parse()))
+            else:  # a spool: vet it whole, then read it again one ciphertext at a time
+                self._total = add_in_two_passes(self._seal.evaluator, self._total, parse)
             self._expected = expected
             self._weight += w
             self._sites.append(site)

@@ -2,15 +2,16 @@
 
 Why this exists: FLARE 2.9's `PSIServer.setup` always ships the server's blinded items in
 OpenMined PSI's Bloom filter, and `DhPSIWorkFlow` asks for a false-positive rate of 1e-11. With
-openmined.psi 2.0.6 that filter is far worse than asked: in 1,200 fresh-key pairwise runs on the
-bundled registries (381 client IDs against 287 server IDs) about one in 200 reported an extra patient
-(FLARE's own docstring cites the library's bug, OpenMined/PSI#143). Across the pairwise and backward
-steps of a 3-site linkage that made about one `psi_linkage` run in six fail FLARE's final size check
-(seen in CI as an empty ``psi.per_site``). A false positive is worse than a failed run: it would
-link a patient who is not at every site, and `cohort_stats --cohort intersect` would count them.
+openmined.psi 2.0.6 that filter is far worse than asked: in 800 fresh-key pairwise runs on the
+bundled registries where the client holds at least as many IDs as the server (381 against 287, and
+381 against 381; fpr 1e-11 and 1e-9), 4 reported an extra patient, about one in 200 (FLARE's own
+docstring cites the library's bug, OpenMined/PSI#143). Across the pairwise and backward steps of a
+3-site linkage that made about one `psi_linkage` run in six fail FLARE's final size check (seen in
+CI as an empty ``psi.per_site``). A false positive is worse than a failed run: it would link a
+patient who is not at every site, and `cohort_stats --cohort intersect` would count them.
 
-OpenMined's Golomb-compressed set (``DataStructure.GCS``) honours the rate (0 errors in the same
-1,200 runs, and in the fixed-key case `tests/unit/test_psi_exact.py` keeps) and is about half
+OpenMined's Golomb-compressed set (``DataStructure.GCS``) honours the rate (0 errors in 600 runs of
+the same two cases, and the fixed-key case `tests/unit/test_psi_exact.py` keeps) and is about half
 the size of the Bloom filter on the wire. The protocol, the messages and the client side are
 unchanged: `ServerSetup` carries either structure and the client's `GetIntersection` reads both.
 """

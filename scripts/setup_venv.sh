@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import clinfed, nvflare, tenseal, opacus, monai, sksurv, lifelines, statsmodels" >/dev/null 2>&1; then
+if ! python -c "import clinfed, nvflare, tenseal, opacus, monai, sksurv, lifelines, statsmodels, xdist" >/dev/null 2>&1; then
   python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
   python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true

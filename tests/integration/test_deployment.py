@@ -35,6 +35,8 @@ PROJECT = REPO / "provisioning" / "localhost.yml"
 SITES = ["site-1", "site-2", "site-3"]
 ADMINS = {"admin@clinfed.local": "project_admin", "lead@clinfed.local": "lead", "member@clinfed.local": "member"}
 PORTS = (18102, 18103)
+# one provisioned federation at a time on these ports: under `pytest -n`, one worker runs them in turn
+pytestmark = pytest.mark.xdist_group("loopback_federation")
 
 
 def _ledger_spends(kit: Path) -> int:

@@ -19,7 +19,8 @@ from clinfed.deploy import poc
 from clinfed.deploy.submit import submit
 from clinfed.he.context import context_fingerprint
 
-pytestmark = pytest.mark.slow
+# port 18102 is shared with the other loopback federations: under `pytest -n`, one worker runs them in turn
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("loopback_federation")]
 SITES = ["site-1", "site-2", "site-3"]
 
 

@@ -23,7 +23,8 @@ from clinfed.deploy import federation
 from clinfed.deploy.provision import provision
 from clinfed.deploy.submit import submit
 
-pytestmark = pytest.mark.slow
+# port 18102 is shared with the other loopback federations: under `pytest -n`, one worker runs them in turn
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("loopback_federation")]
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = REPO / "provisioning" / "localhost.yml"

@@ -349,12 +349,13 @@ def _bitpack(values: np.ndarray, bits: int) -> bytes:
 def _bitunpack(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
     if bits == 60 and count % 2 == 0:  # inverse of _bitpack's fast path
         raw = np.frombuffer(data, dtype=np.uint8, count=count * 15 // 2).reshape(-1, 15)
-        lo = np.ascontiguousarray(raw[:, :8]).view("<u8").reshape(-1)
-        hi = np.ascontiguousarray(raw[:, 7:]).view("<u8").reshape(-1) >> np.uint64(8)  # bytes 8..14
-        out = np.empty(count, dtype=np.uint64)
-        out[0::2] = lo & np.uint64((1 << 60) - 1)
-        out[1::2] = (lo >> np.uint64(60)) | (hi << np.uint64(4))
-        return out
+        padded = np.zeros((raw.shape[0], 16), dtype=np.uint8)  # each pair's 15 bytes as two words
+        padded[:, :15] = raw
+        words = padded.view("<u8")
+        out = np.empty((raw.shape[0], 2), dtype=np.uint64)
+        np.bitwise_and(words[:, 0], np.uint64((1 << 60) - 1), out=out[:, 0])
+        out[:, 1] = (words[:, 0] >> np.uint64(60)) | (words[:, 1] << np.uint64(4))
+        return out.reshape(-1)
     planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: count * bits]
     full = np.zeros((count, 64), dtype=np.uint8)
     full[:, :bits] = planes.reshape(count, bits)
@@ -535,7 +536,7 @@ def _encode_wire(seal: _Compact, kind: bytes, words: np.ndarray, seed: bytes = b
     return b"".join(parts)
 
 
-def _decode_wire(seal: _Compact, data: Any, kind: bytes, label: str) -> bytes:
+def _decode_wire(seal: _Compact, data: Any, kind: bytes, label: str) -> bytearray:
     """Our wire bytes → SEAL's uncompressed serialisation (raises ValueError with a reason)."""
     polys = 1 if kind == _SEEDED else 2
     seed_len = _SEED_BYTES if kind == _SEEDED else 0
@@ -549,7 +550,7 @@ def _decode_wire(seal: _Compact, data: Any, kind: bytes, label: str) -> bytes:
         raise ValueError(f"{label} is not a compact-format {'upload' if polys == 1 else 'sum'} ciphertext")
     offset = _HEADER + seed_len
     count = polys * seal.n
-    coeffs = np.empty((polys, seal.k, seal.n), dtype=np.uint64)
+    coeffs = np.empty((polys, seal.k, seal.n), dtype="<u8")
     for j, bits in enumerate(seal.bits):
         size = _packed_len(count, bits)
         values = _bitunpack(view[offset : offset + size], count, bits)
@@ -557,12 +558,17 @@ def _decode_wire(seal: _Compact, data: Any, kind: bytes, label: str) -> bytes:
             raise ValueError(f"{label} holds coefficients outside the federation's modulus")
         coeffs[:, j, :] = values.reshape(polys, seal.n)
         offset += size
+    # SEAL's serialisation, written once into one buffer: header, prefix, coefficients, (seed record)
     prefix = seal.seeded_prefix if polys == 1 else seal.full_prefix
-    body = [prefix, coeffs.astype("<u8").tobytes()]
+    start = 16 + len(prefix)
+    end = start + coeffs.nbytes
+    raw = bytearray(end + (len(seal.seed_header) + seed_len if polys == 1 else 0))
+    raw[:16] = _seal_header(len(raw))
+    raw[16:start] = prefix
+    np.frombuffer(raw, dtype=np.uint8, count=end - start, offset=start)[:] = coeffs.view(np.uint8).reshape(-1)
     if polys == 1:
-        body += [seal.seed_header, bytes(view[_HEADER : _HEADER + seed_len])]
-    raw = b"".join(body)
-    return _seal_header(16 + len(raw)) + raw
+        raw[end:] = seal.seed_header + bytes(view[_HEADER : _HEADER + seed_len])
+    return raw
 
 
 def _load(seal: _Compact, data: Any, kind: bytes, label: str) -> Any:

@@ -33,7 +33,7 @@ written out in ``docs/he-parameters.md``; in short:
   69 bytes per ciphertext; download (c0 and c1): 7.5 B/param. The server rebuilds SEAL's own
   (uncompressed) serialisation from its context and lets SEAL load it, so SEAL still vets every
   coefficient and expands the seed; metadata (parameters id, scale) never comes from the sender.
-* **Streaming.** Encryption walks the model in chunks (:func:`clinfed.he.packing.iter_flat`) and
+* **Streaming.** Encryption walks the model in chunks (:func:`clinfed.he.packing.rechunk`) and
   hands each ciphertext to ``into`` (a spool on disk, :mod:`clinfed.fl.streaming`); decryption
   writes each ciphertext's values straight into the model's arrays: a site holds its float32 model
   plus one chunk, never a float64 copy of the whole model.
@@ -73,7 +73,7 @@ from clinfed.he.ckks import (
     add_parsed,
 )
 from clinfed.he.context import HEContextError, context_fingerprint
-from clinfed.he.packing import FlatWriter, Layout, iter_flat, layout_of, rechunk
+from clinfed.he.packing import FlatWriter, Layout, layout_of, rechunk
 from clinfed.he.params import MAX_COEFF_BITS_128
 from clinfed.textio import one_line
 
@@ -287,7 +287,8 @@ def quantize(values: np.ndarray, spec: CompactSpec, weight: float = 1.0) -> np.n
     Callers vet the values first (:func:`_check_update`: finite, within ``spec.value_bound``); the
     clip only absorbs the last ulp of |weight·x/δ| at the bound itself.
     """
-    ints = np.rint(np.asarray(values, dtype=np.float64).reshape(-1) * (float(weight) / spec.quantum))
+    ints = np.multiply(np.asarray(values, dtype=np.float64).reshape(-1), float(weight) / spec.quantum)
+    np.rint(ints, out=ints)
     limit = spec.per_site_limit
     return np.clip(ints, -limit, limit, out=ints).astype(np.int64)
 
@@ -301,12 +302,15 @@ def pack_fields(ints: np.ndarray, params: CompactParams) -> np.ndarray:
     per = params.values_per_ciphertext
     flat = np.asarray(ints, dtype=np.int64).reshape(-1)
     count = max(1, math.ceil(flat.size / per))
-    padded = np.zeros(count * per, dtype=np.int64)
-    padded[: flat.size] = flat
-    planes = padded.reshape(count, params.fields, n)
-    total = np.zeros((count, n), dtype=np.int64)
-    for k in range(params.fields - 1, -1, -1):
-        total = (total << params.field_bits) + planes[:, k, :]
+    if flat.size != count * per:
+        padded = np.zeros(count * per, dtype=np.int64)
+        padded[: flat.size] = flat
+        flat = padded
+    planes = flat.reshape(count, params.fields, n)
+    total = planes[:, params.fields - 1, :].copy()
+    for k in range(params.fields - 2, -1, -1):
+        total <<= params.field_bits
+        total += planes[:, k, :]
     return total
 
 
@@ -337,10 +341,11 @@ def _bitpack(values: np.ndarray, bits: int) -> bytes:
     """uint64 values < 2^bits → ⌈len·bits/8⌉ bytes, little-endian bit order."""
     if bits == 60 and values.size % 2 == 0:  # the federation's prime: two values in 15 bytes, by shifts
         pairs = np.ascontiguousarray(values, dtype="<u8").reshape(-1, 2)
-        out = np.empty((pairs.shape[0], 15), dtype=np.uint8)
-        out[:, :8] = (pairs[:, 0] | (pairs[:, 1] << np.uint64(60))).view(np.uint8).reshape(-1, 8)
-        out[:, 8:] = (pairs[:, 1] >> np.uint64(4)).view(np.uint8).reshape(-1, 8)[:, :7]
-        return out.tobytes()
+        words = np.empty((pairs.shape[0], 2), dtype="<u8")  # a pair as 120 bits in two words
+        np.left_shift(pairs[:, 1], np.uint64(60), out=words[:, 0])
+        words[:, 0] |= pairs[:, 0]
+        np.right_shift(pairs[:, 1], np.uint64(4), out=words[:, 1])
+        return words.view(np.uint8)[:, :15].tobytes()  # the 16th byte is always zero
     as_bytes = np.ascontiguousarray(values, dtype="<u8").view(np.uint8).reshape(-1, 8)
     planes = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits]
     return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
@@ -671,12 +676,14 @@ def compact_encrypt(
     out = [] if into is None else into
     per = seal.params.values_per_ciphertext * _CHUNK_CIPHERTEXTS
 
-    def quantised() -> Any:  # the count (1) first, then the model's values on the grid
-        yield np.ones(1, dtype=np.int64)
-        for piece in iter_flat(arrays, layout, per):
-            yield quantize(piece, spec, w)
+    def values() -> Iterator[np.ndarray]:  # a slot for the count first, then the model, layer by layer
+        yield np.ones(1)
+        yield from (arrays[name] for name in layout.names)
 
-    for ints in rechunk(quantised(), per, np.int64):
+    for i, chunk in enumerate(rechunk(values(), per, np.float64)):  # float64 chunks, one at a time
+        ints = quantize(chunk, spec, w)
+        if i == 0:
+            ints[0] = 1  # the contributor count, not a model value: not weighted, not on the grid
         _encrypt_halves(seal, pack_fields(ints, seal.params), out)
     return out, layout
 

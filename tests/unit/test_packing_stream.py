@@ -32,6 +32,13 @@ def test_chunks_are_the_flat_vector_and_write_back_into_the_layers(chunk):
         np.testing.assert_array_equal(back[name], arr)
 
 
+def test_a_head_comes_before_the_models_first_value():
+    arrays = {"b": np.arange(3, dtype=np.float32), "a": np.array([7.0, 8.0], dtype=np.float32)}
+    layout = layout_of(arrays)
+    pieces = list(iter_flat(arrays, layout, 4, head=np.ones(1)))
+    assert [p.tolist() for p in pieces] == [[1.0, 7.0, 8.0, 0.0], [1.0, 2.0]]
+
+
 def test_a_writer_refuses_too_many_or_too_few_values():
     layout = layout_of({"w": np.zeros(4, dtype=np.float32)})
     writer = FlatWriter(layout)

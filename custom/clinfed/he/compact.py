@@ -33,7 +33,7 @@ written out in ``docs/he-parameters.md``; in short:
   69 bytes per ciphertext; download (c0 and c1): 7.5 B/param. The server rebuilds SEAL's own
   (uncompressed) serialisation from its context and lets SEAL load it, so SEAL still vets every
   coefficient and expands the seed; metadata (parameters id, scale) never comes from the sender.
-* **Streaming.** Encryption walks the model in chunks (:func:`clinfed.he.packing.rechunk`) and
+* **Streaming.** Encryption walks the model in chunks (:func:`clinfed.he.packing.iter_flat`) and
   hands each ciphertext to ``into`` (a spool on disk, :mod:`clinfed.fl.streaming`); decryption
   writes each ciphertext's values straight into the model's arrays: a site holds its float32 model
   plus one chunk, never a float64 copy of the whole model.
@@ -73,7 +73,7 @@ from clinfed.he.ckks import (
     add_parsed,
 )
 from clinfed.he.context import HEContextError, context_fingerprint
-from clinfed.he.packing import FlatWriter, Layout, layout_of, rechunk
+from clinfed.he.packing import FlatWriter, Layout, iter_flat, layout_of
 from clinfed.he.params import MAX_COEFF_BITS_128
 from clinfed.textio import one_line
 
@@ -676,11 +676,7 @@ def compact_encrypt(
     out = [] if into is None else into
     per = seal.params.values_per_ciphertext * _CHUNK_CIPHERTEXTS
 
-    def values() -> Iterator[np.ndarray]:  # a slot for the count first, then the model, layer by layer
-        yield np.ones(1)
-        yield from (arrays[name] for name in layout.names)
-
-    for i, chunk in enumerate(rechunk(values(), per, np.float64)):  # float64 chunks, one at a time
+    for i, chunk in enumerate(iter_flat(arrays, layout, per, head=np.ones(1))):  # the count's slot first
         ints = quantize(chunk, spec, w)
         if i == 0:
             ints[0] = 1  # the contributor count, not a model value: not weighted, not on the grid

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from math import prod
 
 import numpy as np
@@ -117,10 +118,14 @@ def rechunk(pieces: Iterable[np.ndarray], size: int, dtype: np.dtype | type = np
         yield buf[:fill]
 
 
-def iter_flat(arrays: Mapping[str, np.ndarray], layout: Layout, chunk: int) -> Iterator[np.ndarray]:
+def iter_flat(
+    arrays: Mapping[str, np.ndarray], layout: Layout, chunk: int, head: np.ndarray | None = None
+) -> Iterator[np.ndarray]:
     """The flat float64 vector of ``arrays`` in pieces of ``chunk`` values (the last may be shorter),
-    so a 500 MB model is never doubled into one float64 copy: at most one chunk is extra."""
-    return rechunk((arrays[name] for name in layout.names), chunk, np.float64)
+    so a 500 MB model is never doubled into one float64 copy: at most one chunk is extra. ``head``
+    (e.g. a slot for a contributor count) comes before the model's first value."""
+    pieces = (arrays[name] for name in layout.names)
+    return rechunk(pieces if head is None else chain([head], pieces), chunk, np.float64)
 
 
 class FlatWriter:

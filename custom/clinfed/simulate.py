@@ -88,7 +88,10 @@ def allow_clinfed_components(flare_ws: Path) -> None:
 
 def prepare_participants(req: SimulationRequest, root: Path) -> None:
     if req.encrypt:
+        from clinfed.deploy.simkit import ensure_sim_kits
+
         ensure_contexts(root, req.site_names)
+        ensure_sim_kits(root, req.site_names)  # secure aggregation signs with the sites' kits
     (root / "server").mkdir(parents=True, exist_ok=True)
     for site in req.site_names:
         # `--no-dp` is a simulator-only *policy* override (the job alone cannot switch DP off); it is

@@ -89,6 +89,7 @@ def model_doc(model: FLModel, encrypted: bool, blob: Path | None = None) -> dict
             "layout": params[payload.LAYOUT_KEY],
             "fingerprint": params[payload.FINGERPRINT_KEY],
             "compact_spec": params.get(payload.COMPACT_KEY),
+            "secagg_sum": model.meta.get("secagg_sum"),  # the members' reveals: the sites unmask with them
             **write_ciphertexts(blob, params[payload.CKKS_KEY]),
         }
     return {
@@ -107,7 +108,10 @@ def model_from_doc(doc: dict, folder: Path, into=None) -> FLModel:
         params = payload.encrypted_params(cts, doc["layout"], doc["fingerprint"], doc.get("compact_spec"))
     else:
         params = {k: np.asarray(v, dtype=np.float32) for k, v in doc["arrays"].items()}
-    return FLModel(params=params, meta={"total_weight": doc["total_weight"]})
+    meta = {"total_weight": doc["total_weight"]}
+    if doc.get("secagg_sum"):
+        meta["secagg_sum"] = doc["secagg_sum"]
+    return FLModel(params=params, meta=meta)
 
 
 def save_global_model(run_dir: Path, model: FLModel, encrypted: bool, round_num: int) -> None:

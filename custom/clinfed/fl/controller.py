@@ -32,6 +32,12 @@ server still only adds, and checks that every update it adds comes with the same
 those coordinates (the majority's: a site that disagrees would corrupt the sum). The sum it returns
 is tagged with its round, the round it follows and its contributors; the sites, not the server, hold
 the model (see `clinfed.fl.compression.CompressedSite`).
+
+The server is not trusted with the sum either (`clinfed.fl.secagg`): every encrypted upload is masked
+for the round's member set, so the server can only add exactly the members' uploads, once each. When
+members drop out, the survivors upload again for the smaller set (`secagg_remask`); when every member's
+upload is in, each reveals its self-mask seed (`secagg_reveal`), and the sum goes out with those
+signed reveals, which the sites check and use to unmask it before decrypting.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from clinfed.audit import AuditLog
 from clinfed.fl import checkpoint, payload, streaming
 from clinfed.fl.participant import participant_root, server_context
+from clinfed.fl.secagg import HELLO_KEY, REMASK_TASK, REVEAL_TASK, SECAGG_KEY, SUM_KEY, ServerRoster, sum_info
 from clinfed.fl.summary import training_summary, write_summary
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
 from clinfed.sysinfo import current_rss_mb, peak_rss_mb, release_free_memory
@@ -105,6 +112,7 @@ class SecureFedAvg(ModelController):
         self.compression = compression
         self.he_format, self.value_bound = he_format, value_bound
         self._spec = None  # the job's CompactSpec once the sites are admitted (compact format only)
+        self._roster = ServerRoster()  # the admitted sites' signed secure-aggregation keys
         self._admitted_weight = 0.0
 
     # --- setup ---------------------------------------------------------------------------------
@@ -152,8 +160,91 @@ class SecureFedAvg(ModelController):
 
     # --- one round -----------------------------------------------------------------------------
     def _aggregate(self, round_num: int, results: list[FLModel], targets: list[str]) -> tuple[dict, FLModel | None]:
+        entries, acc, accepted, layout, digest = self._add_uploads(round_num, results, targets)
+        reveals = None
+        if self.encrypted and len(accepted) >= self._floor:
+            acc, accepted, reveals = self._unmask(round_num, entries, acc, accepted, targets, layout)
+        if len(accepted) < self._floor:
+            self.warning(
+                f"round {round_num}: only {len(accepted)} valid updates (< {self._floor}, and never fewer than "
+                f"{MIN_CONTRIBUTORS}); keeping the previous global model"
+            )
+            self.audit.append("round_withheld", job=self.job, round=round_num, valid=len(accepted), needed=self._floor)
+            return entries, None
+        new_global = self._global_from(acc, layout)
+        if reveals is not None:
+            new_global.meta[SUM_KEY] = sum_info(round_num, "train", accepted, reveals)
+        if self.compression:
+            previous = (self._global.meta or {}).get(payload.SUM_ROUND_KEY, -1) if self._global is not None else -1
+            new_global.meta.update(
+                {
+                    payload.SUM_ROUND_KEY: round_num,
+                    payload.AFTER_ROUND_KEY: previous,
+                    payload.CONTRIBUTORS_KEY: sorted(accepted),
+                    payload.DIGEST_KEY: digest,
+                }
+            )
+        self._layout = layout
+        self.audit.append(
+            "aggregation", job=self.job, round=round_num, sites=sorted(accepted), encrypted=self.encrypted
+        )
+        return entries, new_global
+
+    def _secagg_task(self, round_num: int, members: list[str], params: dict | None = None) -> FLModel:
+        """A re-run or reveal task: the member set and the roster, no model."""
+        meta = {SECAGG_KEY: self._roster.task(round_num, "train", members)}
+        return self._stamped(FLModel(params=params or {}, meta=meta, current_round=round_num))
+
+    def _unmask(
+        self, round_num: int, entries: dict, acc, accepted: list[str], targets: list[str], layout: str | None
+    ) -> tuple[object, list[str], dict | None]:
+        """Secure aggregation's end of a round (`clinfed.fl.secagg`): re-runs while members are missing,
+        then every member's reveal. (sum, its members, reveals); members [] when the round cannot be
+        unmasked (too few survivors, or a member that died while revealing)."""
+        members, first = sorted(targets), sorted(targets)
+        while sorted(accepted) != members:
+            if len(accepted) < self._floor or 2 * len(accepted) <= len(first):
+                self.warning(
+                    f"round {round_num}: {len(accepted)} of {len(first)} sites uploaded: too few for a re-run "
+                    f"(at least {self._floor} and a majority); the round's uploads stay masked"
+                )
+                return acc, [], None
+            missing = sorted(set(members) - set(accepted))
+            members = sorted(accepted)
+            self.info(f"round {round_num}: {missing} dropped out; the survivors {members} upload again for that set")
+            self.audit.append("secagg_rerun", job=self.job, round=round_num, members=members, dropped=missing)
+            results = self._collect(REMASK_TASK, self._secagg_task(round_num, members), members)
+            sub, acc, accepted, _, _ = self._add_uploads(round_num, results, members, layout)
+            for site, entry in sub.items():
+                if entry["status"] == "ok":
+                    entries[site]["bytes_sent"] += entry["bytes_sent"]
+                else:
+                    entries[site].update(status=entry["status"], reason=entry["reason"])
+        results = self._collect(REVEAL_TASK, self._secagg_task(round_num, members), members, wait_for_all=True)
+        reveals: dict[str, dict] = {}
+        for result in results:
+            meta = result.meta or {}
+            site = meta.get("client_name", "?")
+            payload.record_anchor(self.audit, meta, job=self.job, round_num=round_num, peer=site)
+            if meta.get("status") == "ok" and site in members and isinstance(meta.get("reveal"), dict):
+                reveals[site] = meta["reveal"]
+            elif site in entries:
+                entries[site].update(status="failed", reason=meta.get("reason") or f"{site}: no reveal")
+        lost = [s for s in members if s not in reveals]
+        for site in lost:
+            if entries[site]["status"] == "ok":
+                entries[site].update(status="failed", reason=f"{site}: died while unmasking round {round_num}")
+        if lost:
+            self.warning(f"round {round_num}: {lost} did not reveal; the sum cannot be unmasked and is withheld")
+            return acc, [], None
+        return acc, members, reveals
+
+    def _add_uploads(
+        self, round_num: int, results: list[FLModel], targets: list[str], layout: str | None = None
+    ) -> tuple[dict, object, list[str], str | None, str | None]:
+        """Vet and add every upload: (entries, the running sum, the sites in it, layout, index digest)."""
         entries: dict[str, dict] = {}
-        layout = self._reference_layout(results)
+        layout = layout or self._reference_layout(results)
         digest = self._reference_digest(results)
         acc = self._new_sum(layout)
         for result in results:
@@ -213,29 +304,7 @@ class SecureFedAvg(ModelController):
                 )
         self._error_codes.clear()
         accepted = [s for s, e in entries.items() if e["status"] == "ok"]
-        if len(accepted) < self._floor:
-            self.warning(
-                f"round {round_num}: only {len(accepted)} valid updates (< {self._floor}, and never fewer than "
-                f"{MIN_CONTRIBUTORS}); keeping the previous global model"
-            )
-            self.audit.append("round_withheld", job=self.job, round=round_num, valid=len(accepted), needed=self._floor)
-            return entries, None
-        new_global = self._global_from(acc, layout)
-        if self.compression:
-            previous = (self._global.meta or {}).get(payload.SUM_ROUND_KEY, -1) if self._global is not None else -1
-            new_global.meta.update(
-                {
-                    payload.SUM_ROUND_KEY: round_num,
-                    payload.AFTER_ROUND_KEY: previous,
-                    payload.CONTRIBUTORS_KEY: sorted(accepted),
-                    payload.DIGEST_KEY: digest,
-                }
-            )
-        self._layout = layout
-        self.audit.append(
-            "aggregation", job=self.job, round=round_num, sites=sorted(accepted), encrypted=self.encrypted
-        )
-        return entries, new_global
+        return entries, acc, accepted, layout, digest
 
     def _reference_digest(self, results: list[FLModel]) -> str | None:
         """The index digest most sites sent this round (compressed runs): the coordinates of the sum."""
@@ -376,6 +445,8 @@ class SecureFedAvg(ModelController):
                 if self._spec is not None:  # what each site quantises with, and its share's denominator
                     outgoing.meta[payload.COMPACT_KEY] = self._spec.to_json()
                     outgoing.meta[payload.ADMITTED_WEIGHT_KEY] = self._admitted_weight
+                if self.encrypted:  # the member set this round's uploads are masked for, and their keys
+                    outgoing.meta[SECAGG_KEY] = self._roster.task(round_num, "train", admitted)
                 self.info(f"round {round_num}: sending to {admitted}")
                 results = self._collect("train", self._stamped(outgoing), admitted)
                 started = time.monotonic()
@@ -470,6 +541,8 @@ class SecureFedAvg(ModelController):
             site = result.meta.get("client_name", "?")
             meta = result.meta or {}
             payload.record_anchor(self.audit, meta, job=self.job, round_num=start, peer=site)
+            if meta.get("status") == "accepted" and self.encrypted and not self._roster.add(site, meta.get(HELLO_KEY)):
+                meta = {"status": "refused", "reason": f"{site}: sent no signed secure-aggregation key"}
             if meta.get("status") == "accepted":
                 entry = {"status": "accepted", "reason": "", "planned_epsilon": meta.get("planned_epsilon")}
                 if isinstance(meta.get("weight"), int | float):
@@ -485,7 +558,7 @@ class SecureFedAvg(ModelController):
                 self._admission[site] = {"status": "refused", "reason": f"{site}: no answer to the admission request"}
         return [s for s in targets if self._admission[s]["status"] == "accepted"]
 
-    def _collect(self, task_name: str, model: FLModel, targets: list[str]) -> list[FLModel]:
+    def _collect(self, task_name: str, model: FLModel, targets: list[str], wait_for_all: bool = False) -> list[FLModel]:
         """Send a task and wait for the floor's answers, then `straggler_wait` more for the rest:
         a dead or slow site must not stall the federation. An encrypted global model goes as a
         stream reference the sites pull from (see fl.streaming), not inside every task message."""
@@ -493,7 +566,7 @@ class SecureFedAvg(ModelController):
             task_name=task_name,
             data=self._streamed(model, targets),
             targets=targets,
-            min_responses=min(self._floor, len(targets)),
+            min_responses=len(targets) if wait_for_all else min(self._floor, len(targets)),
             timeout=self.task_timeout,
             wait_time_after_min_received=self.straggler_wait,
         )
@@ -519,6 +592,8 @@ class SecureFedAvg(ModelController):
         if self._global is not None and targets:
             outgoing = self._global
             outgoing.current_round = self.num_rounds
+            if self.encrypted:
+                outgoing.meta[SECAGG_KEY] = self._roster.task(self.num_rounds, "validate", targets)
             results = self._collect("validate", self._stamped(outgoing), targets)
             for result in results:
                 site = result.meta.get("client_name", "?")

@@ -24,6 +24,12 @@ With `compression` (a fraction F of the coordinates, `clinfed.fl.compression`) t
 model *change* at the round's shared coordinates only, keeps the rest in its error feedback, and
 holds the global model itself: the server's sum is one round's k values, which each site decrypts and
 adds to its own copy (`CompressedSite`).
+
+Every encrypted upload is masked for secure aggregation (`clinfed.fl.secagg`): the site signs a fresh
+X25519 key at admission, masks each round's upload for the member set the task names, keeps the
+round's update to re-upload it for a smaller set if members drop out (`secagg_remask`: no retraining,
+no second spend), reveals its self-mask seed once (`secagg_reveal`), and decrypts a sum only after
+checking every member's signed reveal for it.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from clinfed.errors import SiteRefusal
 from clinfed.fl import payload, streaming
 from clinfed.fl.compression import LAYER, CompressedSite
 from clinfed.fl.participant import SitePolicy, participant_root, site_context, site_index
+from clinfed.fl.secagg import HELLO_KEY, REMASK_TASK, REVEAL_TASK, SECAGG_KEY, SUM_KEY, SiteSecAgg, load_site
 from clinfed.he.aggregation import TooFewContributors
 from clinfed.privacy.ledger import BudgetExceeded, site_ledger
 from clinfed.sysinfo import current_rss_mb, limit_malloc_arenas, release_free_memory
@@ -57,6 +64,7 @@ from clinfed.textio import one_line
 from clinfed.training import DPConfig, SiteTrainer, TrainConfig
 
 ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK = payload.ADMIT_TASK, payload.TRAIN_TASK, payload.VALIDATE_TASK
+SITE_TASKS = (ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK, REMASK_TASK, REVEAL_TASK)  # what a training site answers
 AUDIT_HEAD_KEY = payload.AUDIT_HEAD_KEY
 
 
@@ -135,6 +143,9 @@ class DPTrainExecutor(Executor):
         self._cell = None  # this site's FLARE cell, set per task: streams are offered and pulled through it
         self._fingerprint = ""
         self._wire: tuple[str, float] | None = None  # this round's (CompactSpec JSON, admitted weight total)
+        self._secagg: SiteSecAgg | None = None
+        self._members: list[str] = []  # the member set this task's upload is masked for
+        self._kept: tuple | None = None  # (round, update, n_train, extra): what a re-run encrypts again
 
     # --- state that lives for the whole job at this site -------------------------------------------
     def _setup(self, fl_ctx: FLContext, incoming: FLModel) -> None:
@@ -164,6 +175,8 @@ class DPTrainExecutor(Executor):
         # Only a resubmission of the same job (same run key, after a server restart) continues a run.
         self.run_key = str(incoming.meta.get("run_key", "")) or fl_ctx.get_job_id()
         start = int(incoming.current_round or 0)
+        if self.encrypt:  # before any data is touched: no kit, no masks, no job
+            self._secagg = load_site(self.root, self.site, self.run_key)
         self._trainer = SiteTrainer(
             task,
             data,
@@ -211,6 +224,8 @@ class DPTrainExecutor(Executor):
                 "planned_epsilon": self.ledger.epsilon_of_run_if(self.run_key, planned),
                 "projected_site_epsilon": projected,
             }
+            if self._secagg is not None:
+                self._admission[HELLO_KEY] = self._secagg.hello()
             self.audit.append("job_admitted", job=self.job, run=self.run_key, projected_epsilon=projected)
         if self._admission["status"] != "accepted":
             raise SiteRefusal(self._admission["reason"])
@@ -240,6 +255,27 @@ class DPTrainExecutor(Executor):
                 f"{fingerprint[:12]}…, this site's {self._fingerprint[:12]}…); refusing it"
             )
 
+    def _unmasked(self, params: dict, meta: dict, before_round: int) -> object:
+        """The sum's ciphertexts with the members' self-masks removed as they are read, after checking
+        every member's signed reveal for exactly this sum (`SiteSecAgg.correction`)."""
+        from clinfed.he.masking import MaskedStream, ring_of
+
+        info = (meta or {}).get(SUM_KEY)
+        ring = ring_of(self._ctx)
+        correction = MaskedStream(self._secagg.correction(info, ring, purpose="train"))
+        if int(info["round"]) >= before_round:
+            raise SiteRefusal(
+                f"{self.site}: the server sent round {info['round']}'s sum as the model of round {before_round}"
+            )
+        cts = params[payload.CKKS_KEY]
+        if params.get(payload.COMPACT_KEY):
+            from clinfed.he.compact import compact_unmasked
+
+            return compact_unmasked(self._ctx, cts, correction)
+        from clinfed.he.ckks import real_unmasked
+
+        return real_unmasked(self._ctx, cts, correction)
+
     def _load_global(self, model: FLModel) -> None:
         if self._compressed is not None:
             self._load_compressed(model)
@@ -249,6 +285,8 @@ class DPTrainExecutor(Executor):
             return  # round 0: every site starts from the same seeded initialisation
         if payload.is_encrypted(params):
             self._check_encrypted(params)
+            unmasked = self._unmasked(params, model.meta, int(model.current_round or 0))
+            params = {**params, payload.CKKS_KEY: unmasked}
             from clinfed.he.aggregation import decrypt_average
             from clinfed.he.packing import layout_from_json
 
@@ -298,6 +336,9 @@ class DPTrainExecutor(Executor):
         from clinfed.he.aggregation import decrypt_sum_exact, flood
         from clinfed.he.packing import layout_from_json
 
+        before = int(meta.get(payload.SUM_ROUND_KEY, -1)) + 1
+        params = {**params, payload.CKKS_KEY: self._unmasked(params, meta, before)}
+
         total = float(meta.get("total_weight", 0.0))
         if not (math.isfinite(total) and total > 0):
             raise ValueError(f"{self.site}: encrypted global update carries no total weight")
@@ -315,7 +356,13 @@ class DPTrainExecutor(Executor):
     ) -> tuple[dict, float, dict]:
         """(params, aggregation weight, extra meta). Compressed, the arrays sent are the k values at the
         round's shared coordinates (checked for NaN first, so a poisoned update never enters the error
-        feedback)."""
+        feedback). What is encrypted is kept until the round is unmasked (a re-run masks it again)."""
+        weights, extra = self._compress(weights, round_num)
+        if self._secagg is not None:
+            self._kept = (round_num, weights, n_train, extra)
+        return self._encrypt_update(dict(weights), n_train, round_num, dict(extra))
+
+    def _compress(self, weights: dict[str, np.ndarray], round_num: int) -> tuple[dict, dict]:
         for name, arr in weights.items():
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"{self.site}: local update has NaN/Inf in '{name}'; refusing to send it")
@@ -332,6 +379,9 @@ class DPTrainExecutor(Executor):
                 "k_nominal": math.ceil(self._compressed.fraction * self._compressed.size),
                 "size": self._compressed.size,
             }
+        return weights, extra
+
+    def _encrypt_update(self, weights: dict, n_train: int, round_num: int, extra: dict) -> tuple[dict, float, dict]:
         if not self.encrypt:
             return weights, float(n_train), extra
         if self._compressed is None and self._wire is not None:
@@ -343,11 +393,19 @@ class DPTrainExecutor(Executor):
         weight = n_train / self.weight_unit
         # straight to this round's on-disk spool when the update will be streamed (fl.streaming)
         spool = streaming.Spool(self._spool_dir()) if self._cell is not None else None
-        cts, layout = weighted_encrypt(self._ctx, weights, weight, sites=self.num_sites, into=spool)
+        cts, layout = weighted_encrypt(
+            self._ctx, weights, weight, sites=self.num_sites, into=spool, mask=self._mask(round_num)
+        )
         if "compression" in extra:  # +1: the contributor count travels in every upload
             extra["compression"]["ciphertexts"] = len(cts)
             extra["compression"]["dense_ciphertexts"] = expected_ciphertext_count(self._ctx, self._compressed.size + 1)
         return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint), weight, extra
+
+    def _mask(self, round_num: int):
+        """This upload's secure-aggregation mask, for the member set the task names."""
+        from clinfed.he.masking import MaskedStream, ring_of
+
+        return MaskedStream(self._secagg.mask(round_num, "train", self._members, ring_of(self._ctx)))
 
     def _encode_compact(self, weights: dict[str, np.ndarray], n_train: int, round_num: int) -> tuple[dict, float, dict]:
         """The dense update in the compact format: the site's share of the admitted total weight,
@@ -373,11 +431,11 @@ class DPTrainExecutor(Executor):
         if clipped:  # post-processing of the DP-trained model; the count stays at the site
             self.audit.append("update_clipped", job=self.job, round=round_num, values=clipped, bound=bound)
         spool = streaming.Spool(self._spool_dir()) if self._cell is not None else None
-        cts, layout = compact_encrypt(self._ctx, weights, share, spec, into=spool)
+        cts, layout = compact_encrypt(self._ctx, weights, share, spec, into=spool, mask=self._mask(round_num))
         return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint, spec_json), share, {}
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if task_name not in (ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK):
+        if task_name not in SITE_TASKS:
             return make_reply(ReturnCode.TASK_UNKNOWN)
         round_num = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0)
         site = self.site = fl_ctx.get_identity_name()
@@ -388,6 +446,10 @@ class DPTrainExecutor(Executor):
             payload.record_anchor(self.audit, incoming.meta, job=self.job, round_num=round_num, peer="server")
             if task_name == ADMIT_TASK:
                 return self._reply(FLModel(params={}, meta=dict(self._admit())))
+            if self._secagg is not None:
+                done = self._secure_aggregation_step(task_name, incoming.meta or {}, round_num)
+                if done is not None:
+                    return self._reply(done)
             spec = (incoming.meta or {}).get(payload.COMPACT_KEY)
             admitted = (incoming.meta or {}).get(payload.ADMITTED_WEIGHT_KEY)
             self._wire = (str(spec), float(admitted or 0.0)) if spec else None
@@ -502,6 +564,36 @@ class DPTrainExecutor(Executor):
             **self._privacy_meta(),
         }
         return FLModel(params=params, meta=meta, current_round=round_num)
+
+    def _secure_aggregation_step(self, task_name: str, meta: dict, round_num: int) -> FLModel | None:
+        """Join the roster the task carries; answer a re-run or a reveal here (None: go on with the task)."""
+        info = meta.get(SECAGG_KEY) or {}
+        if not info:
+            raise SiteRefusal(f"{self.site}: an encrypted task without the secure-aggregation roster; refusing")
+        self._secagg.join(info.get("roster"))
+        self._members = list(info.get("members") or [])
+        if task_name == REVEAL_TASK:
+            reveal = self._secagg.reveal(round_num, "train", self._members)
+            self._kept = None  # unmasked: nothing more is uploaded this round
+            self.audit.append("secagg_reveal", job=self.job, round=round_num, members=sorted(self._members))
+            return FLModel(params={}, meta={"status": "ok", "reveal": reveal}, current_round=round_num)
+        if task_name == REMASK_TASK:
+            return self._remask(round_num)
+        return None
+
+    def _remask(self, round_num: int) -> FLModel:
+        """Members dropped out after this round's upload: the same update again, masked for the smaller
+        set the task names (`SiteSecAgg.mask` checks it is a strict majority subset): one more
+        encryption, no training and no spend."""
+        if self._kept is None or self._kept[0] != round_num:
+            raise SiteRefusal(f"{self.site}: asked to re-upload round {round_num}, whose update it no longer holds")
+        _, weights, n_train, extra = self._kept
+        params, weight, extra = self._encrypt_update(dict(weights), n_train, round_num, dict(extra))
+        digest, size = payload.log_update(
+            self.audit, "update_sent", params, job=self.job, round_num=round_num, site=self.site
+        )
+        meta = {"status": "ok", "weight": weight, "bytes_sent": size, "sha256": digest, "remasked": True, **extra}
+        return FLModel(params=params, meta={**meta, **self._privacy_meta()}, current_round=round_num)
 
     def _save_report(self) -> None:
         """Tasks that can draw (segmentation) leave example predictions in the site's own reports/ folder:

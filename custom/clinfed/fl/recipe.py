@@ -14,7 +14,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
 from clinfed.fl.controller import SecureFedAvg
-from clinfed.fl.executor import ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK, DPTrainExecutor
+from clinfed.fl.executor import SITE_TASKS, DPTrainExecutor
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
 
 
@@ -81,7 +81,7 @@ class SecureFedAvgRecipe(Recipe):
             job_label=name,
             compression=compression or 0.0,
         )
-        job.to_clients(executor, id="executor", tasks=[ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK])
+        job.to_clients(executor, id="executor", tasks=list(SITE_TASKS))
         self.num_sites, self.encrypt = num_sites, encrypt
         super().__init__(job)
 

@@ -209,7 +209,12 @@ def _same_layout(site: str, got: Layout, want: Layout) -> None:
 
 # --- site side ------------------------------------------------------------------------------------
 def weighted_encrypt(
-    ctx: ts.Context, arrays: Mapping[str, np.ndarray], weight: float, sites: int = 1, into: Any = None
+    ctx: ts.Context,
+    arrays: Mapping[str, np.ndarray],
+    weight: float,
+    sites: int = 1,
+    into: Any = None,
+    mask: Any = None,
 ) -> tuple[Sequence[bytes], Layout]:
     """Multiply a site's arrays by its weight, pack them into one vector and encrypt it.
 
@@ -218,7 +223,7 @@ def weighted_encrypt(
     Refuses (ValueError) values the CKKS parameters could not sum without silent wraparound:
     |weight·x| must stay under :func:`max_abs_value` divided by the number of ``sites`` that will
     be summed (the bound holds for the sum, and the server cannot check a sum it cannot read).
-    ``into`` receives the ciphertexts one by one (see :func:`encrypt_vector`).
+    ``into`` receives the ciphertexts one by one and ``mask`` masks them (see :func:`encrypt_vector`).
     """
     w = float(weight)
     if not math.isfinite(w) or w <= 0:
@@ -242,7 +247,7 @@ def weighted_encrypt(
                 f"±{bound:.4g} that {sites} site(s) can sum under these CKKS parameters; use a smaller "
                 "aggregation weight (e.g. samples / 100)"
             )
-    return encrypt_vector(ctx, vec, into), layout
+    return encrypt_vector(ctx, vec, into, mask), layout
 
 
 def flood(values: np.ndarray, sigma: float = FLOOD_SIGMA) -> np.ndarray:

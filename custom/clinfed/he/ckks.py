@@ -27,6 +27,7 @@ import atexit
 import math
 import os
 import shutil
+import struct
 import tempfile
 import threading
 import weakref
@@ -223,13 +224,16 @@ def expected_ciphertext_count(ctx_or_params: ts.Context | CKKSParams, size: int)
 
 
 # --- site side ------------------------------------------------------------------------------------
-def encrypt_vector(ctx: ts.Context, vec: np.ndarray | Sequence[float], into: Any = None) -> Any:
+def encrypt_vector(
+    ctx: ts.Context, vec: np.ndarray | Sequence[float], into: Any = None, mask: Callable[[int], Any] | None = None
+) -> Any:
     """Encrypt a flat vector into ⌈len/slots⌉ serialised, seeded symmetric ciphertexts (sites only).
 
     The last chunk is zero-padded by the encoder; the caller keeps the true length (the layout).
     ``into``: anything with ``append`` that receives each ciphertext as it is made and is returned
     (a stream's on-disk spool, so a large update's ciphertexts never sit in memory together);
-    a new list by default.
+    a new list by default. ``mask(i)``: the secure-aggregation mask of ciphertext i, added to its c0
+    (:mod:`clinfed.he.masking`; the ciphertext is then serialised uncompressed, ~1 % larger).
     """
     seal = _seal(ctx)
     if seal.encryptor is None:
@@ -246,8 +250,29 @@ def encrypt_vector(ctx: ts.Context, vec: np.ndarray | Sequence[float], into: Any
             seal.encoder.encode(flat[start : start + seal.slots].tolist(), seal.scale, plain)
         except _SEAL_ERRORS as exc:  # "encoded values are too large" past the modulus
             raise ValueError(f"values {start}..{start + seal.slots - 1} cannot be encoded: {one_line(exc)}") from exc
-        out.append(_seal_dump(seal.encryptor.encrypt_symmetric(plain).save))
+        blob = _seal_dump(seal.encryptor.encrypt_symmetric(plain).save)
+        if mask is not None:
+            from clinfed.he.masking import mask_seal_ciphertext, ring_of
+
+            blob = mask_seal_ciphertext(blob, mask(start // seal.slots), ring_of(ctx), seeded=True)
+        out.append(blob)
     return out
+
+
+def real_unmasked(ctx: ts.Context, cts: Sequence[bytes], correction: Callable[[int], Any]) -> Sequence[bytes]:
+    """A real-valued sum (full ciphertexts) seen through ``correction(i)`` added to each c0, one
+    ciphertext at a time: the twin of :func:`clinfed.he.compact.compact_unmasked`."""
+    from clinfed.he.masking import CorrectedCiphertexts, mask_seal_ciphertext, ring_of
+
+    ring = ring_of(ctx)
+
+    def correct(index: int, data: Any) -> bytes:
+        try:
+            return mask_seal_ciphertext(data, correction(index), ring, seeded=False)
+        except (ValueError, HEContextError, struct.error) as exc:
+            raise InvalidCiphertext("server", f"ciphertext {index + 1}: {one_line(exc)}") from exc
+
+    return CorrectedCiphertexts(cts, correct)
 
 
 def decrypt_vector(ctx: ts.Context, cts: Sequence[bytes], size: int, source: str = "server") -> np.ndarray:

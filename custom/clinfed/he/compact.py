@@ -73,6 +73,7 @@ from clinfed.he.ckks import (
     add_parsed,
 )
 from clinfed.he.context import HEContextError, context_fingerprint
+from clinfed.he.masking import CorrectedCiphertexts, MaskFn, Ring, patch_c0
 from clinfed.he.packing import FlatWriter, Layout, iter_flat, layout_of
 from clinfed.he.params import MAX_COEFF_BITS_128
 from clinfed.textio import one_line
@@ -541,8 +542,12 @@ def _encode_wire(seal: _Compact, kind: bytes, words: np.ndarray, seed: bytes = b
     return b"".join(parts)
 
 
-def _decode_wire(seal: _Compact, data: Any, kind: bytes, label: str) -> bytearray:
-    """Our wire bytes → SEAL's uncompressed serialisation (raises ValueError with a reason)."""
+def _wire_words(seal: _Compact, data: Any, kind: bytes, label: str) -> np.ndarray:
+    """Our wire bytes → the ciphertext's coefficient words (polys·k·n, uint64), vetted against q."""
+    return _parse_wire(seal, data, kind, label)[0].reshape(-1)
+
+
+def _parse_wire(seal: _Compact, data: Any, kind: bytes, label: str) -> tuple[np.ndarray, memoryview]:
     polys = 1 if kind == _SEEDED else 2
     seed_len = _SEED_BYTES if kind == _SEEDED else 0
     expected = _HEADER + seed_len + seal.packed_poly_bytes(polys)
@@ -563,6 +568,14 @@ def _decode_wire(seal: _Compact, data: Any, kind: bytes, label: str) -> bytearra
             raise ValueError(f"{label} holds coefficients outside the federation's modulus")
         coeffs[:, j, :] = values.reshape(polys, seal.n)
         offset += size
+    return coeffs, view
+
+
+def _decode_wire(seal: _Compact, data: Any, kind: bytes, label: str) -> bytearray:
+    """Our wire bytes → SEAL's uncompressed serialisation (raises ValueError with a reason)."""
+    polys = 1 if kind == _SEEDED else 2
+    seed_len = _SEED_BYTES if kind == _SEEDED else 0
+    coeffs, view = _parse_wire(seal, data, kind, label)
     # SEAL's serialisation, written once into one buffer: header, prefix, coefficients, (seed record)
     prefix = seal.seeded_prefix if polys == 1 else seal.full_prefix
     start = 16 + len(prefix)
@@ -599,19 +612,26 @@ def _dump_full(seal: _Compact, ct: Any) -> bytes:
 _CHUNK_CIPHERTEXTS = 64  # ciphertexts' worth of values (64 x 8192) quantised and packed at a time
 
 
-def _encrypt_halves(seal: _Compact, halves: np.ndarray, out: Any) -> None:
-    """Encrypt rows of half-slot integers as seeded compact uploads, appending each to ``out``."""
+def _encrypt_halves(seal: _Compact, halves: np.ndarray, out: Any, mask: MaskFn | None = None, first: int = 0) -> None:
+    """Encrypt rows of half-slot integers as seeded compact uploads, appending each to ``out``;
+    ``mask(i)`` (secure aggregation, :mod:`clinfed.he.masking`) is added to ciphertext ``first + i``'s c0."""
     n, k = seal.n, seal.k
     c0_words = k * n
     expected = len(seal.seeded_prefix) + 8 * c0_words + 16 + _SEED_BYTES
     start = len(seal.seeded_prefix)
-    for row in halves:
+    for i, row in enumerate(halves):
         values = row.astype(np.float64)
         plain = sa.Plaintext()
         seal.encoder.encode((values[: n // 2] + 1j * values[n // 2 :]).tolist(), seal.scale, plain)
         body = _seal_body(_seal_dump(seal.encryptor.encrypt_symmetric(plain).save), expected)
         c0 = np.frombuffer(body, dtype="<u8", count=c0_words, offset=start).astype(np.uint64)
+        if mask is not None:
+            patch_c0(c0, mask(first + i), _ring(seal))
         out.append(_encode_wire(seal, _SEEDED, c0, body[-_SEED_BYTES:]))
+
+
+def _ring(seal: _Compact) -> Ring:
+    return Ring(seal.n, seal.moduli)
 
 
 def _site_seal(ctx: ts.Context, params: CompactParams) -> _Compact:
@@ -622,14 +642,34 @@ def _site_seal(ctx: ts.Context, params: CompactParams) -> _Compact:
 
 
 def compact_encrypt_ints(
-    ctx: ts.Context, ints: np.ndarray, params: CompactParams = COMPACT_PARAMS, into: Any = None
+    ctx: ts.Context,
+    ints: np.ndarray,
+    params: CompactParams = COMPACT_PARAMS,
+    into: Any = None,
+    mask: MaskFn | None = None,
 ) -> Sequence[bytes]:
     """Encrypt signed integers (each within one site's share of a field) as seeded compact uploads;
     ``into`` (default: a new list) receives each ciphertext as it is made."""
     seal = _site_seal(ctx, params)
     out = [] if into is None else into
-    _encrypt_halves(seal, pack_fields(ints, seal.params), out)
+    _encrypt_halves(seal, pack_fields(ints, seal.params), out, mask)
     return out
+
+
+def compact_unmasked(ctx: ts.Context, cts: Sequence[bytes], correction: MaskFn, params: CompactParams = COMPACT_PARAMS):
+    """A compact sum (full ciphertexts) seen through ``correction(i)`` added to each c0, read one
+    ciphertext at a time (:class:`clinfed.he.masking.CorrectedCiphertexts`): what a decrypting site
+    hands the decryptor once it has the members' reveals. Malformed bytes raise as in decryption."""
+    seal = _compact(ctx, params)
+    ring = _ring(seal)
+
+    def correct(index: int, data: Any) -> bytes:
+        words = _wire_words(seal, data, _FULL, f"ciphertext {index + 1} of {len(cts)}")
+        c0 = words[: seal.k * seal.n]
+        patch_c0(c0, correction(index), ring)
+        return _encode_wire(seal, _FULL, words)
+
+    return CorrectedCiphertexts(cts, correct)
 
 
 def _check_update(arrays: Mapping[str, np.ndarray], layout: Layout, bound: float, spec: CompactSpec, w: float) -> None:
@@ -654,7 +694,12 @@ def _check_update(arrays: Mapping[str, np.ndarray], layout: Layout, bound: float
 
 
 def compact_encrypt(
-    ctx: ts.Context, arrays: Mapping[str, np.ndarray], weight: float, spec: CompactSpec, into: Any = None
+    ctx: ts.Context,
+    arrays: Mapping[str, np.ndarray],
+    weight: float,
+    spec: CompactSpec,
+    into: Any = None,
+    mask: MaskFn | None = None,
 ) -> tuple[Sequence[bytes], Layout]:
     """A site's update: multiply by ``weight``, quantise to ``spec``'s grid, pack, encrypt (seeded).
 
@@ -663,6 +708,7 @@ def compact_encrypt(
     NaN/Inf, and any value past the bound (pooled |x|, else |weight·x|, above ``spec.value_bound``).
     The first field carries the contributor count (1). The model is walked in chunks of
     ``_CHUNK_CIPHERTEXTS`` ciphertexts, and ``into`` (default: a new list) receives each ciphertext.
+    ``mask(i)``: the secure-aggregation mask of ciphertext i (:mod:`clinfed.fl.secagg`), added to c0.
     """
     w = float(weight)
     if not math.isfinite(w) or w <= 0 or (spec.pooled and w > 1.0):
@@ -676,11 +722,14 @@ def compact_encrypt(
     out = [] if into is None else into
     per = seal.params.values_per_ciphertext * _CHUNK_CIPHERTEXTS
 
+    made = 0
     for i, chunk in enumerate(iter_flat(arrays, layout, per, head=np.ones(1))):  # the count's slot first
         ints = quantize(chunk, spec, w)
         if i == 0:
             ints[0] = 1  # the contributor count, not a model value: not weighted, not on the grid
-        _encrypt_halves(seal, pack_fields(ints, seal.params), out)
+        halves = pack_fields(ints, seal.params)
+        _encrypt_halves(seal, halves, out, mask, made)
+        made += len(halves)
     return out, layout
 
 

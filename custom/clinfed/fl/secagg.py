@@ -1,0 +1,336 @@
+"""Secure aggregation against a malicious server: the protocol every encrypted sum goes through.
+
+The masks themselves and why they sit inside the CKKS plaintext are in :mod:`clinfed.he.masking`.
+This module agrees their seeds, binds them to one sum, and decides when a site may reveal what the
+decrypting sites need. Training (:mod:`clinfed.fl.executor` / ``controller``) and every clinical
+method (:mod:`clinfed.analytics.sums_fl`) use it; the server side is :class:`ServerRoster` plus the
+task names below, the site side :class:`SiteSecAgg`.
+
+Stages of one run (Bell et al. 2020's SecAgg+, with re-runs instead of Shamir shares, see below):
+
+1. **Keys** (admission). Each site makes a fresh X25519 key pair for the run and answers admission
+   with its public key, *signed with its FLARE kit key* and accompanied by its kit certificate.
+   The server forwards the roster of admitted sites with every task; each site checks every entry
+   (certificate from its own root CA, issued to that site's name, signature over run + name + key)
+   and pins it for the run: a server that later substitutes a key (to sit in the middle of a pair)
+   is refused by name. Pair secret: HKDF(X25519(a, B)), bound to the run and the pair's names.
+2. **Masked upload** for a member set M (round r, purpose p): site i adds
+   B_i + Σ_{j∈M, j>i} P_ij − Σ_{j∈M, j<i} P_ij, with P_ij = PRG(HKDF(pair secret, run|r|p|M)) and
+   B_i = PRG(a fresh random seed). A sum over exactly M, each upload once, cancels every P_ij.
+3. **Re-run on dropout.** If some members' uploads did not arrive, the server asks the survivors
+   M' ⊂ M to upload the *same* update again, masked for M' (one more encryption, no retraining, no
+   second DP spend). A site accepts a re-run only for a strict subset of its last member set, with
+   more than half of the round's first set (so two disjoint groups can never both be summed) and
+   never after it has revealed.
+4. **Reveal.** When every member of M has uploaded, each reveals its self-mask seed for M, signed
+   with its kit key over (run, r, p, M), once; after that it uploads nothing more in round r.
+5. **Decrypt.** The decrypting site checks every member's signature over the very M the sum
+   claims (equivocation: a site shown another set never signed this one), then subtracts
+   Σ PRG(revealed seeds) from the sum's c0 before decrypting.
+
+Why it holds (docs/threat-model.md has the tests): an unmasked sum needs every self-mask of its
+member set, and a site reveals one only for its *last* set, after which it uploads no more. So in a
+round a site's update is in at most one decryptable sum, and that sum is over ≥ ``min_members`` sites
+that all signed it. A server that calls a live site d dropped gets d's upload masked by B_d, which d
+never reveals (d's last set still contains d); one upload alone, a duplicate, a forged count, an
+old round's upload or any other combination decrypts to uniform noise, which the decoders refuse.
+A coalition of the server with c sites learns a single site's update only if that site's member set
+holds no other honest site: with ``min_members`` = 3, the server plus one hospital learns nothing of
+another hospital's update; the sum over M is what everyone gets by design.
+
+Why re-runs and not Shamir (SecAgg+'s choice): no secret is ever revealed for a dropped site, so
+there is no "which share did you reveal" race to get wrong, and the cost of a dropout is one more
+encryption at each survivor. The window it leaves: a member that dies *during* the reveal stage
+(after uploading for the final set) stalls that round's sum, which is then withheld (the previous
+global model stays); a Shamir variant would save that round. Threshold CKKS (a shared key no single
+hospital holds) is not available on Python 3.11 today: OpenFHE's wheels need 3.12 and bind N-of-N.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from clinfed.he.masking import SEED_BYTES, Mask, Ring
+
+REMASK_TASK = "secagg_remask"  # survivors upload the kept update again, masked for the smaller set
+REVEAL_TASK = "secagg_reveal"  # every member reveals its self-mask seed for the final set
+SECAGG_KEY = "secagg"  # meta key: task → site {round, purpose, members, roster}
+SUM_KEY = "secagg_sum"  # meta key of an encrypted sum → site: {round, purpose, members, reveals}
+HELLO_KEY = "secagg_hello"  # meta key: admission reply → server
+MIN_MEMBERS = 3
+
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
+
+
+class SecAggError(ValueError):
+    """A secure-aggregation message that must not be used; one line naming the site and the cause."""
+
+
+def _canonical(fields: dict) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def binding(run: str, rnd: int, purpose: str, members: list[str] | tuple[str, ...]) -> bytes:
+    """What a mask, a reveal and its signature are bound to: one sum of one run."""
+    return _canonical({"run": run, "round": int(rnd), "purpose": purpose, "members": sorted(members)})
+
+
+# --- identities: the FLARE kit ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KitIdentity:
+    """A site's FLARE kit: its signing key and certificate, the root CA it trusts, the server's name."""
+
+    site: str
+    key_pem: bytes
+    cert_pem: bytes
+    root_ca_pem: bytes
+    server_name: str | None = None
+
+    @classmethod
+    def load(cls, root: Path, site: str) -> KitIdentity:
+        from clinfed.keys.exchange import server_name_of
+
+        files = {}
+        for name in ("client.key", "client.crt", "rootCA.pem"):
+            path = root / "startup" / name
+            if not path.is_file():
+                raise SecAggError(
+                    f"{site}: no {path}: secure aggregation signs with the site's FLARE kit (provision the site, "
+                    "or run `clinfed simulate`, which lays out simulated kits)"
+                )
+            files[name] = path.read_bytes()
+        return cls(site, files["client.key"], files["client.crt"], files["rootCA.pem"], server_name_of(root))
+
+    def sign(self, data: bytes) -> str:
+        from clinfed.keys.bundle import load_private_key
+
+        return base64.b64encode(load_private_key(self.key_pem, self.site).sign(data, _PSS, hashes.SHA256())).decode()
+
+    def verify(self, peer: str, cert_pem: bytes, data: bytes, signature: str, what: str) -> None:
+        """``signature`` over ``data`` by ``peer``'s kit key, its certificate checked against our root CA."""
+        from clinfed.keys.bundle import KeyExchangeError, check_site_certificate
+
+        try:
+            cert = check_site_certificate(cert_pem, self.root_ca_pem, peer, self.server_name)
+        except KeyExchangeError as exc:
+            raise SecAggError(f"{self.site}: {what} of {peer}: {exc}") from None
+        try:
+            cert.public_key().verify(base64.b64decode(signature, validate=True), data, _PSS, hashes.SHA256())
+        except (InvalidSignature, ValueError, TypeError):
+            raise SecAggError(f"{self.site}: {what} of {peer}: the signature does not verify") from None
+
+
+# --- a site's part ---------------------------------------------------------------------------------------
+@dataclass
+class _Upload:
+    members: tuple[str, ...]
+    seed: bytes
+
+
+@dataclass
+class _Sum:
+    """One (round, purpose) at this site: the member sets it uploaded for, in order, and the reveal."""
+
+    uploads: list[_Upload] = field(default_factory=list)
+    revealed: bool = False
+
+
+class SiteSecAgg:
+    """One site's secure-aggregation state for one run (lives as long as the site's executor)."""
+
+    def __init__(self, identity: KitIdentity, run: str, min_members: int = MIN_MEMBERS):
+        self.identity, self.site, self.run = identity, identity.site, str(run)
+        self.min_members = max(int(min_members), MIN_MEMBERS)
+        self._key = X25519PrivateKey.generate()
+        self._pub = self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self._roster: dict[str, tuple[bytes, bytes]] = {}  # site → (certificate PEM, X25519 public key)
+        self._pairs: dict[str, bytes] = {}
+        self._sums: dict[tuple[int, str], _Sum] = {}
+        self.last_decrypted: dict[str, int] = {}
+
+    # stage 1 ----------------------------------------------------------------------------------------------
+    def _hello_bytes(self, site: str, pub: bytes) -> bytes:
+        return b"clinfed-secagg-hello|" + _canonical({"run": self.run, "site": site, "pub": pub.hex()})
+
+    def hello(self) -> dict:
+        """This site's signed X25519 public key for the run (the admission reply carries it)."""
+        return {
+            "pub": self._pub.hex(),
+            "cert": self.identity.cert_pem.decode(),
+            "sig": self.identity.sign(self._hello_bytes(self.site, self._pub)),
+        }
+
+    def join(self, roster: dict) -> None:
+        """Check and pin the roster the server forwards; derive a pair secret with every member."""
+        if not isinstance(roster, dict) or self.site not in roster:
+            raise SecAggError(f"{self.site}: the server's key roster does not list this site")
+        for peer in sorted(roster):
+            entry = roster[peer]
+            try:
+                pub, cert = bytes.fromhex(entry["pub"]), str(entry["cert"]).encode()
+                signature = str(entry["sig"])
+            except (KeyError, TypeError, ValueError):
+                raise SecAggError(f"{self.site}: the roster entry of {peer} is malformed") from None
+            pinned = self._roster.get(peer)
+            if pinned is not None:
+                if pinned != (cert, pub):
+                    raise SecAggError(
+                        f"{self.site}: the server now shows another key for {peer} than earlier in this run "
+                        "(a substituted key would let it read that pair's masks); refusing"
+                    )
+                continue
+            if peer == self.site:
+                if pub != self._pub:
+                    raise SecAggError(f"{self.site}: the roster carries a key for this site that it never made")
+            else:
+                self.identity.verify(peer, cert, self._hello_bytes(peer, pub), signature, "secure-aggregation key")
+                shared = self._key.exchange(X25519PublicKey.from_public_bytes(pub))
+                info = b"clinfed-secagg-pair|" + _canonical({"run": self.run, "pair": sorted([self.site, peer])})
+                self._pairs[peer] = HKDF(hashes.SHA256(), SEED_BYTES, None, info).derive(shared)
+            self._roster[peer] = (cert, pub)
+
+    # stage 2-3 --------------------------------------------------------------------------------------------
+    def _check_members(self, members: list[str], what: str) -> tuple[str, ...]:
+        chosen = tuple(sorted(set(members)))
+        if len(chosen) != len(members):
+            raise SecAggError(f"{self.site}: the {what} names a site twice")
+        if len(chosen) < self.min_members:
+            raise SecAggError(
+                f"{self.site}: the {what} has {len(chosen)} member(s), fewer than {self.min_members}: its sum would "
+                "expose the members' updates; refusing"
+            )
+        unknown = [s for s in chosen if s not in self._roster]
+        if unknown:
+            raise SecAggError(f"{self.site}: the {what} names {unknown[0]}, whose key this site never checked")
+        return chosen
+
+    def mask(self, rnd: int, purpose: str, members: list[str], ring: Ring) -> Mask:
+        """The mask of this site's upload for ``members`` (a re-run gets fresh masks for a smaller set)."""
+        chosen = self._check_members(members, f"member set of round {rnd}")
+        if self.site not in chosen:
+            raise SecAggError(f"{self.site}: asked to upload for a member set of round {rnd} that leaves it out")
+        state = self._sums.setdefault((int(rnd), purpose), _Sum())
+        if state.revealed:
+            raise SecAggError(
+                f"{self.site}: round {rnd} ({purpose}) was already unmasked; a further upload could be differenced "
+                "against it; refusing"
+            )
+        if state.uploads:
+            last, first = set(state.uploads[-1].members), state.uploads[0].members
+            if not set(chosen) < last:
+                raise SecAggError(
+                    f"{self.site}: a re-run of round {rnd} must drop sites from {sorted(last)}, got {list(chosen)}; "
+                    "refusing (two overlapping sums would expose the difference)"
+                )
+            if 2 * len(chosen) <= len(first):
+                raise SecAggError(
+                    f"{self.site}: a re-run of round {rnd} for {len(chosen)} of the round's {len(first)} sites is "
+                    "not a majority (two disjoint sums could be taken); refusing"
+                )
+        seed = secrets.token_bytes(SEED_BYTES)
+        state.uploads.append(_Upload(chosen, seed))
+        bound = binding(self.run, rnd, purpose, chosen)
+        plus, minus = [seed], []
+        for peer in chosen:
+            if peer == self.site:
+                continue
+            pair = HKDF(hashes.SHA256(), SEED_BYTES, None, b"clinfed-secagg-mask|" + bound).derive(self._pairs[peer])
+            (plus if self.site < peer else minus).append(pair)
+        return Mask(ring, tuple(plus), tuple(minus))
+
+    # stage 4 ----------------------------------------------------------------------------------------------
+    def reveal(self, rnd: int, purpose: str, members: list[str]) -> dict:
+        """This site's self-mask seed for its last member set of the round, signed; once."""
+        chosen = self._check_members(members, f"member set of round {rnd}")
+        state = self._sums.get((int(rnd), purpose))
+        if state is None or not state.uploads:
+            raise SecAggError(f"{self.site}: asked to unmask round {rnd} ({purpose}), for which it uploaded nothing")
+        last = state.uploads[-1]
+        if last.members != chosen:
+            raise SecAggError(
+                f"{self.site}: asked to unmask round {rnd} for {list(chosen)}, but its last upload was masked for "
+                f"{list(last.members)}; refusing"
+            )
+        state.revealed = True
+        bound = binding(self.run, rnd, purpose, chosen)
+        return {"seed": last.seed.hex(), "sig": self.identity.sign(b"clinfed-secagg-reveal|" + bound)}
+
+    # stage 5 ----------------------------------------------------------------------------------------------
+    def correction(self, info: dict, ring: Ring, expect_round: int | None = None, purpose: str | None = None) -> Mask:
+        """What to add to a sum's c0 before decrypting it, after checking that every member signed the
+        very member set (and round) the server claims for the sum."""
+        if not isinstance(info, dict) or not isinstance(info.get("reveals"), dict):
+            raise SecAggError(
+                f"{self.site}: the sum comes without its members' reveals: it cannot be unmasked (a sum the "
+                "sites did not agree on); refusing"
+            )
+        rnd, what = int(info.get("round", -1)), str(info.get("purpose", ""))
+        if purpose is not None and what != purpose:
+            raise SecAggError(f"{self.site}: the server sent a {what!r} sum where a {purpose!r} sum belongs; refusing")
+        if expect_round is not None and rnd != expect_round:
+            raise SecAggError(
+                f"{self.site}: the server sent the sum of round {rnd} as round {expect_round}'s; refusing (replay)"
+            )
+        if rnd < self.last_decrypted.get(what, -1):
+            raise SecAggError(
+                f"{self.site}: the server sent the sum of round {rnd} after this site used round "
+                f"{self.last_decrypted[what]}'s; refusing (replay of an old sum)"
+            )
+        members = self._check_members(list(info.get("members") or []), f"sum of round {rnd}")
+        bound = b"clinfed-secagg-reveal|" + binding(self.run, rnd, what, members)
+        seeds = []
+        for peer in members:
+            reveal = info["reveals"].get(peer)
+            if not isinstance(reveal, dict) or "seed" not in reveal or "sig" not in reveal:
+                raise SecAggError(f"{self.site}: the sum of round {rnd} lacks {peer}'s reveal; refusing")
+            self.identity.verify(
+                peer, self._roster[peer][0], bound, str(reveal["sig"]),
+                f"member set {list(members)} of round {rnd} (the server may have shown sites different sets)",
+            )  # fmt: skip
+            try:
+                seed = bytes.fromhex(str(reveal["seed"]))
+            except ValueError:
+                raise SecAggError(f"{self.site}: {peer}'s revealed seed is not hex") from None
+            if len(seed) != SEED_BYTES:
+                raise SecAggError(f"{self.site}: {peer}'s revealed seed is not {SEED_BYTES} bytes")
+            seeds.append(seed)
+        self.last_decrypted[what] = rnd
+        return Mask(ring, (), tuple(seeds))
+
+
+def load_site(root: Path, site: str, run: str, min_members: int = MIN_MEMBERS) -> SiteSecAgg:
+    return SiteSecAgg(KitIdentity.load(root, site), run, min_members)
+
+
+# --- the server's part -----------------------------------------------------------------------------------
+class ServerRoster:
+    """The admitted sites' signed keys, forwarded with every task (the server cannot check them: it has
+    no say in which keys the sites accept), and the meta every secure-aggregation task carries."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict] = {}
+
+    def add(self, site: str, hello: object) -> bool:
+        if isinstance(hello, dict) and all(isinstance(hello.get(k), str) for k in ("pub", "cert", "sig")):
+            self.entries[site] = {k: hello[k] for k in ("pub", "cert", "sig")}
+            return True
+        return False
+
+    def task(self, rnd: int, purpose: str, members: list[str]) -> dict:
+        roster = {s: self.entries[s] for s in members if s in self.entries}
+        return {"round": int(rnd), "purpose": purpose, "members": sorted(members), "roster": roster}
+
+
+def sum_info(rnd: int, purpose: str, members: list[str], reveals: dict[str, dict]) -> dict:
+    """What travels with an unmaskable sum: its round, purpose, member set and every member's reveal."""
+    return {"round": int(rnd), "purpose": purpose, "members": sorted(members), "reveals": dict(reveals)}

@@ -78,6 +78,20 @@ from clinfed.audit import AuditLog, payload_digest
 from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
 from clinfed.fl.participant import RESOURCES_FILE, SitePolicy, participant_root, server_context, site_context
+from clinfed.fl.secagg import (
+    HELLO_KEY,
+    REMASK_TASK,
+    REVEAL_TASK,
+    SECAGG_KEY,
+    SUM_KEY,
+    ServerRoster,
+    SiteSecAgg,
+    collect_reveals,
+    complete_round,
+    load_site,
+    result_site,
+    sum_info,
+)
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
 from clinfed.privacy.ledger import BudgetExceeded, PrivacyLedger, site_ledger
 from clinfed.textio import json_default, one_line
@@ -85,7 +99,8 @@ from clinfed.textio import json_default, one_line
 ADMIT_TASK = payload.ADMIT_TASK
 SUMS_TASK = "clinical_sums"
 STEP_TASK = "clinical_step"
-TASKS = (ADMIT_TASK, SUMS_TASK, STEP_TASK)
+TASKS = (ADMIT_TASK, SUMS_TASK, STEP_TASK, REMASK_TASK, REVEAL_TASK)
+PURPOSE = "sums"  # what secure aggregation binds this job's sums to (with the run, round and members)
 VEC_KEY = "sums"
 SUMMARY_FILE = "summary.json"
 SIGNIFICANT_DIGITS = 7
@@ -200,6 +215,8 @@ class SumsExecutor(Executor):
         self._data: Any = None
         self._admission: dict | None = None
         self._charged: float | None = None
+        self._secagg: SiteSecAgg | None = None
+        self._kept: tuple[int, np.ndarray] | None = None  # this round's wire vector, for a re-run
 
     def _setup(self, fl_ctx: FLContext) -> None:
         if self._ready:
@@ -210,6 +227,7 @@ class SumsExecutor(Executor):
         self.audit = AuditLog(self.root, self.site)
         self._ctx, self._fingerprint = site_context(self.root, self.site)
         self.run_id = str(fl_ctx.get_job_id() or "")
+        self._secagg = load_site(self.root, self.site, self.run_id)  # no kit, no masks, no job
         info = SiteInfo(self.site, self.root, self.policy, self.run_id, self.job_label, int(self.num_sites))
         # by default the hospital's database through its policy (SQLAlchemy URL + column mapping), else its split
         self._data = self._m.load(self._m.read(info), self.site, self._min_cell({}))
@@ -280,11 +298,10 @@ class SumsExecutor(Executor):
         bound = max_abs_value(context_params(self._ctx)) / max(int(self.num_sites), 1)
         return bound, 2.0 ** math.floor(math.log2(bound))
 
-    def _encrypt(self, vec: np.ndarray) -> dict:
+    def _encrypt(self, vec: np.ndarray, round_num: int, members: list[str]) -> dict:
         """Encrypt `vec` as two limbs, [lo, hi] with vec = lo + hi·base, hi an integer (see `two_limbs`), or
-        as it is for a method that keeps its slots under the bound itself (`Method.wire_limbs` 1)."""
-        from clinfed.he.ckks import encrypt_vector
-
+        as it is for a method that keeps its slots under the bound itself (`Method.wire_limbs` 1); masked
+        for ``members`` (secure aggregation) and kept until the round is unmasked (a re-run masks it again)."""
         bound, base = self._limbs()
         vec = np.asarray(vec, dtype=np.float64)
         two = self._m.wire_limbs == 2
@@ -294,7 +311,16 @@ class SumsExecutor(Executor):
                 f"{self.site}: a sum reaches {np.abs(vec).max():.4g}, over the ±{bound * base if two else bound:.4g} "
                 f"that {self.num_sites} sites can add under these CKKS parameters (rescale the covariates)"
             )
-        return payload.encrypted_params(encrypt_vector(self._ctx, wire), _layout_json(wire.size), self._fingerprint)
+        self._kept = (round_num, wire)
+        return self._masked(wire, round_num, members)
+
+    def _masked(self, wire: np.ndarray, round_num: int, members: list[str]) -> dict:
+        from clinfed.he.ckks import encrypt_vector
+        from clinfed.he.masking import MaskedStream, ring_of
+
+        mask = MaskedStream(self._secagg.mask(round_num, PURPOSE, members, ring_of(self._ctx)))
+        cts = encrypt_vector(self._ctx, wire, mask=mask)
+        return payload.encrypted_params(cts, _layout_json(wire.size), self._fingerprint)
 
     def _encrypt_iterate(self, iterate: np.ndarray) -> dict:
         """The next iterate (on the 2^-40 grid) as exact integer limbs: every site evaluates this very point."""
@@ -320,11 +346,16 @@ class SumsExecutor(Executor):
         if params.get(payload.FINGERPRINT_KEY) != self._fingerprint:
             raise SiteRefusal(f"{self.site}: the {what} was encrypted under another federation's key")
 
-    def _decrypt(self, params: dict, size: int, what: str) -> np.ndarray:
-        from clinfed.he.ckks import decrypt_vector
+    def _decrypt(self, params: dict, size: int, what: str, info: dict | None, round_num: int) -> np.ndarray:
+        """The sum, unmasked with its members' reveals (checked: every member signed this round's set)."""
+        from clinfed.he.ckks import decrypt_vector, real_unmasked
+        from clinfed.he.masking import MaskedStream, ring_of
 
         self._check_sum_params(params, what)
-        wire = decrypt_vector(self._ctx, params[payload.CKKS_KEY], self._m.wire_limbs * size)
+        ring = ring_of(self._ctx)
+        correction = MaskedStream(self._secagg.correction(info, ring, expect_round=round_num, purpose=PURPOSE))
+        cts = real_unmasked(self._ctx, params[payload.CKKS_KEY], correction)
+        wire = decrypt_vector(self._ctx, cts, self._m.wire_limbs * size)
         return from_limbs(wire, self._limbs()[1]) if self._m.wire_limbs == 2 else wire
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -344,7 +375,18 @@ class SumsExecutor(Executor):
             phase = str(meta.get("phase", ""))
             params = incoming.params or {}
             if task_name == ADMIT_TASK:
-                return self._reply({}, round_num, start, {"admission": self._admit()})
+                return self._reply({}, round_num, start, {"admission": self._admit(), HELLO_KEY: self._secagg.hello()})
+            info = meta.get(SECAGG_KEY) or {}
+            self._secagg.join(info.get("roster"))
+            members = list(info.get("members") or [])
+            if task_name == REVEAL_TASK:
+                reveal = self._secagg.reveal(round_num, PURPOSE, members)
+                self._kept = None
+                return self._reply({}, round_num, start, {"reveal": reveal})
+            if task_name == REMASK_TASK:
+                if self._kept is None or self._kept[0] != round_num:
+                    raise SiteRefusal(f"{self.site}: asked to re-upload round {round_num}, which it no longer holds")
+                return self._reply(self._masked(self._kept[1], round_num, members), round_num, start, {})
             if task_name == SUMS_TASK:
                 self._admit()  # a server that skipped admission gets the same checks here
                 epsilon = self._charge()
@@ -356,7 +398,7 @@ class SumsExecutor(Executor):
                 self._m.vet(self._data, phase, iterate, list(meta.get("sites") or []))
                 vec = np.concatenate([self._m.site_local(self._data, phase, iterate), [1.0]])
                 extra = {"epsilon": epsilon} if self._m.dp is not None else {}
-                return self._reply(self._encrypt(vec), round_num, start, extra)
+                return self._reply(self._encrypt(vec, round_num, members), round_num, start, extra)
             return self._step(params, meta, round_num, phase, start)
         except SiteRefusal as exc:
             return self._status("refused", one_line(exc, self.site), round_num)
@@ -367,7 +409,7 @@ class SumsExecutor(Executor):
 
     def _step(self, params: dict, meta: dict, round_num: int, phase: str, start: float) -> Shareable:
         """Release site: decrypt the sum, check who is in it, step; encrypted iterate or the release."""
-        summed = self._decrypt(params, self._m.size(phase) + 1, "sum")
+        summed = self._decrypt(params, self._m.size(phase) + 1, "sum", meta.get(SUM_KEY), round_num)
         count = round(float(summed[-1]))
         named = list(meta.get("sites") or [])
         if count < MIN_CONTRIBUTORS:
@@ -467,20 +509,60 @@ class SumsController(ModelController):
         self.method, self.min_cell, self.release_site = dict(method or {}), min_cell, release_site
         self.job_label, self.task_timeout = job_label, task_timeout
 
-    def _sum_round(self, rnd: int, phase: str, iterate: dict, targets: list[str]) -> tuple[dict, dict]:
-        """One `clinical_sums` task: (entries per site, encrypted sum params or {} when nobody contributed)."""
+    def _sum_round(self, rnd: int, phase: str, iterate: dict, targets: list[str]) -> tuple[dict, dict, dict]:
+        """One `clinical_sums` task, then secure aggregation's re-runs and reveals (`fl.secagg`):
+        (entries per site, encrypted sum params or {} when it cannot be unmasked, the sum's reveals)."""
+        # the sites asked: the release log of cohort_stats names its cohort by them
+        meta = {**self._meta(phase, rnd, targets), "min_cell": self._min_cell, "sites": list(targets)}
+        results = self._ask(SUMS_TASK, FLModel(params=iterate, meta=meta), targets)
+        entries, acc, ok = self._add(rnd, phase, results, targets)
+
+        def rerun(members: list[str]) -> tuple[object, list[str]]:
+            self.audit.append("secagg_rerun", job=self.job_label, round=rnd, members=members)
+            again = self._ask(REMASK_TASK, FLModel(params={}, meta=self._meta(phase, rnd, members)), members)
+            sub, new_acc, survivors = self._add(rnd, phase, again, members)
+            for site, entry in sub.items():
+                if entry["status"] != "ok":
+                    entries[site].update(status=entry["status"], reason=entry["reason"])
+            return new_acc, survivors
+
+        def reveal(members: list[str]) -> dict[str, dict]:
+            answers = self._ask(REVEAL_TASK, FLModel(params={}, meta=self._meta(phase, rnd, members)), members)
+            for result in answers:
+                payload.record_anchor(
+                    self.audit, result.meta, job=self.job_label, round_num=rnd, peer=result_site(result)
+                )
+            return collect_reveals(answers, members, entries)
+
+        if len(ok) < MIN_CONTRIBUTORS:
+            return entries, {}, {}
+        done = complete_round(targets, acc, ok, MIN_CONTRIBUTORS, rerun, reveal)
+        if done.reason:
+            self.warning(f"{self.job_label} round {rnd}: {done.reason}")
+            for site in targets:
+                if entries[site]["status"] == "ok" and site not in done.members:
+                    entries[site].update(
+                        status="failed", reason=f"{site}: its upload could not be unmasked ({done.reason})"
+                    )
+            return entries, {}, {}
+        cts, _, _ = done.acc.result()
+        self.audit.append("aggregation", job=self.job_label, round=rnd, sites=done.members, encrypted=True)
+        info = sum_info(rnd, PURPOSE, done.members, done.reveals or {})
+        return entries, payload.encrypted_params(cts, _layout_json(self._size(phase)), self.fingerprint), info
+
+    def _size(self, phase: str) -> int:
+        return self._m.wire_limbs * (self._m.size(phase) + 1)  # limbs per value (`two_limbs`)
+
+    def _ask(self, task: str, model: FLModel, targets: list[str]) -> list[FLModel]:
+        return self.send_model_and_wait(
+            task_name=task, data=model, targets=targets, min_responses=len(targets), timeout=self.task_timeout
+        )
+
+    def _add(self, rnd: int, phase: str, results: list[FLModel], targets: list[str]) -> tuple[dict, object, list[str]]:
+        """Vet and add the uploads: (entries per site, the running sum, the sites in it)."""
         from clinfed.he.aggregation import EncryptedSum
 
-        size = self._m.wire_limbs * (self._m.size(phase) + 1)  # limbs per value (`two_limbs`)
-        # the sites asked: the release log of cohort_stats names its cohort by them
-        meta = {**self._meta(phase, rnd), "min_cell": self._min_cell, "sites": list(targets)}
-        results = self.send_model_and_wait(
-            task_name=SUMS_TASK,
-            data=FLModel(params=iterate, meta=meta),
-            targets=targets,
-            min_responses=len(targets),
-            timeout=self.task_timeout,
-        )
+        size = self._size(phase)
         acc = EncryptedSum(self.ctx, self.fingerprint, size=size)
         layout = _layout_json(size)
         entries: dict[str, dict] = {}
@@ -519,19 +601,17 @@ class SumsController(ModelController):
                 },
             )
         ok = sorted(s for s, e in entries.items() if e["status"] == "ok")
-        if not ok:
-            return entries, {}
-        cts, _, _ = acc.result()
-        self.audit.append("aggregation", job=self.job_label, round=rnd, sites=ok, encrypted=True)
-        return entries, payload.encrypted_params(cts, layout, self.fingerprint)
+        return entries, acc, ok
 
-    def _meta(self, phase: str, rnd: int) -> dict:
-        """What every task carries: the settings digest, phase, round and the server's audit-chain head."""
+    def _meta(self, phase: str, rnd: int, members: list[str] | None = None) -> dict:
+        """What every task carries: the settings digest, phase, round, the server's audit-chain head and
+        (secure aggregation) the member set with the sites' signed keys."""
         return {
             "settings": self._m.digest(),
             "phase": phase,
             "round": rnd,
             payload.AUDIT_HEAD_KEY: list(self.audit.head),
+            SECAGG_KEY: self._roster.task(rnd, PURPOSE, members or []),
         }
 
     def _admit(self, targets: list[str]) -> dict[str, dict]:
@@ -549,6 +629,8 @@ class SumsController(ModelController):
             site = rmeta.get("client_name", "?")
             payload.record_anchor(self.audit, rmeta, job=self.job_label, round_num=0, peer=site)
             entry = {"status": rmeta.get("status", "failed"), "reason": rmeta.get("reason", "")}
+            if entry["status"] == "ok" and not self._roster.add(site, rmeta.get(HELLO_KEY)):
+                entry = {"status": "refused", "reason": f"{site}: sent no signed secure-aggregation key"}
             if entry["status"] == "ok":
                 entry = {**entry, **(rmeta.get("admission") or {}), "status": "accepted"}
             else:
@@ -560,8 +642,10 @@ class SumsController(ModelController):
             )
         return entries
 
-    def _step(self, rnd: int, site: str, phase: str, agg: dict, sites: list[str]) -> tuple[dict, FLModel | None]:
-        meta = {**self._meta(phase, rnd), "sites": sites, "min_cell": self._min_cell}
+    def _step(
+        self, rnd: int, site: str, phase: str, agg: dict, sites: list[str], info: dict
+    ) -> tuple[dict, FLModel | None]:
+        meta = {**self._meta(phase, rnd, sites), "sites": sites, "min_cell": self._min_cell, SUM_KEY: info}
         results = self.send_model_and_wait(
             task_name=STEP_TASK,
             data=FLModel(params=agg, meta=meta),
@@ -586,6 +670,7 @@ class SumsController(ModelController):
         self.audit = AuditLog(self.root, "server")
         self.ctx, self.fingerprint = server_context(self.root)
         self._min_cell = int(self.min_cell)
+        self._roster = ServerRoster()  # the admitted sites' signed secure-aggregation keys
         targets = sorted(self.sample_clients(), key=lambda s: (len(s), s))
         chosen = self.release_site if self.release_site in targets else targets[0]
         self.audit.append("job_start", job=self.job_label, encrypted=True, method=self._m.block)
@@ -604,7 +689,7 @@ class SumsController(ModelController):
             if chosen not in active:
                 raise _Stop(f"the release site {chosen} refused the job: {admission[chosen]['reason']}")
             for rnd in range(self._m.max_rounds):
-                entries, agg = self._sum_round(rnd, phase, iterate, active)
+                entries, agg, info = self._sum_round(rnd, phase, iterate, active)
                 record = {"round": rnd, "phase": phase, "sites": entries}
                 rounds.append(record)
                 ok = sorted((s for s, e in entries.items() if e["status"] == "ok"), key=lambda s: (len(s), s))
@@ -619,7 +704,7 @@ class SumsController(ModelController):
                     raise _Stop(f"only {len(active)} site(s) contributed (at least {MIN_CONTRIBUTORS} needed): {why}")
                 if chosen not in active:
                     raise _Stop(f"the release site {chosen} did not contribute: {entries[chosen]['reason']}")
-                entry, result = self._step(rnd, chosen, phase, agg, active)
+                entry, result = self._step(rnd, chosen, phase, agg, active, info)
                 record["release"] = {chosen: entry}
                 if entry["status"] != "ok" or result is None:
                     raise _Stop(f"the release site failed: {entry['reason']}")

@@ -55,7 +55,18 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from clinfed.audit import AuditLog
 from clinfed.fl import checkpoint, payload, streaming
 from clinfed.fl.participant import participant_root, server_context
-from clinfed.fl.secagg import HELLO_KEY, REMASK_TASK, REVEAL_TASK, SECAGG_KEY, SUM_KEY, ServerRoster, sum_info
+from clinfed.fl.secagg import (
+    HELLO_KEY,
+    REMASK_TASK,
+    REVEAL_TASK,
+    SECAGG_KEY,
+    SUM_KEY,
+    ServerRoster,
+    collect_reveals,
+    complete_round,
+    result_site,
+    sum_info,
+)
 from clinfed.fl.summary import training_summary, write_summary
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
 from clinfed.sysinfo import current_rss_mb, peak_rss_mb, release_free_memory
@@ -198,46 +209,36 @@ class SecureFedAvg(ModelController):
     def _unmask(
         self, round_num: int, entries: dict, acc, accepted: list[str], targets: list[str], layout: str | None
     ) -> tuple[object, list[str], dict | None]:
-        """Secure aggregation's end of a round (`clinfed.fl.secagg`): re-runs while members are missing,
-        then every member's reveal. (sum, its members, reveals); members [] when the round cannot be
-        unmasked (too few survivors, or a member that died while revealing)."""
-        members, first = sorted(targets), sorted(targets)
-        while sorted(accepted) != members:
-            if len(accepted) < self._floor or 2 * len(accepted) <= len(first):
-                self.warning(
-                    f"round {round_num}: {len(accepted)} of {len(first)} sites uploaded: too few for a re-run "
-                    f"(at least {self._floor} and a majority); the round's uploads stay masked"
-                )
-                return acc, [], None
-            missing = sorted(set(members) - set(accepted))
-            members = sorted(accepted)
-            self.info(f"round {round_num}: {missing} dropped out; the survivors {members} upload again for that set")
-            self.audit.append("secagg_rerun", job=self.job, round=round_num, members=members, dropped=missing)
+        """Secure aggregation's end of a round (`clinfed.fl.secagg.complete_round`): re-runs while members
+        are missing, then every member's reveal. (sum, its members, reveals); members [] when the round
+        cannot be unmasked (too few survivors, or a member that died while revealing)."""
+
+        def rerun(members: list[str]) -> tuple[object, list[str]]:
+            dropped = sorted(set(entries) - set(members))
+            self.info(f"round {round_num}: the survivors {members} upload again for that set (dropped: {dropped})")
+            self.audit.append("secagg_rerun", job=self.job, round=round_num, members=members)
             results = self._collect(REMASK_TASK, self._secagg_task(round_num, members), members)
-            sub, acc, accepted, _, _ = self._add_uploads(round_num, results, members, layout)
+            sub, new_acc, ok, _, _ = self._add_uploads(round_num, results, members, layout)
             for site, entry in sub.items():
                 if entry["status"] == "ok":
                     entries[site]["bytes_sent"] += entry["bytes_sent"]
                 else:
                     entries[site].update(status=entry["status"], reason=entry["reason"])
-        results = self._collect(REVEAL_TASK, self._secagg_task(round_num, members), members, wait_for_all=True)
-        reveals: dict[str, dict] = {}
-        for result in results:
-            meta = result.meta or {}
-            site = meta.get("client_name", "?")
-            payload.record_anchor(self.audit, meta, job=self.job, round_num=round_num, peer=site)
-            if meta.get("status") == "ok" and site in members and isinstance(meta.get("reveal"), dict):
-                reveals[site] = meta["reveal"]
-            elif site in entries:
-                entries[site].update(status="failed", reason=meta.get("reason") or f"{site}: no reveal")
-        lost = [s for s in members if s not in reveals]
-        for site in lost:
-            if entries[site]["status"] == "ok":
-                entries[site].update(status="failed", reason=f"{site}: died while unmasking round {round_num}")
-        if lost:
-            self.warning(f"round {round_num}: {lost} did not reveal; the sum cannot be unmasked and is withheld")
-            return acc, [], None
-        return acc, members, reveals
+            return new_acc, ok
+
+        def reveal(members: list[str]) -> dict[str, dict]:
+            results = self._collect(REVEAL_TASK, self._secagg_task(round_num, members), members, wait_for_all=True)
+            reveals = collect_reveals(results, members, entries)
+            for result in results:
+                payload.record_anchor(
+                    self.audit, result.meta, job=self.job, round_num=round_num, peer=result_site(result)
+                )
+            return reveals
+
+        done = complete_round(sorted(targets), acc, accepted, self._floor, rerun, reveal)
+        if done.reason:
+            self.warning(f"round {round_num}: {done.reason}")
+        return done.acc, done.members, done.reveals
 
     def _add_uploads(
         self, round_num: int, results: list[FLModel], targets: list[str], layout: str | None = None

@@ -402,9 +402,12 @@ class DPTrainExecutor(Executor):
         return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint), weight, extra
 
     def _mask(self, round_num: int):
-        """This upload's secure-aggregation mask, for the member set the task names."""
+        """This upload's secure-aggregation mask, for the member set the task names (None only for an
+        executor driven without a job, as the format's unit tests do: `_setup` always makes one)."""
         from clinfed.he.masking import MaskedStream, ring_of
 
+        if self._secagg is None:
+            return None
         return MaskedStream(self._secagg.mask(round_num, "train", self._members, ring_of(self._ctx)))
 
     def _encode_compact(self, weights: dict[str, np.ndarray], n_train: int, round_num: int) -> tuple[dict, float, dict]:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,3 +335,65 @@ class ServerRoster:
 def sum_info(rnd: int, purpose: str, members: list[str], reveals: dict[str, dict]) -> dict:
     """What travels with an unmaskable sum: its round, purpose, member set and every member's reveal."""
     return {"round": int(rnd), "purpose": purpose, "members": sorted(members), "reveals": dict(reveals)}
+
+
+@dataclass
+class Unmasking:
+    """How a round's secure sum ended: its running sum, its members and their reveals (members [] and
+    reveals None when it cannot be unmasked; ``reason`` says why in one line)."""
+
+    acc: object
+    members: list[str]
+    reveals: dict[str, dict] | None
+    reason: str = ""
+
+
+def complete_round(
+    first: list[str],
+    acc: object,
+    accepted: list[str],
+    floor: int,
+    rerun: Callable[[list[str]], tuple[object, list[str]]],
+    reveal: Callable[[list[str]], dict[str, dict]],
+) -> Unmasking:
+    """The server's end of one secure sum, written once for every job kind: while members are missing,
+    the survivors upload again for the smaller set (``rerun(members)`` → the new sum and the sites in
+    it), as long as they are at least ``floor`` and a strict majority of ``first``; then every member
+    must reveal (``reveal(members)`` → site → reveal). A member that does not reveal leaves the sum
+    masked: it is withheld, never decrypted without that member."""
+    members = sorted(first)
+    while sorted(accepted) != members:
+        if len(accepted) < floor or 2 * len(accepted) <= len(first):
+            return Unmasking(
+                acc, [], None,
+                f"{len(accepted)} of the {len(first)} sites uploaded: too few to re-run the sum (at least {floor} "
+                "and a majority); it stays masked",
+            )  # fmt: skip
+        members = sorted(accepted)
+        acc, accepted = rerun(members)
+    reveals = reveal(members)
+    lost = [s for s in members if s not in reveals]
+    if lost:
+        return Unmasking(
+            acc, [], None, f"{', '.join(lost)} did not reveal its mask: the sum stays masked and is withheld"
+        )
+    return Unmasking(acc, members, reveals)
+
+
+def result_site(result) -> str:
+    return (result.meta or {}).get("client_name", "?")
+
+
+def collect_reveals(results: list, members: list[str], entries: dict[str, dict]) -> dict[str, dict]:
+    """The reveals in a reveal task's results (FLModels); a member without one is marked failed in ``entries``."""
+    reveals: dict[str, dict] = {}
+    for result in results:
+        meta, site = result.meta or {}, result_site(result)
+        if meta.get("status") == "ok" and site in members and isinstance(meta.get("reveal"), dict):
+            reveals[site] = meta["reveal"]
+        elif site in entries:
+            entries[site].update(status="failed", reason=meta.get("reason") or f"{site}: sent no reveal")
+    for site in members:
+        if site not in reveals and site in entries and entries[site].get("status") == "ok":
+            entries[site].update(status="failed", reason=f"{site}: no reveal (died while unmasking)")
+    return reveals

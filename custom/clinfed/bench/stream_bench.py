@@ -31,6 +31,8 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from clinfed.fl import payload, streaming
 from clinfed.fl.participant import participant_root, site_context, site_index
+from clinfed.fl.secagg import HELLO_KEY, REVEAL_TASK, SECAGG_KEY, SUM_KEY, load_site
+from clinfed.he.masking import MaskedStream, ring_of
 from clinfed.sysinfo import peak_rss_mb, release_free_memory
 
 LAYER = "update"
@@ -51,6 +53,7 @@ class StreamBenchExecutor(Executor):
     def __init__(self, params: int, num_sites: int):
         super().__init__()
         self.params, self.num_sites = int(params), int(num_sites)
+        self._secagg = None  # secure aggregation, as every training site runs it (`clinfed.fl.secagg`)
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         site = fl_ctx.get_identity_name()
@@ -59,25 +62,36 @@ class StreamBenchExecutor(Executor):
         spool_dir = root / "spool"
         spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         incoming = FLModelUtils.from_shareable(shareable)
+        if self._secagg is None:
+            self._secagg = load_site(root, site, str(incoming.meta.get("run_key", "")))
         if task_name == payload.ADMIT_TASK:
-            return FLModelUtils.to_shareable(FLModel(params={}, meta={"status": "accepted", "weight": 1.0}))
+            meta = {"status": "accepted", "weight": 1.0, HELLO_KEY: self._secagg.hello()}
+            return FLModelUtils.to_shareable(FLModel(params={}, meta=meta))
         ctx, fingerprint = site_context(root, site)
+        info = incoming.meta.get(SECAGG_KEY) or {}
+        self._secagg.join(info.get("roster"))
+        if task_name == REVEAL_TASK:
+            reveal = self._secagg.reveal(0, "train", list(info["members"]))
+            return FLModelUtils.to_shareable(FLModel(params={}, meta={"status": "ok", "reveal": reveal}))
         if task_name == payload.TRAIN_TASK:
             spec = str(incoming.meta[payload.COMPACT_KEY])
             share = 1.0 / float(incoming.meta[payload.ADMITTED_WEIGHT_KEY])
-            return self._send(site, ctx, fingerprint, cell, spool_dir, spec, share)
+            mask = self._secagg.mask(0, "train", list(info["members"]), ring_of(ctx))
+            return self._send(site, ctx, fingerprint, cell, spool_dir, spec, share, MaskedStream(mask))
         if task_name == payload.VALIDATE_TASK:
             return self._check(site, ctx, cell, spool_dir, incoming, abort_signal)
         return make_reply(ReturnCode.TASK_UNKNOWN)
 
-    def _send(self, site: str, ctx, fingerprint: str, cell, spool_dir: Path, spec: str, share: float) -> Shareable:
+    def _send(
+        self, site: str, ctx, fingerprint: str, cell, spool_dir: Path, spec: str, share: float, mask
+    ) -> Shareable:
         from clinfed.he.compact import CompactSpec, compact_encrypt
         from clinfed.he.packing import layout_to_json
 
         update = synthetic_update(site_index(site) or 0, self.params)
         start = time.monotonic()
         spool = streaming.Spool(spool_dir)
-        _, layout = compact_encrypt(ctx, {LAYER: update}, share, CompactSpec.from_json(spec), into=spool)
+        _, layout = compact_encrypt(ctx, {LAYER: update}, share, CompactSpec.from_json(spec), into=spool, mask=mask)
         seconds = time.monotonic() - start
         del update
         release_free_memory()
@@ -89,7 +103,7 @@ class StreamBenchExecutor(Executor):
         return FLModelUtils.to_shareable(FLModel(params=params, meta=meta))
 
     def _check(self, site: str, ctx, cell, spool_dir: Path, incoming: FLModel, abort_signal: Signal) -> Shareable:
-        from clinfed.he.compact import CompactSpec, compact_decrypt_average
+        from clinfed.he.compact import CompactSpec, compact_decrypt_average, compact_unmasked
         from clinfed.he.packing import layout_from_json
 
         start = time.monotonic()
@@ -100,7 +114,9 @@ class StreamBenchExecutor(Executor):
             total = float(incoming.meta["total_weight"])
             start = time.monotonic()
             spec = CompactSpec.from_json(str(params[payload.COMPACT_KEY]))
-            got = compact_decrypt_average(ctx, params[payload.CKKS_KEY], total, layout, spec)[LAYER]  # float32
+            correction = MaskedStream(self._secagg.correction(incoming.meta.get(SUM_KEY), ring_of(ctx)))
+            cts = compact_unmasked(ctx, params[payload.CKKS_KEY], correction)
+            got = compact_decrypt_average(ctx, cts, total, layout, spec)[LAYER]  # float32
             decrypt_seconds = time.monotonic() - start
             site_peak = peak_rss_mb()  # through encrypt, pull and decrypt; the check below is the bench's own
         finally:
@@ -148,7 +164,7 @@ def run_stream_bench(params: int, sites: int, out: str | Path | None = None) -> 
     job.to_clients(
         StreamBenchExecutor(params, sites),
         id="executor",
-        tasks=[payload.ADMIT_TASK, payload.TRAIN_TASK, payload.VALIDATE_TASK],
+        tasks=[payload.ADMIT_TASK, payload.TRAIN_TASK, payload.VALIDATE_TASK, REVEAL_TASK],
     )
     from nvflare.recipe.spec import Recipe
 

@@ -11,6 +11,8 @@ Each kind imitates a real failure a consortium meets, applied at the site after 
   the server must reject them before they touch the sum.
 - ``wrongshape``: the site runs a different model version: too few ciphertexts / a missing layer.
 - ``crash``: the site process dies in the middle of the round, sending nothing.
+- ``vanish``: the site sends its masked upload, then dies before the round is unmasked (its next
+  secure-aggregation task: a re-run or its reveal), the dropout that secure aggregation must survive.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from clinfed.fl import payload
 
-FAULT_KINDS = ("nan", "corrupt", "wrongshape", "crash")
+FAULT_KINDS = ("nan", "corrupt", "wrongshape", "crash", "vanish")
 INJECT_ENV = "CLINFED_INJECT"
 
 

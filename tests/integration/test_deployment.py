@@ -29,6 +29,7 @@ from nvflare.lighter.utils import verify_folder_signature
 from clinfed.deploy import federation
 from clinfed.deploy.provision import add_site, provision
 from clinfed.deploy.submit import SubmitRefused, submit
+from clinfed.keys.exchange import allow_recipient_certificate
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = REPO / "provisioning" / "localhost.yml"
@@ -329,6 +330,8 @@ def test_an_added_site_joins_the_running_federation_and_trains(fed, tmp_path):
     held = {site: (path.read_bytes(), path.stat().st_mtime_ns) for site, path in keys.items()}
     fingerprint = _fingerprint(fed / "localhost" / "local" / "server_context.tenseal", private=False)
 
+    # adding a hospital takes a hospital's action: the key holder's admin lists site-4's certificate
+    allow_recipient_certificate(fed / "site-1", "site-4", (startup / "client.crt").read_bytes())
     pids = federation.up(fed, timeout=180)  # starts site-4, then the key exchange gives it the key
     assert set(pids) == {"localhost", *SITES, "site-4"}
     assert {site: (p.read_bytes(), p.stat().st_mtime_ns) for site, p in keys.items()} == held, "others keep theirs"

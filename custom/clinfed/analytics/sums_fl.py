@@ -73,6 +73,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
+from clinfed import faults
 from clinfed.analytics.methods import FIXED_POINT_BITS, Method, SiteInfo, make_method
 from clinfed.audit import AuditLog, payload_digest
 from clinfed.errors import SiteRefusal
@@ -107,6 +108,9 @@ SIGNIFICANT_DIGITS = 7
 #: Seconds the server waits for a task's answers: a site that died (or never started) is reported as
 #: "no result" and left out, instead of stalling the job (every task here takes seconds).
 TASK_TIMEOUT = 300
+#: Once the floor (3) has answered, seconds to wait for the other sites before going on without them
+#: (secure aggregation then re-runs the sum among the survivors): a dead site must not stall the job.
+STRAGGLER_WAIT = 30
 
 
 def round_release(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
@@ -376,6 +380,11 @@ class SumsExecutor(Executor):
             params = incoming.params or {}
             if task_name == ADMIT_TASK:
                 return self._reply({}, round_num, start, {"admission": self._admit(), HELLO_KEY: self._secagg.hello()})
+            fault = faults.injected_fault(self.site)  # simulator only (`clinfed.faults`)
+            if (fault == "crash" and task_name == SUMS_TASK) or (
+                fault == "vanish" and task_name in (REMASK_TASK, REVEAL_TASK)
+            ):
+                faults.crash_now()
             info = meta.get(SECAGG_KEY) or {}
             self._secagg.join(info.get("roster"))
             members = list(info.get("members") or [])
@@ -504,10 +513,11 @@ class SumsController(ModelController):
         release_site: str | None = None,
         job_label: str = "clinical",
         task_timeout: int = TASK_TIMEOUT,
+        straggler_wait: int = STRAGGLER_WAIT,
     ):
         super().__init__()
         self.method, self.min_cell, self.release_site = dict(method or {}), min_cell, release_site
-        self.job_label, self.task_timeout = job_label, task_timeout
+        self.job_label, self.task_timeout, self.straggler_wait = job_label, task_timeout, straggler_wait
 
     def _sum_round(self, rnd: int, phase: str, iterate: dict, targets: list[str]) -> tuple[dict, dict, dict]:
         """One `clinical_sums` task, then secure aggregation's re-runs and reveals (`fl.secagg`):
@@ -527,7 +537,7 @@ class SumsController(ModelController):
             return new_acc, survivors
 
         def reveal(members: list[str]) -> dict[str, dict]:
-            answers = self._ask(REVEAL_TASK, FLModel(params={}, meta=self._meta(phase, rnd, members)), members)
+            answers = self._ask(REVEAL_TASK, FLModel(params={}, meta=self._meta(phase, rnd, members)), members, True)
             for result in answers:
                 payload.record_anchor(
                     self.audit, result.meta, job=self.job_label, round_num=rnd, peer=result_site(result)
@@ -553,9 +563,16 @@ class SumsController(ModelController):
     def _size(self, phase: str) -> int:
         return self._m.wire_limbs * (self._m.size(phase) + 1)  # limbs per value (`two_limbs`)
 
-    def _ask(self, task: str, model: FLModel, targets: list[str]) -> list[FLModel]:
-        return self.send_model_and_wait(
-            task_name=task, data=model, targets=targets, min_responses=len(targets), timeout=self.task_timeout
+    def _ask(self, task: str, model: FLModel, targets: list[str], everyone: bool = False) -> list[FLModel]:
+        """Send a task; wait for the floor, then `straggler_wait` for the rest (``everyone``: for all,
+        as a reveal needs), never past `task_timeout`."""
+        return self.broadcast_model(
+            task_name=task,
+            data=model,
+            targets=targets,
+            min_responses=len(targets) if everyone else min(MIN_CONTRIBUTORS, len(targets)),
+            timeout=self.task_timeout,
+            wait_time_after_min_received=self.straggler_wait,
         )
 
     def _add(self, rnd: int, phase: str, results: list[FLModel], targets: list[str]) -> tuple[dict, object, list[str]]:
@@ -616,13 +633,7 @@ class SumsController(ModelController):
 
     def _admit(self, targets: list[str]) -> dict[str, dict]:
         """The `admit` task: each site accepts or refuses the whole job; (entries per site)."""
-        results = self.send_model_and_wait(
-            task_name=ADMIT_TASK,
-            data=FLModel(params={}, meta=self._meta(self._m.first_phase, 0)),
-            targets=targets,
-            min_responses=len(targets),
-            timeout=self.task_timeout,
-        )
+        results = self._ask(ADMIT_TASK, FLModel(params={}, meta=self._meta(self._m.first_phase, 0)), targets)
         entries: dict[str, dict] = {}
         for result in results:
             rmeta = result.meta or {}
@@ -800,6 +811,7 @@ class SumsRecipe(Recipe):
         encrypt: bool = True,
         release_site: str | None = None,
         task_timeout: int = TASK_TIMEOUT,
+        straggler_wait: int = STRAGGLER_WAIT,
     ):
         if num_sites < MIN_CONTRIBUTORS:
             raise ValueError(
@@ -820,6 +832,7 @@ class SumsRecipe(Recipe):
                 release_site=release_site,
                 job_label=name,
                 task_timeout=task_timeout,
+                straggler_wait=int(straggler_wait),
             ),
             id="controller",
         )

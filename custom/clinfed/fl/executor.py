@@ -570,6 +570,8 @@ class DPTrainExecutor(Executor):
 
     def _secure_aggregation_step(self, task_name: str, meta: dict, round_num: int) -> FLModel | None:
         """Join the roster the task carries; answer a re-run or a reveal here (None: go on with the task)."""
+        if task_name in (REMASK_TASK, REVEAL_TASK) and faults.injected_fault(self.site) == "vanish":
+            faults.crash_now()
         info = meta.get(SECAGG_KEY) or {}
         if not info:
             raise SiteRefusal(f"{self.site}: an encrypted task without the secure-aggregation roster; refusing")

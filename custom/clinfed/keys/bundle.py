@@ -41,8 +41,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-BUNDLE_FORMAT = "clinfed.key_bundle.v1"
-_HEADER_FIELDS = ("format", "sender", "recipient", "fingerprint")
+BUNDLE_FORMAT = "clinfed.key_bundle.v2"
+# v2: a bundle names the key-exchange run it was made in and carries a random id, so an old bundle (from an
+# earlier run, before a rotation) replayed to a site is refused: the site checks the run is its own.
+_HEADER_FIELDS = ("format", "sender", "recipient", "fingerprint", "run", "bundle_id")
 _OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 
@@ -128,6 +130,8 @@ class OpenedKey:
     context: bytes  # the serialised secret context, exactly as the sender holds it
     fingerprint: str
     sender: str
+    run: str = ""
+    bundle_id: str = ""
 
 
 def _b64(data: bytes) -> str:
@@ -145,6 +149,7 @@ def seal(
     sender_key_pem: bytes,
     recipient: str,
     recipient_cert: x509.Certificate,
+    run: str = "",
 ) -> bytes:
     """A signed bundle of `context` that only `recipient` (holder of its kit key) can open.
 
@@ -152,7 +157,14 @@ def seal(
     """
     if common_name(recipient_cert) != recipient:
         raise KeyExchangeError(f"certificate for {recipient}: issued to '{common_name(recipient_cert)}'")
-    header = {"format": BUNDLE_FORMAT, "sender": sender, "recipient": recipient, "fingerprint": fingerprint}
+    header = {
+        "format": BUNDLE_FORMAT,
+        "sender": sender,
+        "recipient": recipient,
+        "fingerprint": fingerprint,
+        "run": run,
+        "bundle_id": os.urandom(16).hex(),
+    }
     aes_key = AESGCM.generate_key(bit_length=256)
     nonce = os.urandom(12)
     body = {
@@ -215,7 +227,13 @@ def open_sealed(
         raise KeyExchangeError(
             f"{recipient}: key bundle from {sender}: cannot be decrypted with this site's kit key"
         ) from None
-    return OpenedKey(context=context, fingerprint=header["fingerprint"], sender=sender)
+    return OpenedKey(
+        context=context,
+        fingerprint=header["fingerprint"],
+        sender=sender,
+        run=header["run"],
+        bundle_id=header["bundle_id"],
+    )
 
 
 # --- the context inside --------------------------------------------------------------------------

@@ -30,6 +30,18 @@ leave their sites. Every participant writes an audit record with the fingerprint
 A hospital may restrict whom it hands the key to: ``"key_recipients": ["site-2", ...]`` in the
 "clinfed" section of its ``local/resources.json``; a site not listed is refused by name.
 
+Key custody against a malicious server and operator (issue 22). Whoever holds the root CA key can
+mint a second, valid certificate named ``site-2``, and the server chooses which certificate the holder
+sees. So the holder seals the key only to a certificate it *pinned*: the SHA-256 of each recipient's
+certificate is written to ``local/key_recipients_pinned.json`` when the holder first hands it the key,
+at the federation's first exchange (when it generates the key), and a later, different certificate
+under that name is refused by name. After that first exchange a *new* site gets the key only when the
+holder hospital's admin lists its certificate's SHA-256 under ``"key_recipient_certificates":
+{"site-4": "<sha256>"}`` in the holder's policy: adding a hospital takes a hospital's action, not only
+the server's. Every bundle names the key-exchange run it was made in (the FLARE job id, the same at
+every participant) and a nonce; a site refuses a bundle from another run and one it has seen before,
+so an old bundle replayed after a rotation is refused.
+
 Deployment only: it needs the sites' FLARE kits (certificates); in the simulator there are none.
 """
 
@@ -75,6 +87,9 @@ ISSUE_TASK = "key_issue"
 INSTALL_TASK = "key_install"
 SUMMARY_FILE = "summary.json"
 POLICY_RECIPIENTS = "key_recipients"
+POLICY_CERTIFICATES = "key_recipient_certificates"  # {site: sha256 of its kit certificate}, set by the admin
+PINNED_FILE = "key_recipients_pinned.json"  # local/: the certificates this holder handed the key to
+SEEN_FILE = "key_bundles_seen.json"  # local/: ids of the bundles this site installed
 
 
 # --- what a participant holds ---------------------------------------------------------------------
@@ -113,12 +128,57 @@ def _cert_digest(pem: bytes) -> str:
     return hashlib.sha256(pem).hexdigest()
 
 
-def _recipients_allowed(root: Path) -> list[str] | None:
+def _policy(root: Path) -> dict:
     path = root / "local" / "resources.json"
-    if not path.is_file():
-        return None
-    allowed = json.loads(path.read_text()).get("clinfed", {}).get(POLICY_RECIPIENTS)
+    return json.loads(path.read_text()).get("clinfed", {}) if path.is_file() else {}
+
+
+def _recipients_allowed(root: Path) -> list[str] | None:
+    allowed = _policy(root).get(POLICY_RECIPIENTS)
     return None if allowed is None else [str(s) for s in allowed]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def allow_recipient_certificate(root: Path, site: str, cert_pem: bytes) -> str:
+    """What a holder hospital's admin does to let a new site receive the key: list the SHA-256 of that
+    site's kit certificate (checked out of band) in the holder's own policy. Returns the digest."""
+    path = root / "local" / "resources.json"
+    data = _read_json(path) or {"format_version": 2}
+    section = data.setdefault("clinfed", {})
+    digest = _cert_digest(cert_pem)
+    section.setdefault(POLICY_CERTIFICATES, {})[site] = digest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return digest
+
+
+def _check_pinned(root: Path, holder: str, recipient: str, pem: bytes, bootstrap: bool) -> str:
+    """The certificate's digest if this holder may seal the key to it (see the module docstring)."""
+    digest = _cert_digest(pem)
+    listed = {str(k): str(v) for k, v in (_policy(root).get(POLICY_CERTIFICATES) or {}).items()}
+    pinned = _read_json(root / "local" / PINNED_FILE)
+    want = listed.get(recipient) or pinned.get(recipient)
+    if want is not None and want != digest:
+        raise KeyExchangeError(
+            f"{holder}: the certificate offered for {recipient} (sha256 {digest[:16]}…) is not the one this hospital "
+            f"pinned ({want[:16]}…): a second certificate under that name; refusing"
+        )
+    if want is None and not bootstrap:
+        raise KeyExchangeError(
+            f"{holder}: {recipient} is new to this federation: its admin must list its certificate (sha256 "
+            f"{digest[:16]}…) under clinfed.{POLICY_CERTIFICATES} in local/resources.json before it gets the key"
+        )
+    return digest
+
+
+def _pin(root: Path, recipient: str, digest: str) -> None:
+    path = root / "local" / PINNED_FILE
+    pinned = _read_json(path)
+    pinned[recipient] = digest
+    write_private(path, json.dumps(pinned, indent=2, sort_keys=True), 0o600)
 
 
 # --- sites ---------------------------------------------------------------------------------------
@@ -128,6 +188,7 @@ class KeyExchangeExecutor(Executor):
     def __init__(self, job_label: str = "key_exchange"):
         super().__init__()
         self.job_label = job_label
+        self._run = ""
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         handlers = {HELLO_TASK: self._hello, ISSUE_TASK: self._issue, INSTALL_TASK: self._install}
@@ -135,6 +196,7 @@ class KeyExchangeExecutor(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         site = fl_ctx.get_identity_name()
         root = participant_root(fl_ctx)
+        self._run = str(fl_ctx.get_job_id() or "")  # the bundles of this exchange name it
         try:
             data = handlers[task_name](root, site, shareable)
         except Exception as exc:  # reported by name in the server's summary, never a crash of the job
@@ -181,7 +243,9 @@ class KeyExchangeExecutor(Executor):
                 if allowed is not None and recipient not in allowed:
                     raise KeyExchangeError(f"{site}: local policy does not list {recipient} in {POLICY_RECIPIENTS}")
                 cert = check_site_certificate(pem, root_ca, recipient, server_name)
-                bundles[recipient] = seal(secret, fingerprint, site, own_key, recipient, cert)
+                digest = _check_pinned(root, site, recipient, pem, bootstrap=generated)
+                bundles[recipient] = seal(secret, fingerprint, site, own_key, recipient, cert, run=self._run)
+                _pin(root, recipient, digest)
             except KeyExchangeError as exc:
                 refused[recipient] = one_line(exc, site)
                 audit.append("key_refused", job=self.job_label, site=recipient, reason=refused[recipient])
@@ -218,6 +282,17 @@ class KeyExchangeExecutor(Executor):
             _kit_file(root, "rootCA.pem", site),
             server_name_of(root),
         )
+        if opened.run != self._run:
+            raise KeyExchangeError(
+                f"{site}: the key bundle from {opened.sender} was made in key-exchange run {opened.run or '?'}, "
+                f"not this run ({self._run or '?'}): a replayed bundle; refusing"
+            )
+        seen_path = root / "local" / SEEN_FILE
+        seen = _read_json(seen_path)
+        if opened.bundle_id in seen:
+            raise KeyExchangeError(
+                f"{site}: the key bundle from {opened.sender} was installed before: a replay; refusing"
+            )
         fingerprint = secret_context_fingerprint(opened.context, site)
         if fingerprint != opened.fingerprint:
             raise KeyExchangeError(f"{site}: the key from {opened.sender} does not match the fingerprint it came with")
@@ -227,6 +302,8 @@ class KeyExchangeExecutor(Executor):
                 f"public context ({expected[:16]}…)"
             )
         write_private(root / "local" / SITE_CONTEXT_FILE, opened.context, 0o600)
+        seen[opened.bundle_id] = opened.run
+        write_private(seen_path, json.dumps(seen, indent=2, sort_keys=True), 0o600)
         AuditLog(root, site).append(
             "key_received", job=self.job_label, site=site, sender=opened.sender, fingerprint=fingerprint
         )

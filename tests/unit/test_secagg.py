@@ -1,0 +1,135 @@
+"""Secure aggregation's parts, alone: the masks (uniform mod q, cancelling exactly), the protocol's
+stages on real kits and keys, and the dropout path: 5 sites, one dies before uploading and one after
+its masked upload, and the round still ends with the survivors' exact FedAvg."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clinfed.deploy.simkit import ensure_sim_kits
+from clinfed.fl.secagg import SecAggError, complete_round, load_site, sum_info
+from clinfed.he import create_context_pair
+from clinfed.he.compact import CompactSpec, CompactSum, compact_decrypt_sum, compact_encrypt, compact_unmasked
+from clinfed.he.masking import Mask, MaskedStream, Ring, prg, ring_of
+from clinfed.he.packing import layout_of
+
+Q = 1152921504606830593  # the federation's 60-bit data prime (N = 4096)
+
+
+def test_the_prg_is_uniform_mod_q_and_ranges_are_consistent():
+    ring = Ring(4096, (Q,))
+    seed = bytes(range(32))
+    block = prg(seed, ring, 0, 8)
+    assert block.shape == (8, 1, 4096) and int(block.max()) < Q
+    # each ciphertext's mask is the same whether generated alone or in a range
+    np.testing.assert_array_equal(prg(seed, ring, 5, 1)[0], block[5])
+    # top byte of a uniform residue mod q ~ uniform: chi-square over 256 bins of 32k samples
+    top = (block.reshape(-1) >> np.uint64(52)).astype(np.int64)
+    counts = np.bincount(top, minlength=256)
+    chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+    assert chi2 < 350  # 255 degrees of freedom: p ≈ 1e-4 at 350
+
+
+def test_a_prime_far_below_its_power_of_two_is_refused():
+    with pytest.raises(ValueError, match="too far below"):
+        Ring(16, ((1 << 59) + 1,))
+
+
+def test_pairwise_masks_cancel_exactly():
+    ring = Ring(64, (Q,))
+    a, b, c = (bytes([i]) * 32 for i in (1, 2, 3))
+    total = ring.zeros(2)
+    from clinfed.he.masking import add_mod
+
+    for mask in (Mask(ring, (a, b)), Mask(ring, (c,), (a,)), Mask(ring, (), (b, c))):
+        add_mod(total, mask.words(0, 2), ring)
+    assert not total.any()
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kits")
+    sites = [f"site-{i}" for i in range(1, 6)]
+    ensure_sim_kits(root, sites)
+    secret, public = create_context_pair()
+    return root, sites, secret, public
+
+
+def _join(fed, run="r1"):
+    root, sites, _, _ = fed
+    parties = {s: load_site(root / s, s, run) for s in sites}
+    roster = {s: p.hello() for s, p in parties.items()}
+    for p in parties.values():
+        p.join(roster)
+    return parties
+
+
+def test_five_sites_one_dies_before_uploading_one_after_masking_the_survivors_fedavg_is_exact(fed):
+    _, sites, secret, public = fed
+    parties = _join(fed)
+    ring = ring_of(secret)
+    spec = CompactSpec(4.0, 5, pooled=True)
+    rng = np.random.default_rng(11)
+    updates = {s: {"w": rng.normal(0, 0.7, 5000).astype(np.float32)} for s in sites}
+    share = 0.2
+
+    def upload(site: str, members: list[str]) -> list[bytes]:
+        mask = MaskedStream(parties[site].mask(0, "train", members, ring))
+        return list(compact_encrypt(secret, updates[site], share, spec, mask=mask)[0])
+
+    def add(uploads: dict[str, list[bytes]]):
+        acc = CompactSum(public, spec)
+        for site, cts in uploads.items():
+            acc.add(site, cts, share, acc.fingerprint)
+        return acc
+
+    # site-4 dies before uploading; site-5 uploads for all five, then dies before the re-run
+    first = {s: upload(s, sites) for s in sites if s != "site-4"}
+    asked: list[list[str]] = []
+
+    def rerun(members: list[str]):
+        asked.append(members)
+        alive = [s for s in members if s != "site-5"]
+        return add({s: upload(s, members) for s in alive}), alive
+
+    def reveal(members: list[str]) -> dict[str, dict]:
+        return {s: parties[s].reveal(0, "train", members) for s in members}
+
+    done = complete_round(sites, add(first), sorted(first), 3, rerun, reveal)
+    survivors = ["site-1", "site-2", "site-3"]
+    assert done.reason == "" and done.members == survivors
+    assert asked == [["site-1", "site-2", "site-3", "site-5"], survivors]
+    cts, _, _ = done.acc.result()
+    correction = MaskedStream(parties["site-2"].correction(sum_info(0, "train", survivors, done.reveals), ring))
+    arrays, count = compact_decrypt_sum(
+        secret, compact_unmasked(secret, cts, correction), layout_of(updates["site-1"]), spec
+    )
+    want = sum(share * updates[s]["w"].astype(np.float64) for s in survivors)
+    assert count == 3
+    np.testing.assert_allclose(arrays["w"], want, atol=spec.sum_error_bound(3))
+
+
+def test_a_round_without_a_majority_of_survivors_stays_masked(fed):
+    _, sites, _, _ = fed
+
+    def never(_members):
+        raise AssertionError("no re-run without a majority")
+
+    done = complete_round(sites, object(), ["site-1", "site-2"], 3, never, never)
+    assert done.members == [] and "too few to re-run" in done.reason
+
+
+def test_a_member_that_does_not_reveal_leaves_the_sum_withheld(fed):
+    _, sites, _, _ = fed
+    done = complete_round(sites[:3], object(), sites[:3], 3, None, lambda m: {s: {} for s in m[:2]})
+    assert done.members == [] and "site-3 did not reveal" in done.reason
+
+
+def test_a_sum_without_reveals_and_a_site_without_a_kit_are_refused(fed, tmp_path):
+    parties = _join(fed, "r2")
+    ring = ring_of(fed[2])
+    with pytest.raises(SecAggError, match="without its members' reveals"):
+        parties["site-1"].correction({"round": 0, "purpose": "train", "members": []}, ring)
+    with pytest.raises(SecAggError, match=r"site-9: no .*startup/client.key: secure aggregation signs"):
+        load_site(tmp_path / "site-9", "site-9", "r2")

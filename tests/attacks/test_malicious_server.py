@@ -346,3 +346,45 @@ def test_a_substituted_key_and_a_foreign_certificate_are_refused(fed):
     renamed = dict(parties["site-2"].hello())
     with pytest.raises(SecAggError, match="issued to 'site-2', not to site-4"):
         newcomer.join({"site-1": newcomer.hello(), "site-4": renamed})
+
+
+def _sums_site(fed, party, method_size: int):
+    """A clinical job's site (`SumsExecutor`) wired to real keys and its secure-aggregation state."""
+    from types import SimpleNamespace
+
+    from clinfed.analytics.sums_fl import SumsExecutor
+    from clinfed.he import context_fingerprint
+
+    ex = SumsExecutor(num_sites=3)
+    ex.site, ex._ctx, ex._fingerprint, ex._secagg = party.site, fed[2], context_fingerprint(fed[2]), party
+    ex._m = SimpleNamespace(wire_limbs=1, size=lambda phase: method_size)
+    return ex
+
+
+def test_a_clinical_release_of_a_forged_sum_is_refused(fed):
+    """(h) the release site gets "site-1's counts + themselves twice" (or site-1's alone) as the sum of
+    three sites: refused in one line; the honest sum of the same round passes the same check."""
+    from clinfed.analytics.sums_fl import PURPOSE
+    from clinfed.errors import SiteRefusal
+
+    parties = _parties(fed, 3)
+    members = sorted(parties)
+    sites = {s: _sums_site(fed, parties[s], 4) for s in members}
+    vectors = {s: np.array([10.0 + i, 3.0, 0.0, 7.0, 1.0]) for i, s in enumerate(members)}  # 4 sums + the count
+    uploads = {s: sites[s]._masked(vectors[s], 0, members) for s in members}
+    reveals = {s: parties[s].reveal(0, PURPOSE, members) for s in members}
+    meta = {"sites": members, "secagg_sum": sum_info(0, PURPOSE, members, reveals)}
+
+    def total(which: list[str]) -> dict:
+        acc = EncryptedSum(fed[3])
+        for i, s in enumerate(which):
+            acc.add(f"{s}#{i}", uploads[s]["ckks"], 1.0, acc.fingerprint)
+        return {**uploads[which[0]], "ckks": list(acc.result()[0])}
+
+    release = sites["site-2"]
+    summed = release._checked_sum(total(members), meta, 0, "")
+    np.testing.assert_allclose(summed, sum(vectors.values()), atol=1e-6)
+    for forged in (["site-1"] * 3, ["site-1", "site-1", "site-2"]):
+        with pytest.raises(SiteRefusal, match="site-2: the sum's count slot reads") as info:
+            sites["site-2"]._checked_sum(total(forged), meta, 0, "")
+        assert "\n" not in str(info.value)

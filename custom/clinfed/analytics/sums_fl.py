@@ -418,13 +418,8 @@ class SumsExecutor(Executor):
 
     def _step(self, params: dict, meta: dict, round_num: int, phase: str, start: float) -> Shareable:
         """Release site: decrypt the sum, check who is in it, step; encrypted iterate or the release."""
-        summed = self._decrypt(params, self._m.size(phase) + 1, "sum", meta.get(SUM_KEY), round_num)
-        count = round(float(summed[-1]))
+        summed = self._checked_sum(params, meta, round_num, phase)
         named = list(meta.get("sites") or [])
-        if count < MIN_CONTRIBUTORS:
-            raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s), fewer than {MIN_CONTRIBUTORS}")
-        if count != len(named) or self.site not in named:
-            raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s) but the server names {len(named)}")
         # Output DP: the noise goes on before anything is derived from the sum (fresh OS entropy).
         sums = self._m.noisy(summed[:-1], np.random.default_rng(secrets.randbits(128)))
         step = self._m.step(sums, phase, self._min_cell(meta))
@@ -444,6 +439,25 @@ class SumsExecutor(Executor):
         text = json.dumps(release, sort_keys=True, default=json_default)
         self._save_plot(release[self._m.block])
         return self._reply({}, round_num, start, {"release_json": text}, released=len(text))
+
+    def _checked_sum(self, params: dict, meta: dict, round_num: int, phase: str) -> np.ndarray:
+        """The decrypted, unmasked sum, refused unless it holds exactly the sites the server names (≥ 3).
+        A forged sum (one site's vector added thrice, a public-key "count") decrypts to noise whose
+        count slot is no small whole number: refused here, before anything is derived from it."""
+        summed = self._decrypt(params, self._m.size(phase) + 1, "sum", meta.get(SUM_KEY), round_num)
+        raw = float(summed[-1])
+        count = round(raw)
+        named = list(meta.get("sites") or [])
+        if not math.isfinite(raw) or abs(raw - count) > 0.01 or count > 10_000:
+            raise SiteRefusal(
+                f"{self.site}: the sum's count slot reads {raw:.4g}, not a whole number of sites: not the members' "
+                "uploads added once each (forged or partial); refusing"
+            )
+        if count < MIN_CONTRIBUTORS:
+            raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s), fewer than {MIN_CONTRIBUTORS}")
+        if count != len(named) or self.site not in named:
+            raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s) but the server names {len(named)}")
+        return summed
 
     def _save_plot(self, block: dict) -> None:
         """The release site draws what it released (KM curves, Cox forest plot) in its own reports/

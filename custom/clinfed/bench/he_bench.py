@@ -13,6 +13,11 @@ Contenders (``CONTENDERS``; ``contenders=`` picks some):
   halves of each slot, bit-packed seeded uploads). Its pooled ``value_bound`` is the largest |value|
   any site sends (the tightest bound a job could set; the training jobs use a looser public 16,
   which costs precision in proportion) and ``max_sites`` is ``sites``.
+- ``ours_secagg``: ``ours`` with secure aggregation as the training jobs run it (``clinfed.fl.secagg``):
+  each upload masked for the round's member set (pairwise + self-masks on c0), every site's signed
+  reveal collected after the uploads, the sum unmasked at the decrypting site. Its ``setup`` block is
+  the once-per-run cost per site (X25519 key, kit signature, checking every other site's entry):
+  seconds and bytes, which grow with the number of sites.
 - ``ours_real``: clinfed's real-valued CKKS path, which the statistics jobs use (``weighted_encrypt``
   / ``EncryptedSum`` / ``decrypt_average``, same key, scale 2^36, seeded, the whole model packed into
   one vector, every decryption noise-flooded).
@@ -79,7 +84,7 @@ from typing import Any
 
 import numpy as np
 
-CONTENDERS = ("plaintext", "flare_he", "ours", "ours_flare_params", "ours_real")
+CONTENDERS = ("plaintext", "flare_he", "ours", "ours_secagg", "ours_flare_params", "ours_real")
 BIAS = 16  # the smallest layers: a 16-channel bias or norm scale costs FLARE a whole ciphertext
 
 
@@ -483,11 +488,11 @@ class _Ours(_Contender):
 class _OursCompact(_Ours):
     """The training jobs' compact format (``clinfed.he.compact``) on the federation's own key."""
 
-    def __init__(self, sites: int, value_bound: float, weights: Sequence[float], workdir: Path):
+    def __init__(self, sites: int, value_bound: float, weights: Sequence[float], workdir: Path, name: str = "ours"):
         from clinfed.he import DEFAULT_PARAMS
         from clinfed.he.compact import CompactSpec
 
-        super().__init__("ours", DEFAULT_PARAMS, sites, workdir)
+        super().__init__(name, DEFAULT_PARAMS, sites, workdir)
         self.spec = CompactSpec(value_bound, sites, pooled=True)
         self.spec_json = self.spec.to_json()
         self.whole = float(sum(weights))  # the admitted sites' total: each site sends its share
@@ -546,6 +551,96 @@ class _OursCompact(_Ours):
                 "encryption": "symmetric, seeded, integer fields, complex slots, bit-packed",
             },
         }
+
+
+class _OursSecAgg(_OursCompact):
+    """``ours`` plus secure aggregation: masked uploads, signed reveals, unmasking at the site."""
+
+    def __init__(self, sites: int, value_bound: float, weights: Sequence[float], workdir: Path):
+        super().__init__(sites, value_bound, weights, workdir, "ours_secagg")
+        self.parties, self.setup = secagg_setup(sites, workdir / "kits")
+        self.round = -1
+
+    def start_round(self) -> None:
+        super().start_round()
+        self.round += 1
+        self.members = sorted(self.parties)
+
+    def encrypt(self, site, update, weight):
+        from nvflare.apis.dxo import DXO, DataKind
+        from nvflare.fuel.utils import fobs
+
+        from clinfed.he import layout_to_json
+        from clinfed.he.compact import compact_encrypt
+        from clinfed.he.masking import MaskedStream, ring_of
+
+        mask = MaskedStream(self.parties[site].mask(self.round, "train", self.members, ring_of(self.site_ctx)))
+        share = weight / self.whole
+        cts, layout = compact_encrypt(self.site_ctx, update, share, self.spec, mask=mask)
+        data = {"ckks": cts, "layout": layout_to_json(layout), "fingerprint": self.fingerprint, "spec": self.spec_json}
+        self.ct_per_update = len(cts)
+        return fobs.dumps(DXO(DataKind.WEIGHT_DIFF, data=data, meta={"weight": share}).to_shareable()), sum(
+            map(len, cts)
+        )
+
+    def finish(self):
+        from nvflare.apis.dxo import DXO, DataKind
+        from nvflare.fuel.utils import fobs
+
+        from clinfed.fl.secagg import sum_info
+
+        reveals = {s: p.reveal(self.round, "train", self.members) for s, p in self.parties.items()}
+        total_cts, total_weight, _ = self.acc.result()
+        self.acc = None
+        data = {"ckks": total_cts, "layout": self.layout_json, "fingerprint": self.server_fingerprint}
+        meta = {"total_weight": total_weight, "secagg_sum": sum_info(self.round, "train", self.members, reveals)}
+        return fobs.dumps(DXO(DataKind.WEIGHTS, data=data, meta=meta).to_shareable())
+
+    def decrypt(self, back):
+        from nvflare.apis.dxo import from_shareable
+        from nvflare.fuel.utils import fobs
+
+        from clinfed.he import layout_from_json
+        from clinfed.he.compact import compact_decrypt_average, compact_unmasked
+        from clinfed.he.masking import MaskedStream, ring_of
+
+        dxo = from_shareable(fobs.loads(back))
+        decryptor = self.parties[self.members[0]]
+        correction = MaskedStream(decryptor.correction(dxo.get_meta_prop("secagg_sum"), ring_of(self.site_ctx)))
+        cts = compact_unmasked(self.site_ctx, dxo.data["ckks"], correction)
+        layout = layout_from_json(dxo.data["layout"])
+        return compact_decrypt_average(self.site_ctx, cts, dxo.get_meta_prop("total_weight"), layout, self.spec)
+
+    def info(self) -> dict:
+        return {**super().info(), "setup": self.setup}
+
+
+def secagg_setup(sites: int, folder: Path) -> tuple[dict, dict]:
+    """Secure aggregation's once-per-run setup for ``sites`` sites (simulated kits): the parties, and
+    per site the seconds (X25519 key + kit signature, then checking every other site's certificate and
+    signature and deriving the pair secrets) and bytes (its signed key up, the roster down)."""
+    import json
+
+    from clinfed.deploy.simkit import ensure_sim_kits
+    from clinfed.fl.secagg import load_site
+
+    names = [f"site-{i + 1}" for i in range(sites)]
+    ensure_sim_kits(folder, names)
+    start = time.perf_counter()
+    parties = {s: load_site(folder / s, s, "bench") for s in names}
+    roster = {s: p.hello() for s, p in parties.items()}
+    hello_seconds = (time.perf_counter() - start) / sites
+    start = time.perf_counter()
+    for p in parties.values():
+        p.join(roster)
+    join_seconds = (time.perf_counter() - start) / sites
+    up = float(np.mean([len(json.dumps(h)) for h in roster.values()]))
+    return parties, {
+        "sites": sites,
+        "seconds_per_site": hello_seconds + join_seconds,
+        "bytes_up_per_site": up,
+        "bytes_down_per_site": float(len(json.dumps(roster))),
+    }
 
 
 # --- the round -----------------------------------------------------------------------------------------
@@ -650,6 +745,8 @@ def run_he_bench(
                 built[name] = _FlareHE(sites, work)
             elif name == "ours":
                 built[name] = _OursCompact(sites, peak_value, weights, work)
+            elif name == "ours_secagg":
+                built[name] = _OursSecAgg(sites, peak_value, weights, work)
             elif name == "ours_real":
                 from clinfed.he import DEFAULT_PARAMS
 
@@ -699,7 +796,7 @@ def format_table(result: dict) -> str:
     )
     lines.append(" B/param: one site's FLARE-serialised update; MB: peak RSS above the round's start, per role)")
     flare = result.get("flare_he")
-    for name in ("ours", "ours_flare_params", "ours_real"):
+    for name in ("ours", "ours_secagg", "ours_flare_params", "ours_real"):
         if name in result and flare is not None:
             ours = result[name]
             line = (
@@ -709,6 +806,13 @@ def format_table(result: dict) -> str:
             if "plaintext" in result:
                 line += f"; vs plaintext: {ours['bytes_per_param'] / result['plaintext']['bytes_per_param']:.2f}x bytes"
             lines.append(line)
+    setup = (result.get("ours_secagg") or {}).get("setup")
+    if setup:
+        lines.append(
+            f"ours_secagg setup, once per run: {setup['seconds_per_site']:.3f} s per site, "
+            f"{setup['bytes_up_per_site']:,.0f} B up and {setup['bytes_down_per_site']:,.0f} B down per site "
+            f"({setup['sites']} sites)"
+        )
     return "\n".join(lines)
 
 

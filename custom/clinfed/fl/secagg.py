@@ -71,6 +71,7 @@ HELLO_KEY = "secagg_hello"  # meta key: admission reply → server
 MIN_MEMBERS = 3
 
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
+_KEYS: dict[bytes, object] = {}  # a kit's parsed signing key, per process (parsing a PEM costs ~50 ms)
 
 
 class SecAggError(ValueError):
@@ -113,9 +114,15 @@ class KitIdentity:
         return cls(site, files["client.key"], files["client.crt"], files["rootCA.pem"], server_name_of(root))
 
     def sign(self, data: bytes) -> str:
+        return base64.b64encode(self._private_key().sign(data, _PSS, hashes.SHA256())).decode()
+
+    def _private_key(self):
         from clinfed.keys.bundle import load_private_key
 
-        return base64.b64encode(load_private_key(self.key_pem, self.site).sign(data, _PSS, hashes.SHA256())).decode()
+        key = _KEYS.get(self.key_pem)
+        if key is None:
+            key = _KEYS[self.key_pem] = load_private_key(self.key_pem, self.site)
+        return key
 
     def verify(self, peer: str, cert_pem: bytes, data: bytes, signature: str, what: str) -> None:
         """``signature`` over ``data`` by ``peer``'s kit key, its certificate checked against our root CA."""

@@ -102,9 +102,15 @@ def prg(seed: bytes, ring: Ring, first: int, count: int) -> np.ndarray:
     raw = np.frombuffer(stream.update(bytes(count * ring.words * 8)), dtype="<u8").reshape(count, ring.k, ring.n)
     out = np.empty((count, ring.k, ring.n), dtype=np.uint64)
     for j, q in enumerate(ring.moduli):
-        shift = np.uint64(64 - q.bit_length())
-        out[:, j, :] = (raw[:, j, :] >> shift) % np.uint64(q)
+        row = out[:, j, :]
+        np.right_shift(raw[:, j, :], np.uint64(64 - q.bit_length()), out=row)
+        _reduce_once(row, q)  # < 2^bits < 2q: one conditional subtraction is the reduction
     return out
+
+
+def _reduce_once(row: np.ndarray, q: int) -> None:
+    """row mod q for 0 ≤ row < 2q, in place (a compare and a subtract: ~10x faster than numpy's %)."""
+    np.subtract(row, np.uint64(q), out=row, where=row >= np.uint64(q))
 
 
 def add_mod(a: np.ndarray, b: np.ndarray, ring: Ring) -> np.ndarray:
@@ -112,7 +118,7 @@ def add_mod(a: np.ndarray, b: np.ndarray, ring: Ring) -> np.ndarray:
     for j, q in enumerate(ring.moduli):
         row = a[..., j, :]
         row += b[..., j, :]
-        row %= np.uint64(q)
+        _reduce_once(row, q)
     return a
 
 
@@ -121,7 +127,7 @@ def neg_mod(a: np.ndarray, ring: Ring) -> np.ndarray:
     for j, q in enumerate(ring.moduli):
         row = a[..., j, :]
         np.subtract(np.uint64(q), row, out=row)
-        row %= np.uint64(q)
+        _reduce_once(row, q)  # q − 0 = q → 0
     return a
 
 

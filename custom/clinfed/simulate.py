@@ -10,10 +10,14 @@ the audit logs, under `<workspace>/<participant>/`. FLARE's own simulator worksp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +109,37 @@ def prepare_participants(req: SimulationRequest, root: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def stopping_children_on_exit() -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a simulation stops every process it started. FLARE's simulator runs
+    its server and site workers in sessions of their own, so when only `clinfed simulate` is killed
+    they are reparented to init and keep running (measured: a simulator and two site workers alive an
+    hour after their parent was killed). SIGTERM becomes KeyboardInterrupt here; on the way out the
+    process tree (still known while this process lives) is terminated, then killed after 10 s."""
+    import psutil
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, interrupt) if main else None
+    try:
+        yield
+    except BaseException:
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.terminate()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run_simulation(req: SimulationRequest, recipe=None) -> dict:
     """Run the job in FLARE's simulator; return the summary the server wrote. ``recipe``: an
     already-built one instead of the job folder's (benchmarks that are not user jobs)."""
@@ -146,7 +181,8 @@ def run_simulation(req: SimulationRequest, recipe=None) -> dict:
         # overran this 23 GB machine, so past MAX_PARALLEL_SITES the simulator's site processes take turns.
         parallel = req.parallel or min(req.sites, MAX_PARALLEL_SITES)
         env = SimEnv(clients=req.site_names, num_threads=parallel, workspace_root=str(flare_root))
-        recipe.run(env)
+        with stopping_children_on_exit():
+            recipe.run(env)
     finally:
         for name, value in previous.items():
             if value is None:

@@ -35,6 +35,7 @@ def make_recipe(
     levels: list[str] | None = None,
     horizon: float | None = None,
     delta: float | None = None,
+    straggler_wait: int | None = None,
     **_: object,
 ) -> SumsRecipe:
     """`rounds` is ignored (one round of counts and a release); `group=None`: one curve of everyone."""
@@ -66,4 +67,5 @@ def make_recipe(
         method=method,
         min_cell=DEFAULTS["min_cell"] if min_cell is None else int(min_cell),
         encrypt=encrypt,
+        **({} if straggler_wait is None else {"straggler_wait": int(straggler_wait)}),
     )

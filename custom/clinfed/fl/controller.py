@@ -96,7 +96,7 @@ class SecureFedAvg(ModelController):
             encrypted: aggregate CKKS ciphertexts (default) or plaintext FedAvg (comparison only).
             job_label: job name for the audit log and summary.
             primary_metric: the metric summarising utility in `final` ("auc", "dice").
-            task_timeout: seconds a round may take at all (0: no limit).
+            task_timeout: seconds any one task may take (0: derived, see `_deadline`: never unlimited).
             straggler_wait: once `min_clients` answered, seconds to wait for the others before the
                 round closes without them (a dead site must not stall the federation).
             resume: continue an unfinished earlier run of this same submission from its last round
@@ -535,7 +535,7 @@ class SecureFedAvg(ModelController):
             data=request,
             targets=targets,
             min_responses=min(self._floor, len(targets)),
-            timeout=self.task_timeout,
+            timeout=self._deadline(payload.ADMIT_TASK),
             wait_time_after_min_received=self.straggler_wait,  # a dead site must not stall admission
         )
         for result in results:
@@ -563,14 +563,33 @@ class SecureFedAvg(ModelController):
         """Send a task and wait for the floor's answers, then `straggler_wait` more for the rest:
         a dead or slow site must not stall the federation. An encrypted global model goes as a
         stream reference the sites pull from (see fl.streaming), not inside every task message."""
-        return self.broadcast_model(
+        started = time.monotonic()
+        results = self.broadcast_model(
             task_name=task_name,
             data=self._streamed(model, targets),
             targets=targets,
             min_responses=len(targets) if wait_for_all else min(self._floor, len(targets)),
-            timeout=self.task_timeout,
+            timeout=self._deadline(task_name),
             wait_time_after_min_received=self.straggler_wait,
         )
+        if task_name == payload.TRAIN_TASK and results:
+            self._slowest_round = max(getattr(self, "_slowest_round", 0.0), time.monotonic() - started)
+        return results
+
+    def _deadline(self, task_name: str) -> int:
+        """Seconds a task may take before its silent sites count as failed (FLARE's task timeout). A job
+        may set `task_timeout`; without it no task waits forever (a site that never started once left a
+        job waiting until it was killed): admission and reveals are small (5 min); a training round gets
+        an hour the first time, then 5x the slowest round so far (at least 10 min); a re-run or the
+        final validation, which encrypt or decrypt the model once, 10 min or 2x the slowest round."""
+        if self.task_timeout:
+            return int(self.task_timeout)
+        slowest = getattr(self, "_slowest_round", 0.0)
+        if task_name == payload.TRAIN_TASK:
+            return 3600 if not slowest else int(max(600.0, 5 * slowest))
+        if task_name in (REMASK_TASK, payload.VALIDATE_TASK):
+            return int(max(600.0, 2 * slowest))
+        return 300
 
     def _streamed(self, model: FLModel, targets: list[str]) -> FLModel:
         """The task's model as a stream reference; the previous task's stream ends here (every site that

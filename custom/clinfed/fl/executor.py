@@ -396,6 +396,7 @@ class DPTrainExecutor(Executor):
                     self._cell, incoming.params, "server", self._spool_dir(), abort_signal
                 )
             try:
+                self._guard_evaluation(task_name, round_num, incoming.params or {})
                 self._load_global(incoming)
             finally:
                 streaming.release(incoming.params)
@@ -439,6 +440,35 @@ class DPTrainExecutor(Executor):
             model.params = {**model.params, payload.CKKS_KEY: streaming.into_memory(cts)}
         return FLModelUtils.to_shareable(model)
 
+    def _guard_evaluation(self, task_name: str, round_num: int, params: dict) -> None:
+        """A site scores a global model at most once per planned round, and in an encrypted job only one
+        it decrypted itself (issue 23, item 3).
+
+        Why: the score of a model on this site's patients is a query on them. A server free to send any
+        plaintext network, as often as it likes, turns accuracy into exact counts of test patients with
+        x_j > t and binary-searches feature values. `train` scores the round's global model
+        (`global_*` metrics) and `validate` the final one: together, one score per round of the job,
+        rounds 0..rounds (the last is validate's). A decrypted model is a sum the contributor slot says
+        holds ≥ 3 sites' updates (forging that slot is the secure-aggregation issue's to close).
+        """
+        if self.encrypt and params and not payload.is_encrypted(params) and not streaming.is_streamed(params):
+            raise SiteRefusal(
+                f"{self.site}: the server sent a plaintext model to an encrypted job; this site evaluates only a "
+                "model it decrypted itself; refusing"
+            )
+        last = self.train_cfg.rounds
+        if not 0 <= round_num <= last or (task_name == TRAIN_TASK and round_num >= last):
+            if task_name == VALIDATE_TASK:
+                raise SiteRefusal(f"{self.site}: validate for round {round_num}, not a round of this job; refusing")
+            return  # train past the plan is refused by _train, with its own reason
+        evaluated = self.__dict__.setdefault("_evaluated", set())
+        if round_num in evaluated:
+            raise SiteRefusal(
+                f"{self.site}: the global model of round {round_num} was already evaluated here; a second score "
+                "is a second query on this site's patients; refusing"
+            )
+        evaluated.add(round_num)
+
     def _spool_dir(self) -> Path:
         folder = self.root / "spool"
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -452,8 +482,10 @@ class DPTrainExecutor(Executor):
                 "(and calibrated its noise for); refusing"
             )
         self._admit()  # a controller that skipped admission gets it here; a refusal raises
-        global_metrics = trainer.evaluate()
         nm, sr, planned_steps = trainer.planned_spend()
+        if self.dp_cfg.enabled:
+            self._guard_spend(round_num, nm, sr, planned_steps)
+        global_metrics = trainer.evaluate()
         if self.dp_cfg.enabled:
             # reserved before training: a concurrent job cannot spend the same budget meanwhile
             self.ledger.reserve(
@@ -502,6 +534,29 @@ class DPTrainExecutor(Executor):
             **self._privacy_meta(),
         }
         return FLModel(params=params, meta=meta, current_round=round_num)
+
+    def _guard_spend(self, round_num: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """One DP-SGD spend per (run, round), and a run's total within what admission accepted (item 4).
+
+        Why: a server that sends round 0 again would otherwise get a fresh DP-trained update of the same
+        data, charged again each time, until the site's lifetime budget is gone: far past the job's
+        `max_job_epsilon`, which only admission checked.
+        """
+        run = self.run_key
+        if any(s.round == round_num for s in self.ledger.spends_of_run(run)):
+            raise SiteRefusal(
+                f"{self.site}: round {round_num} of run {run} was already trained and charged; refusing to train it "
+                "again (one DP-SGD spend per round)"
+            )
+        admitted = float((self._admission or {}).get("planned_epsilon") or 0.0)
+        after = self.ledger._total(
+            self.ledger.spends_of_run(run), [(noise_multiplier, sample_rate, steps)]
+        )  # this run's own ε by the ledger's composition rule
+        if after > admitted * (1 + 1e-9) + 1e-12:
+            raise SiteRefusal(
+                f"{self.site}: this round would take run {run} to ε {after:.3f}, past the {admitted:.3f} admission "
+                "accepted; refusing"
+            )
 
     def _save_report(self) -> None:
         """Tasks that can draw (segmentation) leave example predictions in the site's own reports/ folder:

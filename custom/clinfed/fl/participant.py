@@ -84,6 +84,8 @@ def find_context_file(root: Path, filename: str) -> Path | None:
 
 
 METRIC_POLICIES = ("full", "round", "withhold")
+#: metrics computed on the training batches without DP noise: released only under `metrics: full`
+TRAIN_BATCH_METRICS = ("train_loss",)
 
 
 #: Keys of the policy's "database" section (anything else is refused: a typo must not be ignored).
@@ -198,9 +200,15 @@ class SitePolicy:
         return policy
 
     def release_metrics(self, metrics: dict) -> dict:
-        """The metrics this site lets out: all, rounded to `metric_digits`, or none."""
+        """The metrics this site lets out: all, rounded to `metric_digits`, or none.
+
+        Statistics of the training batches (`TRAIN_BATCH_METRICS`: the loss over the DP-SGD batches,
+        computed without noise) leave only under ``full``: by default they are withheld (issue 23).
+        """
         if self.metrics == "withhold":
             return {}
+        if self.metrics != "full":
+            metrics = {k: v for k, v in metrics.items() if k not in TRAIN_BATCH_METRICS}
         if self.metrics == "round":
             digits = self.metric_digits
             return {k: round(float(v), digits) if isinstance(v, int | float) else v for k, v in metrics.items()}

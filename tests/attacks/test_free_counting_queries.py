@@ -13,7 +13,6 @@ planned; train-batch metrics leave only under the policy's `metrics: full`.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from nvflare.app_common.abstract.fl_model import FLModel
 
 from clinfed.fl.executor import DPTrainExecutor

@@ -13,8 +13,8 @@ from nvflare.app_common.abstract.fl_model import FLModel
 
 from clinfed.privacy.ledger import PrivacyLedger
 
-from .test_free_counting_queries import _site
 from .sitekit import send
+from .test_free_counting_queries import _site
 
 
 def test_repeating_round_0_is_refused_and_charged_once(monkeypatch, tmp_path):

@@ -80,7 +80,7 @@ from clinfed.fl import payload
 from clinfed.fl.participant import RESOURCES_FILE, SitePolicy, participant_root, server_context, site_context
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
 from clinfed.privacy.ledger import BudgetExceeded, PrivacyLedger, site_ledger
-from clinfed.textio import json_default, one_line
+from clinfed.textio import json_default, one_line, safe_job_label
 
 ADMIT_TASK = payload.ADMIT_TASK
 SUMS_TASK = "clinical_sums"
@@ -204,6 +204,7 @@ class SumsExecutor(Executor):
     def _setup(self, fl_ctx: FLContext) -> None:
         if self._ready:
             return
+        safe_job_label(self.job_label, self.site)  # issue 23, item 8: job config never names a path
         self._m: Method = make_method(self.method)
         self.root = participant_root(fl_ctx)
         self.policy = SitePolicy.load(self.root)
@@ -403,7 +404,8 @@ class SumsExecutor(Executor):
         if draw is None:
             return
         try:
-            draw(block, self.root / "reports" / f"{self.job_label}-{self._m.block}.png")
+            label = safe_job_label(self.job_label, self.site)  # job config: never a path (issue 23)
+            draw(block, self.root / "reports" / f"{label}-{self._m.block}.png")
         except Exception as exc:
             self.logger.warning(one_line(exc, self.site))
 
@@ -725,6 +727,7 @@ class SumsRecipe(Recipe):
             raise ValueError(f"{name} runs only under CKKS: the server must see sums it cannot read")
         if int(min_cell) < 1:
             raise ValueError(f"minimum cell must be ≥ 1, got {min_cell}")
+        safe_job_label(name)
         make_method(method)  # refuses an unknown method or malformed config here, at submission
         job = FedJob(name=name, min_clients=num_sites)
         job.set_app_packages(["clinfed"])

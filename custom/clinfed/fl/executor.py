@@ -53,7 +53,7 @@ from clinfed.he.aggregation import TooFewContributors
 from clinfed.privacy.ledger import BudgetExceeded, site_ledger
 from clinfed.sysinfo import current_rss_mb, limit_malloc_arenas, release_free_memory
 from clinfed.tasks import build_task
-from clinfed.textio import one_line
+from clinfed.textio import one_line, safe_job_label
 from clinfed.training import DPConfig, SiteTrainer, TrainConfig
 
 ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK = payload.ADMIT_TASK, payload.TRAIN_TASK, payload.VALIDATE_TASK
@@ -143,7 +143,7 @@ class DPTrainExecutor(Executor):
         limit_malloc_arenas()  # see clinfed.sysinfo
         self.site = fl_ctx.get_identity_name()
         self.root = participant_root(fl_ctx)
-        self.job = self.job_label or fl_ctx.get_job_id()
+        self.job = safe_job_label(self.job_label or fl_ctx.get_job_id(), self.site)  # never a path (issue 23)
         self.audit = AuditLog(self.root, self.site)
         self.policy = SitePolicy.load(self.root)
         # The job's DP request is checked before anything else: a refused job costs nothing.
@@ -565,7 +565,8 @@ class DPTrainExecutor(Executor):
         if save is not None:
             folder = self.root / "reports"
             folder.mkdir(parents=True, exist_ok=True)
-            save(self._trainer.network, self._trainer.data.test, folder / f"{self.job}-{self.site}-examples.png")
+            name = f"{safe_job_label(self.job, self.site)}-{self.site}-examples.png"
+            save(self._trainer.network, self._trainer.data.test, folder / name)
 
     def _privacy_meta(self) -> dict:
         """This job's spends only (its ε and the history that gives it) and the site's total: the

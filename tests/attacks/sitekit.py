@@ -48,3 +48,64 @@ def sim_root(monkeypatch, root: Path, sites: list[str]) -> Path:
     monkeypatch.setenv(SIM_ROOT_ENV, str(root))
     ensure_contexts(root, sites)
     return root
+
+
+# --- a clinical-sums federation: real SumsExecutors, the server's addition done by the attacker --------------
+class SumsFederation:
+    """Three (or more) sites' `SumsExecutor`s on one federation key, their data given as arrays, and the
+    server's side written out: what a malicious server can send them, task by task."""
+
+    def __init__(self, root: Path, method: dict, tables: dict[str, dict], min_cell: int = 5, **policy):
+        from clinfed.analytics.methods import make_method
+        from clinfed.analytics.sums_fl import SumsExecutor
+        from clinfed.audit import AuditLog
+        from clinfed.fl.participant import SitePolicy
+        from clinfed.he.context import context_fingerprint, create_context_pair
+
+        self.secret, self.public = create_context_pair()
+        self.fingerprint = context_fingerprint(self.secret)
+        self.method, self.sites = method, {}
+        self.digest = make_method(method).digest()
+        for name, table in tables.items():
+            ex = SumsExecutor(method=method, num_sites=len(tables), min_cell=min_cell, job_label="job")
+            ex.site, ex.root, ex.run_id = name, root / name, "run-1"
+            (ex.root / "local").mkdir(parents=True, exist_ok=True)
+            ex.policy = SitePolicy(**policy)
+            ex.audit = AuditLog(ex.root, name)
+            ex._ctx, ex._fingerprint = self.secret, self.fingerprint
+            ex._m = make_method(method)
+            ex._m.max_params_per_observation = ex.policy.max_params_per_observation if policy else 0.33
+            ex._data = ex._m.load(table, name, ex._min_cell({}))
+            ex._ready = True
+            self.sites[name] = ex
+
+    def meta(self, phase: str, rnd: int, **extra) -> dict:
+        return {"settings": self.digest, "phase": phase, "round": rnd, **extra}
+
+    def sums(self, phase: str, rnd: int, sites: list[str], iterate: dict | None = None, **extra) -> dict[str, FLModel]:
+        """Each named site's answer to `clinical_sums` (the server names `sites` as the ones asked)."""
+        meta = self.meta(phase, rnd, sites=list(sites), **extra)
+        return {
+            s: send(self.sites[s], "clinical_sums", FLModel(params=iterate or {}, meta=dict(meta)), site=s)
+            for s in sites
+        }
+
+    def add(self, answers: dict[str, FLModel], phase: str) -> dict:
+        """The server's encrypted sum of the answers, as `SumsController._sum_round` builds it."""
+        from clinfed.analytics.methods import make_method
+        from clinfed.analytics.sums_fl import _layout_json
+        from clinfed.fl import payload
+        from clinfed.he.aggregation import EncryptedSum
+
+        m = make_method(self.method)
+        size = m.wire_limbs * (m.size(phase) + 1)
+        acc = EncryptedSum(self.public, self.fingerprint, size=size)
+        for site, reply in answers.items():
+            assert reply.meta["status"] == "ok", reply.meta.get("reason")
+            acc.add(site, reply.params[payload.CKKS_KEY], 1.0, reply.params[payload.FINGERPRINT_KEY])
+        cts, _, _ = acc.result()
+        return payload.encrypted_params(cts, _layout_json(size), self.fingerprint)
+
+    def step(self, site: str, phase: str, rnd: int, agg: dict, named: list[str], **extra) -> FLModel:
+        meta = self.meta(phase, rnd, sites=list(named), **extra)
+        return send(self.sites[site], "clinical_step", FLModel(params=agg, meta=meta), site=site)

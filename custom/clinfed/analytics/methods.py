@@ -421,6 +421,8 @@ class GLM(Method):
     block = "glm"
     first_phase = "irls"
     max_rounds = MAX_ITER
+    #: parameters per observation a site allows (its policy sets this before `load`; DataSHIELD's nfilter.glm)
+    max_params_per_observation = glm.MAX_PARAM_FRACTION
 
     def __init__(self, config):
         super().__init__(config)
@@ -443,13 +445,12 @@ class GLM(Method):
             raise SiteDataError(f"{site}: outcome {self.config['outcome']!r} is not coded 0/1")
         counts = glm.site_counts(y, x, self.names, self.config["outcome"], family)
         try:
-            glm.disclosure_check({site: counts}, self.p, min_cell)
+            glm.disclosure_check({site: counts}, self.p, min_cell, self.max_params_per_observation)
         except ValueError:
             # The reason goes to the server and into summary.json: name the cause, never the count.
-            if self.p > glm.MAX_PARAM_FRACTION * counts["n"]:
-                raise SiteRefusal(
-                    f"{site}: {self.p} parameters exceed {glm.MAX_PARAM_FRACTION} × this site's rows"
-                ) from None
+            cap = self.max_params_per_observation
+            if self.p > cap * counts["n"]:
+                raise SiteRefusal(f"{site}: {self.p} parameters exceed {cap:g} × this site's rows") from None
             small = next(
                 f"{column} = {level}"
                 for column, levels in counts["levels"].items()

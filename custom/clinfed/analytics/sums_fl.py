@@ -31,7 +31,9 @@ minimum cell at the release site (`km.enforce_min_cell`); GLM's DataSHIELD check
 on its own counts before it sends anything (`glm.disclosure_check`, a refusal); every method needs
 ≥ 3 contributing sites (`he.aggregation.MIN_CONTRIBUTORS`: refused at recipe construction, checked
 by the server and by the release site in the ciphertext's contributor slot). The minimum cell is the
-largest of the job's and any site's own policy (`local/resources.json` → clinfed.min_cell).
+site policy's `min_cell` (default 5) or a job's larger one: a job may only raise it (issue 23); the
+policy's `max_params_per_observation` caps GLM's parameters per row and its `min_sites` (≥ 3) the
+fewest sites in any sum the site's rows enter.
 
 Before round 0 an ``admit`` task asks every site to accept or refuse the whole job (its data load,
 and with output DP the planned spend against the site's budget, `max_job_epsilon` and δ): a
@@ -77,7 +79,7 @@ from clinfed.analytics.methods import FIXED_POINT_BITS, Method, SiteInfo, make_m
 from clinfed.audit import AuditLog, payload_digest
 from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
-from clinfed.fl.participant import RESOURCES_FILE, SitePolicy, participant_root, server_context, site_context
+from clinfed.fl.participant import SitePolicy, participant_root, server_context, site_context
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
 from clinfed.privacy.ledger import BudgetExceeded, PrivacyLedger, site_ledger
 from clinfed.textio import json_default, one_line, safe_job_label
@@ -157,15 +159,6 @@ def from_int_limbs(wire: np.ndarray, base: float, limbs: int = 3) -> np.ndarray:
     return total
 
 
-def policy_min_cell(root: Path) -> int | None:
-    """The hospital's own floor for small cells (`local/resources.json` → clinfed.min_cell), if set."""
-    path = root / "local" / RESOURCES_FILE
-    if not path.exists():
-        return None
-    value = json.loads(path.read_text()).get("clinfed", {}).get("min_cell")
-    return int(value) if value is not None else None
-
-
 def _layout_json(size: int) -> str:
     from clinfed.he.packing import flatten, layout_to_json
 
@@ -211,6 +204,7 @@ class SumsExecutor(Executor):
         self.audit = AuditLog(self.root, self.site)
         self._ctx, self._fingerprint = site_context(self.root, self.site)
         self.run_id = str(fl_ctx.get_job_id() or "")
+        self._m.max_params_per_observation = self.policy.max_params_per_observation  # the site's cap, not the job's
         info = SiteInfo(self.site, self.root, self.policy, self.run_id, self.job_label, int(self.num_sites))
         # by default the hospital's database through its policy (SQLAlchemy URL + column mapping), else its split
         self._data = self._m.load(self._m.read(info), self.site, self._min_cell({}))
@@ -270,8 +264,17 @@ class SumsExecutor(Executor):
         return self._charged
 
     def _min_cell(self, meta: dict) -> int:
-        floors = [self.min_cell, policy_min_cell(self.root), meta.get("min_cell")]
+        """The site policy's floor (default 5) or a job's stricter one: a job may only raise it (issue 23)."""
+        floors = [self.policy.min_cell, self.min_cell, meta.get("min_cell")]
         return max(int(v) for v in floors if v is not None)
+
+    def _check_min_sites(self, count: int, what: str) -> None:
+        """This site's rows enter no sum of fewer sites than its policy's `min_sites` (≥ 3), whatever the job."""
+        floor = max(MIN_CONTRIBUTORS, int(self.policy.min_sites))
+        if count < floor:
+            raise SiteRefusal(
+                f"{self.site}: {what} {count} site(s), fewer than this site's min_sites {floor}; refusing"
+            )
 
     def _limbs(self) -> tuple[float, float]:
         """(per-site bound on an encoded value, limb base 2^k ≤ that bound), public and equal at every site."""
@@ -347,6 +350,7 @@ class SumsExecutor(Executor):
             if task_name == ADMIT_TASK:
                 return self._reply({}, round_num, start, {"admission": self._admit()})
             if task_name == SUMS_TASK:
+                self._check_min_sites(len(set(meta.get("sites") or [])), "the server asks")
                 self._admit()  # a server that skipped admission gets the same checks here
                 epsilon = self._charge()
                 size = self._m.iterate_size(phase)
@@ -373,6 +377,7 @@ class SumsExecutor(Executor):
         named = list(meta.get("sites") or [])
         if count < MIN_CONTRIBUTORS:
             raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s), fewer than {MIN_CONTRIBUTORS}")
+        self._check_min_sites(count, "the sum holds")
         if count != len(named) or self.site not in named:
             raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s) but the server names {len(named)}")
         # Output DP: the noise goes on before anything is derived from the sum (fresh OS entropy).
@@ -432,7 +437,7 @@ class SumsExecutor(Executor):
             "bytes_sent": size,
             "sha256": digest,
             "metrics": {"seconds": round(time.monotonic() - start, 4)},
-            "min_cell_policy": policy_min_cell(self.root),
+            "min_cell_policy": self.policy.min_cell,
             payload.AUDIT_HEAD_KEY: list(self.audit.head),
             **extra,
         }

@@ -56,6 +56,7 @@ and with output DP ``dp`` and ``privacy.epsilon_charged`` per site.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import secrets
@@ -184,10 +185,18 @@ class SumsExecutor(Executor):
     one-line reason naming the site.
     """
 
-    def __init__(self, method: dict | None = None, num_sites: int = 3, min_cell: int = 5, job_label: str = "clinical"):
+    def __init__(
+        self,
+        method: dict | None = None,
+        num_sites: int = 3,
+        min_cell: int = 5,
+        job_label: str = "clinical",
+        release_site: str | None = None,
+    ):
         super().__init__()
         # FedJob serialises a component from the attributes named like its __init__ arguments.
         self.method, self.num_sites, self.min_cell, self.job_label = dict(method or {}), num_sites, min_cell, job_label
+        self.release_site = release_site  # None: the first of the sites the sum holds, by (length, name)
         self._ready = False
         self._answered = False
         self._data: Any = None
@@ -362,13 +371,54 @@ class SumsExecutor(Executor):
                 vec = np.concatenate([self._m.site_local(self._data, phase, iterate), [1.0]])
                 extra = {"epsilon": epsilon} if self._m.dp is not None else {}
                 return self._reply(self._encrypt(vec), round_num, start, extra)
-            return self._step(params, meta, round_num, phase, start)
+            return self._step_once(params, meta, round_num, phase, start)
         except SiteRefusal as exc:
             return self._status("refused", one_line(exc, self.site), round_num)
         except Exception as exc:  # a site-level failure is reported, never allowed to stall the job
             reason = one_line(exc, self.site)
             self.log_error(fl_ctx, reason)
             return self._status("failed", reason, round_num)
+
+    def _step_once(self, params: dict, meta: dict, round_num: int, phase: str, start: float) -> Shareable:
+        """One step per (run, round, phase), from one sum, at the job's release site only (issue 23, item 1).
+
+        Why: every site charged its ledger once for the run's output DP. Were a step answered again
+        (at this site or at another: every site holds the key), each answer would draw fresh noise, and
+        N answers averaged shrink it by √N. So the identical sum sent again gets the identical answer
+        (nothing new drawn), another sum for a round already stepped, or any step after the release,
+        is refused, and only the release site steps at all. Iterative fits gain the same: a repeated
+        step can no longer advance the release site's Newton/IRLS state twice.
+        """
+        named = list(meta.get("sites") or [])
+        release_site = self.release_site or (min(named, key=lambda s: (len(s), s)) if named else None)
+        if self.site != release_site:
+            raise SiteRefusal(
+                f"{self.site}: only the job's release site ({release_site}) steps a sum; refusing a second release"
+            )
+        key = (self.run_id, round_num, phase)
+        digest = payload.payload_sha256(params)
+        steps: dict = self.__dict__.setdefault("_steps", {})
+        if key in steps:
+            seen, reply = steps[key]
+            if seen != digest:
+                raise SiteRefusal(
+                    f"{self.site}: round {round_num} ({phase}) of run {self.run_id} was already stepped from another "
+                    "sum; refusing (one release per charged sum)"
+                )
+            self.audit.append("step_repeated", job=self.job_label, round=round_num, run=self.run_id, sha256=digest)
+            return copy.deepcopy(reply)
+        released = self.__dict__.get("_released_at")
+        if released is not None:
+            raise SiteRefusal(
+                f"{self.site}: run {self.run_id} was already released (round {released[1]}); refusing another step"
+            )
+        reply = self._step(params, meta, round_num, phase, start)
+        out = FLModelUtils.from_shareable(copy.deepcopy(reply))
+        if (out.meta or {}).get("status") == "ok":
+            steps[key] = (digest, copy.deepcopy(reply))
+            if "release_json" in out.meta:
+                self._released_at = key
+        return reply
 
     def _step(self, params: dict, meta: dict, round_num: int, phase: str, start: float) -> Shareable:
         """Release site: decrypt the sum, check who is in it, step; encrypted iterate or the release."""
@@ -390,7 +440,13 @@ class SumsExecutor(Executor):
         release = {
             self._m.block: round_release(step.result),
             "provenance": {
-                self._m.block: {"sites": sorted(named), "n": int(step.n), "suppressed": step.suppressed},
+                self._m.block: {
+                    "sites": sorted(named),
+                    "n": int(step.n),
+                    "suppressed": step.suppressed,
+                    "run": self.run_id,  # the release is bound to its run and round (issue 23, item 1)
+                    "round": round_num,
+                },
             },
             **step.extra,
         }
@@ -747,7 +803,13 @@ class SumsRecipe(Recipe):
             id="controller",
         )
         job.to_clients(
-            SumsExecutor(method=dict(method), num_sites=num_sites, min_cell=int(min_cell), job_label=name),
+            SumsExecutor(
+                method=dict(method),
+                num_sites=num_sites,
+                min_cell=int(min_cell),
+                job_label=name,
+                release_site=release_site,
+            ),
             id="executor",
             tasks=list(TASKS),
         )

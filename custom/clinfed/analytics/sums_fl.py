@@ -357,6 +357,7 @@ class SumsExecutor(Executor):
             phase = str(meta.get("phase", ""))
             params = incoming.params or {}
             if task_name == ADMIT_TASK:
+                payload.check_own_anchor(self.audit, meta, self.site)  # a rolled-back folder refuses (issue 23)
                 return self._reply({}, round_num, start, {"admission": self._admit()})
             if task_name == SUMS_TASK:
                 self._check_min_sites(len(set(meta.get("sites") or [])), "the server asks")
@@ -599,9 +600,10 @@ class SumsController(ModelController):
 
     def _admit(self, targets: list[str]) -> dict[str, dict]:
         """The `admit` task: each site accepts or refuses the whole job; (entries per site)."""
+        meta = {**self._meta(self._m.first_phase, 0), payload.ANCHORS_KEY: payload.peer_anchors(self.audit, targets)}
         results = self.send_model_and_wait(
             task_name=ADMIT_TASK,
-            data=FLModel(params={}, meta=self._meta(self._m.first_phase, 0)),
+            data=FLModel(params={}, meta=meta),
             targets=targets,
             min_responses=len(targets),
             timeout=self.task_timeout,

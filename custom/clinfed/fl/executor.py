@@ -387,6 +387,7 @@ class DPTrainExecutor(Executor):
             self._cell = fl_ctx.get_engine().get_cell()
             payload.record_anchor(self.audit, incoming.meta, job=self.job, round_num=round_num, peer="server")
             if task_name == ADMIT_TASK:
+                payload.check_own_anchor(self.audit, incoming.meta, site)  # a rolled-back folder refuses (issue 23)
                 return self._reply(FLModel(params={}, meta=dict(self._admit())))
             spec = (incoming.meta or {}).get(payload.COMPACT_KEY)
             admitted = (incoming.meta or {}).get(payload.ADMITTED_WEIGHT_KEY)

@@ -55,7 +55,9 @@ class SumsFederation:
     """Three (or more) sites' `SumsExecutor`s on one federation key, their data given as arrays, and the
     server's side written out: what a malicious server can send them, task by task."""
 
-    def __init__(self, root: Path, method: dict, tables: dict[str, dict], min_cell: int = 5, **policy):
+    def __init__(
+        self, root: Path, method: dict, tables: dict[str, dict], min_cell: int = 5, run: str = "run-1", **policy
+    ):
         from clinfed.analytics.methods import make_method
         from clinfed.analytics.sums_fl import SumsExecutor
         from clinfed.audit import AuditLog
@@ -68,14 +70,17 @@ class SumsFederation:
         self.digest = make_method(method).digest()
         for name, table in tables.items():
             ex = SumsExecutor(method=method, num_sites=len(tables), min_cell=min_cell, job_label="job")
-            ex.site, ex.root, ex.run_id = name, root / name, "run-1"
+            ex.site, ex.root, ex.run_id = name, root / name, run
             (ex.root / "local").mkdir(parents=True, exist_ok=True)
             ex.policy = SitePolicy(**policy)
             ex.audit = AuditLog(ex.root, name)
             ex._ctx, ex._fingerprint = self.secret, self.fingerprint
             ex._m = make_method(method)
             ex._m.max_params_per_observation = ex.policy.max_params_per_observation if policy else 0.33
-            ex._data = ex._m.load(table, name, ex._min_cell({}))
+            if hasattr(ex, "_load"):  # what `_setup` does with the rows it read
+                ex._load(table)
+            else:
+                ex._data = ex._m.load(table, name, ex._min_cell({}))
             ex._ready = True
             self.sites[name] = ex
 

@@ -77,6 +77,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
 from clinfed.analytics.methods import FIXED_POINT_BITS, Method, SiteInfo, make_method
+from clinfed.analytics.release_log import FIT_BLOCKS, FitDefinition, ReleaseLog, rows_digest, value_digests
 from clinfed.audit import AuditLog, payload_digest
 from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
@@ -216,9 +217,32 @@ class SumsExecutor(Executor):
         self._m.max_params_per_observation = self.policy.max_params_per_observation  # the site's cap, not the job's
         info = SiteInfo(self.site, self.root, self.policy, self.run_id, self.job_label, int(self.num_sites))
         # by default the hospital's database through its policy (SQLAlchemy URL + column mapping), else its split
-        self._data = self._m.load(self._m.read(info), self.site, self._min_cell({}))
+        self._load(self._m.read(info))
         self.audit.append("job_start", job=self.job_label, encrypted=True, method=self._m.block)
         self._ready = True
+
+    def _load(self, table: Any) -> None:
+        """The method's rows from the site's table; for an exact fit also which rows and what values it
+        uses, for the release log (`_admit_release`)."""
+        self._data = self._m.load(table, self.site, self._min_cell({}))
+        if self._m.block in FIT_BLOCKS:
+            variables = self._m.variables()
+            self._rows, self._values = rows_digest(table, variables), value_digests(table, variables)
+
+    def _admit_release(self, meta: dict) -> None:
+        """An exact KM, Cox or GLM release goes through the site's release log before its first vector
+        leaves (issue 23, item 7; the rule: `ReleaseLog.admit_fit`). Output-DP releases are charged instead."""
+        if self._m.block not in FIT_BLOCKS or self._m.dp is not None or self.__dict__.get("_release_logged"):
+            return
+        ReleaseLog(self.root, self.site).admit_fit(
+            self._m.block,
+            FitDefinition.of(list(meta.get("sites") or []), self._rows),
+            self._m.release_grid(self._min_cell(meta)),
+            self._values,
+            job=self.job_label,
+            run=self.run_id,
+        )
+        self._release_logged = True
 
     # --- privacy: admission, the ledger, the noise -------------------------------------------------------
     def _ledger(self) -> PrivacyLedger:
@@ -363,6 +387,7 @@ class SumsExecutor(Executor):
                 self._check_min_sites(len(set(meta.get("sites") or [])), "the server asks")
                 self._admit()  # a server that skipped admission gets the same checks here
                 epsilon = self._charge()
+                self._admit_release(meta)  # exact fits: the release log first (issue 23)
                 size = self._m.iterate_size(phase)
                 iterate = None
                 if size and (params or self._answered):  # round 0 alone starts from the method's own β = 0

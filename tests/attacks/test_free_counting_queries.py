@@ -21,7 +21,7 @@ from clinfed.fl.participant import write_site_policy
 from .sitekit import send, sim_root
 
 
-def _site(monkeypatch, tmp_path, rounds: int = 2) -> DPTrainExecutor:
+def _site(monkeypatch, tmp_path, rounds: int = 2, admit: bool = True) -> DPTrainExecutor:
     sim_root(monkeypatch, tmp_path, ["site-1", "site-2", "site-3"])
     write_site_policy(tmp_path / "site-1", epsilon_budget=50.0)
     ex = DPTrainExecutor(
@@ -33,7 +33,8 @@ def _site(monkeypatch, tmp_path, rounds: int = 2) -> DPTrainExecutor:
         num_sites=3,
         job_label="breast_cancer_dp",
     )
-    assert send(ex, "admit", FLModel(params={}, meta={"run_key": "run-1"})).meta["status"] == "accepted"
+    if admit:
+        assert send(ex, "admit", FLModel(params={}, meta={"run_key": "run-1"})).meta["status"] == "accepted"
     return ex
 
 

@@ -41,3 +41,18 @@ def test_a_run_never_spends_past_what_admission_accepted(monkeypatch, tmp_path):
         )
     ledger = PrivacyLedger(tmp_path / "site-1" / "local" / "privacy_ledger.json", "site-1")
     assert ledger.epsilon_of_run("run-1") == pytest.approx(admitted, rel=1e-6)
+
+
+def test_resubmitting_a_run_cannot_spend_past_max_job_epsilon(monkeypatch, tmp_path):
+    """A resumed run (the same run key, a new submission) is admitted again, but on the run's whole ε."""
+    from clinfed.fl.participant import write_site_policy
+
+    ex = _site(monkeypatch, tmp_path, rounds=2)
+    for rnd in (0, 1):
+        send(ex, "train", FLModel(params={}, meta={"run_key": "run-1"}, current_round=rnd))
+    spent = PrivacyLedger(tmp_path / "site-1" / "local" / "privacy_ledger.json", "site-1").epsilon_of_run("run-1")
+    write_site_policy(tmp_path / "site-1", max_job_epsilon=spent * 1.2)
+    again = _site(monkeypatch, tmp_path, rounds=2, admit=False)  # the server "resumes" the finished run at 0
+    reply = send(again, "admit", FLModel(params={}, meta={"run_key": "run-1"}))
+    assert reply.meta["status"] == "refused", "a resubmitted run was admitted for a second full spend"
+    assert "max_job_epsilon" in reply.meta["reason"]

@@ -204,6 +204,12 @@ class DPTrainExecutor(Executor):
         if self._admission is None:
             planned = self._trainer.planned_job() if self.dp_cfg.enabled else []
             projected = self.ledger.admit(self.policy.epsilon_budget, planned)
+            own = self.ledger.epsilon_of_run_if(self.run_key, planned)  # the run's whole ε, earlier spends too
+            if own > self.policy.max_job_epsilon * (1 + 1e-9):
+                raise SiteRefusal(
+                    f"{self.site}: run {self.run_key} would reach ε {own:.2f} > this site's max_job_epsilon "
+                    f"{self.policy.max_job_epsilon:g} (with what it spent before); refusing the whole job"
+                )
             self._admission = {
                 "status": "accepted",
                 "reason": "",
@@ -541,10 +547,14 @@ class DPTrainExecutor(Executor):
 
         Why: a server that sends round 0 again would otherwise get a fresh DP-trained update of the same
         data, charged again each time, until the site's lifetime budget is gone: far past the job's
-        `max_job_epsilon`, which only admission checked.
+        `max_job_epsilon`, which only admission checked. Within a job a repeated round is refused. A
+        resubmission that resumes the run (after a server restart) is a new admission: it may train
+        a round the dead server never aggregated, but admission bounds the run's whole ε, earlier
+        spends included, by `max_job_epsilon` (`_admit`).
         """
         run = self.run_key
-        if any(s.round == round_num for s in self.ledger.spends_of_run(run)):
+        trained: set = self.__dict__.setdefault("_charged_rounds", set())
+        if round_num in trained:
             raise SiteRefusal(
                 f"{self.site}: round {round_num} of run {run} was already trained and charged; refusing to train it "
                 "again (one DP-SGD spend per round)"
@@ -558,6 +568,7 @@ class DPTrainExecutor(Executor):
                 f"{self.site}: this round would take run {run} to ε {after:.3f}, past the {admitted:.3f} admission "
                 "accepted; refusing"
             )
+        trained.add(round_num)
 
     def _save_report(self) -> None:
         """Tasks that can draw (segmentation) leave example predictions in the site's own reports/ folder:

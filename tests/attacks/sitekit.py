@@ -76,7 +76,7 @@ class SumsFederation:
             ex.audit = AuditLog(ex.root, name)
             ex._ctx, ex._fingerprint = self.secret, self.fingerprint
             ex._m = make_method(method)
-            ex._m.max_params_per_observation = ex.policy.max_params_per_observation if policy else 0.33
+            ex._m.max_params_per_observation = getattr(ex.policy, "max_params_per_observation", 0.33)
             if hasattr(ex, "_load"):  # what `_setup` does with the rows it read
                 ex._load(table)
             else:

@@ -312,6 +312,40 @@ def _check_channels(command: str, args: argparse.Namespace) -> None:
         raise UsageError(f"clinfed {command}: --he-format is for the training jobs, not {args.job}")
 
 
+#: options checked against the job's `make_recipe` parameters (CLI name → parameter), besides ANALYTICS_OPTIONS
+_GENERAL_OPTIONS = {
+    "min_cell": "min_cell",
+    "epsilon": "epsilon",
+    "rounds": "rounds",
+}  # --data-dir: the sites' policy, any job
+
+
+def _check_applies(command: str, args: argparse.Namespace) -> None:
+    """Refuse (one line, exit 2) an option the chosen job or mode does not take (issue 23, item 8).
+
+    Why: every job's `make_recipe` swallows unknown keywords (``**_``), so `--time-bin` given to a
+    site-stratified Cox, or `--covariates` to a training job, was silently ignored and the person
+    believed a setting that never applied. An option applies when the job's `make_recipe` names it.
+    """
+    import inspect
+
+    from clinfed.jobs import load_job
+
+    params = inspect.signature(load_job(args.job).make_recipe).parameters
+    given = [n for n in (*ANALYTICS_OPTIONS, *_GENERAL_OPTIONS) if getattr(args, n, None) not in (None, False)]
+    if getattr(args, "no_encrypt", False):
+        given.append("encrypt")
+    for name in given:
+        if _GENERAL_OPTIONS.get(name, name) not in params:
+            flag = "--no-encrypt" if name == "encrypt" else "--" + name.replace("_", "-")
+            raise UsageError(f"clinfed {command}: {flag} does not apply to {args.job}")
+    if args.job == "cox_ph" and getattr(args, "strata", None) == "site" and getattr(args, "time_bin", None):
+        raise UsageError(
+            f"clinfed {command}: --time-bin does not apply to cox_ph --strata site (each site keeps its own "
+            "baseline on exact times; only the pooled fit bins them)"
+        )
+
+
 def _analytics_options(args: argparse.Namespace) -> dict:
     """The analytics options given on the command line, as keyword arguments of the job's make_recipe."""
     extra = {name: getattr(args, name) for name in ANALYTICS_OPTIONS if getattr(args, name, None) is not None}
@@ -324,6 +358,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from clinfed.simulate import SimulationRequest, run_simulation
 
     _check_channels("simulate", args)
+    _check_applies("simulate", args)
     out = args.out or Path("out") / args.job
     req = SimulationRequest(
         job=args.job,
@@ -365,6 +400,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     rounds = args.rounds or module.DEFAULTS.get("rounds", 1)
     epsilon = args.epsilon if args.epsilon is not None else module.DEFAULTS.get("epsilon")
     _check_channels("export", args)
+    _check_applies("export", args)
     names = ("compression", "channels", "he_format")
     extra = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     recipe = module.make_recipe(sites=args.sites, rounds=rounds, encrypt=not args.no_encrypt, epsilon=epsilon, **extra)

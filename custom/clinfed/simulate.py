@@ -100,12 +100,15 @@ def prepare_participants(req: SimulationRequest, root: Path) -> None:
     for site in req.site_names:
         # `--no-dp` is a simulator-only *policy* override (the job alone cannot switch DP off); it is
         # written to the simulated sites' own policy and stated in summary.json and the output.
+        # `--min-cell` likewise: the site policy owns the floor (a job may only raise it), and in the
+        # simulator the person running it stands for the hospitals too.
         write_site_policy(
             root / site,
             epsilon_budget=req.site_budget,
             data_dir=req.data_dir,
             require_dp=not req.no_dp,
             simulated_override=req.no_dp,
+            min_cell=req.min_cell,
         )
 
 

@@ -50,3 +50,19 @@ def write_private(path: str | os.PathLike, data: bytes | str, mode: int = 0o600)
     finally:
         os.close(fd)
     return path
+
+
+_PLAIN_NAME = __import__("re").compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def safe_job_label(label: str, who: str = "") -> str:
+    """`label` if it is a plain file-name part (letters, digits, ``_.-``, not starting with a dot); else
+    ValueError, one line. Why: a job's label is job config (untrusted) and becomes part of file names
+    (reports, checkpoints): ``../../x`` would write outside the participant's folder (issue 23, item 8)."""
+    if not isinstance(label, str) or not _PLAIN_NAME.fullmatch(label):
+        prefix = f"{who}: " if who else ""
+        raise ValueError(
+            f"{prefix}job label {label!r} is not a plain name (letters, digits, _ . -; not starting with a dot); "
+            "refusing it as part of a file name"
+        )
+    return label

@@ -103,10 +103,11 @@ def test_an_unreadable_ledger_is_refused_not_replaced(tmp_path):
     assert len(path.read_text()) == 40
 
 
-def test_a_ledger_keeps_the_delta_it_was_started_with(tmp_path):
+def test_a_ledger_computes_at_the_policys_delta_never_the_files(tmp_path):
+    """Issue 23, item 6: the file's δ is not trusted (it was once adopted: an edit to δ = 0.5 gave ε < 0)."""
     path = tmp_path / "l.json"
     PrivacyLedger(path, "site-1", delta=1e-6).record("a", 0, 1.0, 0.2, 5)
-    assert PrivacyLedger(path, "site-1", delta=1e-5).delta == 1e-6
+    assert PrivacyLedger(path, "site-1", delta=1e-5).delta == 1e-5
 
 
 def test_reserve_writes_the_audit_record_with_the_spend(tmp_path):

@@ -145,7 +145,12 @@ def site_counts(y: np.ndarray, x: np.ndarray, names: Sequence[str], outcome: str
     return {"n": int(np.asarray(y).size), "levels": levels}
 
 
-def disclosure_check(site_local_counts: Mapping[str, Mapping[str, Any]], n_params: int, min_cell: int) -> None:
+def disclosure_check(
+    site_local_counts: Mapping[str, Mapping[str, Any]],
+    n_params: int,
+    min_cell: int,
+    max_fraction: float = MAX_PARAM_FRACTION,
+) -> None:
     """Refuse (ValueError naming the site and the cause) a fit that would disclose a site's patients.
 
     `site_local_counts` maps each site to `site_counts(...)`: {"n": rows, "levels": {column:
@@ -153,8 +158,8 @@ def disclosure_check(site_local_counts: Mapping[str, Mapping[str, Any]], n_param
     """
     for site, counts in site_local_counts.items():
         n = int(counts["n"])
-        if n_params > MAX_PARAM_FRACTION * n:
-            raise ValueError(f"{site}: {n_params} parameters exceed {MAX_PARAM_FRACTION} × {n} rows")
+        if n_params > max_fraction * n:
+            raise ValueError(f"{site}: {n_params} parameters exceed {max_fraction:g} × {n} rows")
         for column, levels in counts.get("levels", {}).items():
             for level, rows in levels.items():
                 if int(rows) < min_cell:

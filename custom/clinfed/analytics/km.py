@@ -24,7 +24,8 @@ Definitions follow lifelines 0.30 exactly:
 - median (and its CI): the first released time at which S(t) (the lower, the upper bound) is
   ≤ 0.5, as `lifelines.utils.qth_survival_times`; never reached is `None` (lifelines: inf);
 - log-rank: `multivariate_logrank_test` (G−1 df; with two groups it equals `logrank_test`), from
-  the per-bin counts *before* small-cell merging, so χ² is that of the binned data.
+  the *released* tables (after small-cell merging: computed before it, χ² leaked where merged
+  events were); with nothing merged that is the binned data's χ².
 """
 
 from __future__ import annotations
@@ -304,16 +305,22 @@ def km_combine(
     counts = np.rint(np.asarray(summed, dtype=float)).reshape(len(levels), 2, n_bins)
     groups: dict[str, Any] = {}
     notes: dict[str, str] = {}
-    released = []
+    released: list[MinCell] = []
     for gi, level in enumerate(levels):
         table = enforce_min_cell(counts[gi], min_cell)
         notes[str(level)] = table.note
         if table.end.size:
             groups[str(level)] = km_curve(table, time_bin, alpha)
-            released.append(gi)
+            released.append(table)
     test = None
     if len(released) >= 2:
-        c = counts[released]
+        # From the released tables only (issue 23, item 5): computed from the counts before merging,
+        # χ² would tell where in a merged bin its events were. Each released bin's counts sit at its end
+        # bin; with nothing merged this is the raw table, so lifelines' test is matched exactly.
+        c = np.zeros((len(released), 2, n_bins))
+        for gi, table in enumerate(released):
+            c[gi, 0, table.end - 1] = table.events
+            c[gi, 1, table.end - 1] = table.censored
         ev = c[:, 0, :]
         at_risk = (c[:, 0, :] + c[:, 1, :])[:, ::-1].cumsum(axis=1)[:, ::-1]
         test = logrank(ev, at_risk)

@@ -172,6 +172,10 @@ class Method:
     def vet(self, data: Any, phase: str, iterate: np.ndarray | None, sites: Sequence[str]) -> None:
         """A site's own check before its vector for `phase` leaves (SiteRefusal to refuse); none by default."""
 
+    def release_grid(self, min_cell: int) -> dict[str, Any]:
+        """The settings that place patients in released cells (the release log keeps one per method); none here."""
+        return {}
+
     def vet_release(self, data: Any, result: dict[str, Any], sites: Sequence[str]) -> None:
         """The release site's own check of the block it is about to release (SiteRefusal to refuse)."""
 
@@ -260,6 +264,16 @@ class KaplanMeier(Method):
     def clean_noisy(self, noisy):
         return km.consistent_counts(noisy, 2 * len(self.levels))
 
+    def release_grid(self, min_cell):
+        c = self.config
+        return {
+            "time_bin": float(c["time_bin"]),
+            "n_bins": int(c["n_bins"]),
+            "group": c.get("group"),
+            "levels": self.levels,
+            "min_cell": int(min_cell),
+        }
+
     @property
     def levels(self) -> list[str]:
         return list(self.config.get("levels") or [km.ALL]) if self.config.get("group") else [km.ALL]
@@ -329,6 +343,15 @@ class CoxPH(Method):
 
     def variables(self):
         return ["time", "event", *self.config["covariates"]]
+
+    def release_grid(self, min_cell):
+        if self.stratified:
+            return {}
+        return {
+            "time_bin": float(self.config["time_bin"]),
+            "n_bins": int(self.config["n_bins"]),
+            "n_score_bins": self.n_score_bins,
+        }
 
     def load(self, table, site, min_cell):
         data = complete_cases(table, self.variables(), site)
@@ -421,6 +444,8 @@ class GLM(Method):
     block = "glm"
     first_phase = "irls"
     max_rounds = MAX_ITER
+    #: parameters per observation a site allows (its policy sets this before `load`; DataSHIELD's nfilter.glm)
+    max_params_per_observation = glm.MAX_PARAM_FRACTION
 
     def __init__(self, config):
         super().__init__(config)
@@ -443,13 +468,12 @@ class GLM(Method):
             raise SiteDataError(f"{site}: outcome {self.config['outcome']!r} is not coded 0/1")
         counts = glm.site_counts(y, x, self.names, self.config["outcome"], family)
         try:
-            glm.disclosure_check({site: counts}, self.p, min_cell)
+            glm.disclosure_check({site: counts}, self.p, min_cell, self.max_params_per_observation)
         except ValueError:
             # The reason goes to the server and into summary.json: name the cause, never the count.
-            if self.p > glm.MAX_PARAM_FRACTION * counts["n"]:
-                raise SiteRefusal(
-                    f"{site}: {self.p} parameters exceed {glm.MAX_PARAM_FRACTION} × this site's rows"
-                ) from None
+            cap = self.max_params_per_observation
+            if self.p > cap * counts["n"]:
+                raise SiteRefusal(f"{site}: {self.p} parameters exceed {cap:g} × this site's rows") from None
             small = next(
                 f"{column} = {level}"
                 for column, levels in counts["levels"].items()

@@ -222,11 +222,13 @@ class ReleaseLog:
     def admit(self, definition: CohortDefinition, cells: Mapping[str, dict], job: str, run: str = "") -> None:
         """Check ``cells`` against every earlier release and record them, atomically under the file lock."""
         with self._locked():
-            earlier = self.entries()
+            everything = self.entries()
+            earlier = [e for e in everything if e.get("kind", "cohort") == "cohort"]  # fits: `admit_fit`
             self.check(definition, cells, earlier)
             same_run = [e for e in earlier if run and e.get("run") == run]
             if any(e["features"] == dict(cells) for e in same_run):
                 return  # already recorded by this run (pass 2, then the release site's own release)
+            earlier = everything
             earlier.append(
                 {
                     "job": job,
@@ -239,3 +241,150 @@ class ReleaseLog:
             tmp = self.path.with_name(f".{LOG_FILE}.tmp")
             write_private(tmp, json.dumps({"site": self.site, "releases": earlier}, indent=1))
             os.replace(tmp, self.path)
+
+    def admit_fit(
+        self,
+        method: str,
+        definition: FitDefinition,
+        grid: Mapping,
+        values: Mapping[str, str],
+        job: str,
+        run: str = "",
+    ) -> None:
+        """Admit an exact KM, Cox or GLM release before this site's first vector of it leaves.
+
+        The rule (sound and deliberately strict, as for cohort_stats):
+
+            A site takes part in exact fits (KM, Cox, GLM) of **one row set** only: the same
+            contributing sites and the same complete-case rows of its own table. Under it, each method
+            is released on **one grid** (KM: time bin, bins, group, levels and the minimum cell;
+            pooled Cox: time bin, bins and concordance bins), and a variable released before must
+            hold the same values. Other covariates, other GLM families, Cox beside KM may be added.
+
+        Why: every fit here is a function of sums over rows; two over different row sets differ by
+        the rows in between (four 3-site subsets of 4 sites give each site's n, Σy, Σy²; a covariate
+        missing for one patient moves that patient's y between two GLMs), and two KM grids together
+        split the bins small-cell merging hid. Output-DP releases are not logged (their noise covers
+        differencing and every site's ledger charges them). A site whose data legitimately changed
+        starts a new log only by its operator moving the file aside.
+        """
+        _admit_fit(self, method, definition, grid, values, job, run)
+
+
+# --- exact fits: Kaplan–Meier, Cox, GLM (issue 23, item 7) ------------------------------------------------
+#: the methods whose exact releases `ReleaseLog.admit_fit` governs (cohort_stats: `ReleaseLog.admit`)
+FIT_BLOCKS = ("km", "cox", "glm")
+
+
+def _complete(values: np.ndarray) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype.kind == "f":
+        return ~np.isnan(arr)
+    if arr.dtype.kind == "O":
+        return np.array([v is not None and not (isinstance(v, float) and np.isnan(v)) for v in arr], dtype=bool)
+    return np.ones(arr.shape[0], dtype=bool)
+
+
+def rows_digest(table: Mapping[str, np.ndarray], variables: Sequence[str]) -> str:
+    """Digest of *which* of the site's rows a fit uses (its complete cases among all rows read); it
+    never leaves the site. Two fits over other complete-case sets differ by the rows in between."""
+    n = len(np.asarray(table[variables[0]])) if variables else 0
+    mask = np.ones(n, dtype=bool)
+    for name in variables:
+        mask &= _complete(table[name])
+    h = hashlib.sha256(f"{n}|".encode())
+    h.update(np.packbits(mask).tobytes())
+    return h.hexdigest()[:32]
+
+
+def value_digests(table: Mapping[str, np.ndarray], variables: Sequence[str]) -> dict[str, str]:
+    """Per variable, a digest of its values on every row read (a variable released again must not
+    have changed: two fits over changed values differ by the change)."""
+    out = {}
+    for name in variables:
+        arr = np.asarray(table[name])
+        text = arr.astype(np.float64).tobytes() if arr.dtype.kind in "biuf" else "\x1f".join(map(str, arr)).encode()
+        out[name] = hashlib.sha256(text).hexdigest()[:32]
+    return out
+
+
+@dataclass(frozen=True)
+class FitDefinition:
+    """The row set an exact fit describes, as far as this site can tell: who contributes, and which of
+    this site's rows (see `ReleaseLog.admit_fit`)."""
+
+    sites: tuple[str, ...]
+    rows: str
+
+    @classmethod
+    def of(cls, sites: Sequence[str], rows: str) -> FitDefinition:
+        return cls(sites=tuple(sorted(str(s) for s in sites)), rows=str(rows))
+
+    def to_dict(self) -> dict:
+        return {"sites": list(self.sites), "rows": self.rows}
+
+    def differences(self, other: FitDefinition) -> list[str]:
+        out = []
+        if self.sites != other.sites:
+            out.append(f"sites {','.join(other.sites)} then {','.join(self.sites)}")
+        if self.rows != other.rows:
+            out.append("this site's complete cases changed (another variable with missing values, or new rows)")
+        return out
+
+
+def _admit_fit_check(
+    site: str, method: str, definition: FitDefinition, grid: Mapping, values: Mapping[str, str], earlier: list[dict]
+) -> None:
+    """The fits' rule (see `ReleaseLog.admit_fit`); ReleaseRefused naming the earlier job, else None."""
+    for e in earlier:
+        label = f"job {e.get('job', '?')} ({e.get('run', '')})".replace(" ()", "")
+        before = FitDefinition(tuple(e["definition"]["sites"]), e["definition"]["rows"])
+        if before != definition:
+            changed = "; ".join(definition.differences(before))
+            raise ReleaseRefused(
+                f"{site}: release log: {label} already released an exact {e.get('method')} fit over another row set "
+                f"({changed}); the two together would reveal the rows in between"
+            )
+        if e.get("method") == method and dict(e.get("grid") or {}) != dict(grid):
+            raise ReleaseRefused(
+                f"{site}: release log: {label} released {method} on another grid ({e.get('grid')} then {dict(grid)}); "
+                "two grids together would move patients across the edges the first one hid"
+            )
+        changed_values = [v for v, d in values.items() if v in (e.get("values") or {}) and e["values"][v] != d]
+        if changed_values:
+            raise ReleaseRefused(
+                f"{site}: release log: variable '{changed_values[0]}' changed since {label} released a fit of it; "
+                "two fits over changed values differ by the change"
+            )
+
+
+def _admit_fit(
+    log: ReleaseLog,
+    method: str,
+    definition: FitDefinition,
+    grid: Mapping,
+    values: Mapping[str, str],
+    job: str,
+    run: str = "",
+) -> None:
+    with log._locked():
+        everything = log.entries()
+        fits = [e for e in everything if e.get("kind") == "fit"]
+        _admit_fit_check(log.site, method, definition, grid, values, fits)
+        if any(run and e.get("run") == run and e.get("method") == method for e in fits):
+            return  # this run is already recorded (a later round of the same fit)
+        everything.append(
+            {
+                "kind": "fit",
+                "method": method,
+                "job": job,
+                "run": run,
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "definition": definition.to_dict(),
+                "grid": dict(grid),
+                "values": dict(values),
+            }
+        )
+        tmp = log.path.with_name(f".{LOG_FILE}.tmp")
+        write_private(tmp, json.dumps({"site": log.site, "releases": everything}, indent=1))
+        os.replace(tmp, log.path)

@@ -735,9 +735,33 @@ def gaussian_noise_multiplier(spec: StatsSpec, dp: DPConfig) -> float:
     return float(inverse**-0.5)
 
 
+def laplace_noise(scale: float | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Laplace(0, scale) noise from OpenDP's sampler, one measurement per distinct scale.
+
+    Why not ``rng.laplace``: a floating-point Laplace (−b·log U) reaches only some doubles near each
+    value, and which ones betray the value it was added to (Mironov, "On significance of the least
+    significant bits for differential privacy", CCS 2012). OpenDP samples exactly on a 2^k grid with
+    its own CSPRNG, so no job seed or caller generator is involved (issue 23, item 8).
+    """
+    import opendp.prelude as dp
+
+    dp.enable_features("contrib")
+    scales = np.broadcast_to(np.asarray(scale, dtype=np.float64), shape)
+    out = np.empty(shape, dtype=np.float64)
+    for b in np.unique(scales):
+        where = scales == b
+        if not b > 0:
+            out[where] = 0.0
+            continue
+        space = dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.l1_distance(T=float)
+        measure = dp.m.make_laplace(*space, scale=float(b))
+        out[where] = measure([0.0] * int(where.sum()))
+    return out
+
+
 def _draw(rng: np.random.Generator, mechanism: str, scale: float | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if mechanism == "laplace":
-        return rng.laplace(0.0, 1.0, size=shape) * scale
+        return laplace_noise(scale, shape)
     return rng.normal(0.0, 1.0, size=shape) * scale
 
 

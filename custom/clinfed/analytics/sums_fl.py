@@ -31,7 +31,9 @@ minimum cell at the release site (`km.enforce_min_cell`); GLM's DataSHIELD check
 on its own counts before it sends anything (`glm.disclosure_check`, a refusal); every method needs
 ≥ 3 contributing sites (`he.aggregation.MIN_CONTRIBUTORS`: refused at recipe construction, checked
 by the server and by the release site in the ciphertext's contributor slot). The minimum cell is the
-largest of the job's and any site's own policy (`local/resources.json` → clinfed.min_cell).
+site policy's `min_cell` (default 5) or a job's larger one: a job may only raise it (issue 23); the
+policy's `max_params_per_observation` caps GLM's parameters per row and its `min_sites` (≥ 3) the
+fewest sites in any sum the site's rows enter.
 
 Before round 0 an ``admit`` task asks every site to accept or refuse the whole job (its data load,
 and with output DP the planned spend against the site's budget, `max_job_epsilon` and δ): a
@@ -54,6 +56,7 @@ and with output DP ``dp`` and ``privacy.epsilon_charged`` per site.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import secrets
@@ -75,10 +78,11 @@ from nvflare.recipe.spec import Recipe
 
 from clinfed import faults
 from clinfed.analytics.methods import FIXED_POINT_BITS, Method, SiteInfo, make_method
+from clinfed.analytics.release_log import FIT_BLOCKS, FitDefinition, ReleaseLog, rows_digest, value_digests
 from clinfed.audit import AuditLog, payload_digest
 from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
-from clinfed.fl.participant import RESOURCES_FILE, SitePolicy, participant_root, server_context, site_context
+from clinfed.fl.participant import SitePolicy, participant_root, server_context, site_context
 from clinfed.fl.secagg import (
     HELLO_KEY,
     REMASK_TASK,
@@ -95,7 +99,7 @@ from clinfed.fl.secagg import (
 )
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
 from clinfed.privacy.ledger import BudgetExceeded, PrivacyLedger, site_ledger
-from clinfed.textio import json_default, one_line
+from clinfed.textio import json_default, one_line, safe_job_label
 
 ADMIT_TASK = payload.ADMIT_TASK
 SUMS_TASK = "clinical_sums"
@@ -176,15 +180,6 @@ def from_int_limbs(wire: np.ndarray, base: float, limbs: int = 3) -> np.ndarray:
     return total
 
 
-def policy_min_cell(root: Path) -> int | None:
-    """The hospital's own floor for small cells (`local/resources.json` → clinfed.min_cell), if set."""
-    path = root / "local" / RESOURCES_FILE
-    if not path.exists():
-        return None
-    value = json.loads(path.read_text()).get("clinfed", {}).get("min_cell")
-    return int(value) if value is not None else None
-
-
 def _layout_json(size: int) -> str:
     from clinfed.he.packing import flatten, layout_to_json
 
@@ -210,10 +205,18 @@ class SumsExecutor(Executor):
     one-line reason naming the site.
     """
 
-    def __init__(self, method: dict | None = None, num_sites: int = 3, min_cell: int = 5, job_label: str = "clinical"):
+    def __init__(
+        self,
+        method: dict | None = None,
+        num_sites: int = 3,
+        min_cell: int = 5,
+        job_label: str = "clinical",
+        release_site: str | None = None,
+    ):
         super().__init__()
         # FedJob serialises a component from the attributes named like its __init__ arguments.
         self.method, self.num_sites, self.min_cell, self.job_label = dict(method or {}), num_sites, min_cell, job_label
+        self.release_site = release_site  # None: the first of the sites the sum holds, by (length, name)
         self._ready = False
         self._answered = False
         self._data: Any = None
@@ -225,6 +228,7 @@ class SumsExecutor(Executor):
     def _setup(self, fl_ctx: FLContext) -> None:
         if self._ready:
             return
+        safe_job_label(self.job_label, self.site)  # issue 23, item 8: job config never names a path
         self._m: Method = make_method(self.method)
         self.root = participant_root(fl_ctx)
         self.policy = SitePolicy.load(self.root)
@@ -232,11 +236,35 @@ class SumsExecutor(Executor):
         self._ctx, self._fingerprint = site_context(self.root, self.site)
         self.run_id = str(fl_ctx.get_job_id() or "")
         self._secagg = load_site(self.root, self.site, self.run_id)  # no kit, no masks, no job
+        self._m.max_params_per_observation = self.policy.max_params_per_observation  # the site's cap, not the job's
         info = SiteInfo(self.site, self.root, self.policy, self.run_id, self.job_label, int(self.num_sites))
         # by default the hospital's database through its policy (SQLAlchemy URL + column mapping), else its split
-        self._data = self._m.load(self._m.read(info), self.site, self._min_cell({}))
+        self._load(self._m.read(info))
         self.audit.append("job_start", job=self.job_label, encrypted=True, method=self._m.block)
         self._ready = True
+
+    def _load(self, table: Any) -> None:
+        """The method's rows from the site's table; for an exact fit also which rows and what values it
+        uses, for the release log (`_admit_release`)."""
+        self._data = self._m.load(table, self.site, self._min_cell({}))
+        if self._m.block in FIT_BLOCKS:
+            variables = self._m.variables()
+            self._rows, self._values = rows_digest(table, variables), value_digests(table, variables)
+
+    def _admit_release(self, meta: dict) -> None:
+        """An exact KM, Cox or GLM release goes through the site's release log before its first vector
+        leaves (issue 23, item 7; the rule: `ReleaseLog.admit_fit`). Output-DP releases are charged instead."""
+        if self._m.block not in FIT_BLOCKS or self._m.dp is not None or self.__dict__.get("_release_logged"):
+            return
+        ReleaseLog(self.root, self.site).admit_fit(
+            self._m.block,
+            FitDefinition.of(list(meta.get("sites") or []), self._rows),
+            self._m.release_grid(self._min_cell(meta)),
+            self._values,
+            job=self.job_label,
+            run=self.run_id,
+        )
+        self._release_logged = True
 
     # --- privacy: admission, the ledger, the noise -------------------------------------------------------
     def _ledger(self) -> PrivacyLedger:
@@ -291,8 +319,17 @@ class SumsExecutor(Executor):
         return self._charged
 
     def _min_cell(self, meta: dict) -> int:
-        floors = [self.min_cell, policy_min_cell(self.root), meta.get("min_cell")]
+        """The site policy's floor (default 5) or a job's stricter one: a job may only raise it (issue 23)."""
+        floors = [self.policy.min_cell, self.min_cell, meta.get("min_cell")]
         return max(int(v) for v in floors if v is not None)
+
+    def _check_min_sites(self, count: int, what: str) -> None:
+        """This site's rows enter no sum of fewer sites than its policy's `min_sites` (≥ 3), whatever the job."""
+        floor = max(MIN_CONTRIBUTORS, int(self.policy.min_sites))
+        if count < floor:
+            raise SiteRefusal(
+                f"{self.site}: {what} {count} site(s), fewer than this site's min_sites {floor}; refusing"
+            )
 
     def _limbs(self) -> tuple[float, float]:
         """(per-site bound on an encoded value, limb base 2^k ≤ that bound), public and equal at every site."""
@@ -379,6 +416,7 @@ class SumsExecutor(Executor):
             phase = str(meta.get("phase", ""))
             params = incoming.params or {}
             if task_name == ADMIT_TASK:
+                payload.check_own_anchor(self.audit, meta, self.site)  # a rolled-back folder refuses (issue 23)
                 return self._reply({}, round_num, start, {"admission": self._admit(), HELLO_KEY: self._secagg.hello()})
             fault = faults.injected_fault(self.site)  # simulator only (`clinfed.faults`)
             if (fault == "crash" and task_name == SUMS_TASK) or (
@@ -397,8 +435,10 @@ class SumsExecutor(Executor):
                     raise SiteRefusal(f"{self.site}: asked to re-upload round {round_num}, which it no longer holds")
                 return self._reply(self._masked(self._kept[1], round_num, members), round_num, start, {})
             if task_name == SUMS_TASK:
+                self._check_min_sites(len(set(meta.get("sites") or [])), "the server asks")
                 self._admit()  # a server that skipped admission gets the same checks here
                 epsilon = self._charge()
+                self._admit_release(meta)  # exact fits: the release log first (issue 23)
                 size = self._m.iterate_size(phase)
                 iterate = None
                 if size and (params or self._answered):  # round 0 alone starts from the method's own β = 0
@@ -408,13 +448,54 @@ class SumsExecutor(Executor):
                 vec = np.concatenate([self._m.site_local(self._data, phase, iterate), [1.0]])
                 extra = {"epsilon": epsilon} if self._m.dp is not None else {}
                 return self._reply(self._encrypt(vec, round_num, members), round_num, start, extra)
-            return self._step(params, meta, round_num, phase, start)
+            return self._step_once(params, meta, round_num, phase, start)
         except SiteRefusal as exc:
             return self._status("refused", one_line(exc, self.site), round_num)
         except Exception as exc:  # a site-level failure is reported, never allowed to stall the job
             reason = one_line(exc, self.site)
             self.log_error(fl_ctx, reason)
             return self._status("failed", reason, round_num)
+
+    def _step_once(self, params: dict, meta: dict, round_num: int, phase: str, start: float) -> Shareable:
+        """One step per (run, round, phase), from one sum, at the job's release site only (issue 23, item 1).
+
+        Why: every site charged its ledger once for the run's output DP. Were a step answered again
+        (at this site or at another: every site holds the key), each answer would draw fresh noise, and
+        N answers averaged shrink it by √N. So the identical sum sent again gets the identical answer
+        (nothing new drawn), another sum for a round already stepped, or any step after the release,
+        is refused, and only the release site steps at all. Iterative fits gain the same: a repeated
+        step can no longer advance the release site's Newton/IRLS state twice.
+        """
+        named = list(meta.get("sites") or [])
+        release_site = self.release_site or (min(named, key=lambda s: (len(s), s)) if named else None)
+        if self.site != release_site:
+            raise SiteRefusal(
+                f"{self.site}: only the job's release site ({release_site}) steps a sum; refusing a second release"
+            )
+        key = (self.run_id, round_num, phase)
+        digest = payload.payload_sha256(params)
+        steps: dict = self.__dict__.setdefault("_steps", {})
+        if key in steps:
+            seen, reply = steps[key]
+            if seen != digest:
+                raise SiteRefusal(
+                    f"{self.site}: round {round_num} ({phase}) of run {self.run_id} was already stepped from another "
+                    "sum; refusing (one release per charged sum)"
+                )
+            self.audit.append("step_repeated", job=self.job_label, round=round_num, run=self.run_id, sha256=digest)
+            return copy.deepcopy(reply)
+        released = self.__dict__.get("_released_at")
+        if released is not None:
+            raise SiteRefusal(
+                f"{self.site}: run {self.run_id} was already released (round {released[1]}); refusing another step"
+            )
+        reply = self._step(params, meta, round_num, phase, start)
+        out = FLModelUtils.from_shareable(copy.deepcopy(reply))
+        if (out.meta or {}).get("status") == "ok":
+            steps[key] = (digest, copy.deepcopy(reply))
+            if "release_json" in out.meta:
+                self._released_at = key
+        return reply
 
     def _step(self, params: dict, meta: dict, round_num: int, phase: str, start: float) -> Shareable:
         """Release site: decrypt the sum, check who is in it, step; encrypted iterate or the release."""
@@ -430,7 +511,13 @@ class SumsExecutor(Executor):
         release = {
             self._m.block: round_release(step.result),
             "provenance": {
-                self._m.block: {"sites": sorted(named), "n": int(step.n), "suppressed": step.suppressed},
+                self._m.block: {
+                    "sites": sorted(named),
+                    "n": int(step.n),
+                    "suppressed": step.suppressed,
+                    "run": self.run_id,  # the release is bound to its run and round (issue 23, item 1)
+                    "round": round_num,
+                },
             },
             **step.extra,
         }
@@ -455,6 +542,7 @@ class SumsExecutor(Executor):
             )
         if count < MIN_CONTRIBUTORS:
             raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s), fewer than {MIN_CONTRIBUTORS}")
+        self._check_min_sites(count, "the sum holds")
         if count != len(named) or self.site not in named:
             raise SiteRefusal(f"{self.site}: the sum holds {count} site vector(s) but the server names {len(named)}")
         return summed
@@ -468,7 +556,8 @@ class SumsExecutor(Executor):
         if draw is None:
             return
         try:
-            draw(block, self.root / "reports" / f"{self.job_label}-{self._m.block}.png")
+            label = safe_job_label(self.job_label, self.site)  # job config: never a path (issue 23)
+            draw(block, self.root / "reports" / f"{label}-{self._m.block}.png")
         except Exception as exc:
             self.logger.warning(one_line(exc, self.site))
 
@@ -495,7 +584,7 @@ class SumsExecutor(Executor):
             "bytes_sent": size,
             "sha256": digest,
             "metrics": {"seconds": round(time.monotonic() - start, 4)},
-            "min_cell_policy": policy_min_cell(self.root),
+            "min_cell_policy": self.policy.min_cell,
             payload.AUDIT_HEAD_KEY: list(self.audit.head),
             **extra,
         }
@@ -647,7 +736,8 @@ class SumsController(ModelController):
 
     def _admit(self, targets: list[str]) -> dict[str, dict]:
         """The `admit` task: each site accepts or refuses the whole job; (entries per site)."""
-        results = self._ask(ADMIT_TASK, FLModel(params={}, meta=self._meta(self._m.first_phase, 0)), targets)
+        meta = {**self._meta(self._m.first_phase, 0), payload.ANCHORS_KEY: payload.peer_anchors(self.audit, targets)}
+        results = self._ask(ADMIT_TASK, FLModel(params={}, meta=meta), targets)
         entries: dict[str, dict] = {}
         for result in results:
             rmeta = result.meta or {}
@@ -836,6 +926,7 @@ class SumsRecipe(Recipe):
             raise ValueError(f"{name} runs only under CKKS: the server must see sums it cannot read")
         if int(min_cell) < 1:
             raise ValueError(f"minimum cell must be ≥ 1, got {min_cell}")
+        safe_job_label(name)
         make_method(method)  # refuses an unknown method or malformed config here, at submission
         job = FedJob(name=name, min_clients=num_sites)
         job.set_app_packages(["clinfed"])
@@ -851,7 +942,13 @@ class SumsRecipe(Recipe):
             id="controller",
         )
         job.to_clients(
-            SumsExecutor(method=dict(method), num_sites=num_sites, min_cell=int(min_cell), job_label=name),
+            SumsExecutor(
+                method=dict(method),
+                num_sites=num_sites,
+                min_cell=int(min_cell),
+                job_label=name,
+                release_site=release_site,
+            ),
             id="executor",
             tasks=list(TASKS),
         )

@@ -24,6 +24,7 @@ chain can show becomes visible:
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
@@ -275,7 +276,14 @@ def unmatched_spends(
                 continue
             candidates = pool.get(spend_key(record), [])
             run = str(record.get("run") or "")
-            match = next((s for s in candidates if not with_run or str(s.get("run") or "") == run), None)
+            match = next(
+                (
+                    s
+                    for s in candidates
+                    if (not with_run or str(s.get("run") or "") == run) and _same_parameters(record, s)
+                ),
+                None,
+            )
             if match is None:
                 lacking.append(record)
             else:
@@ -284,6 +292,26 @@ def unmatched_spends(
     order = {id(r): i for i, r in enumerate(records)}
     lacking.sort(key=lambda r: order[id(r)])
     return lacking, unlogged
+
+
+#: Every parameter ε is computed from: a spend must carry the values its audit record holds (issue 23, item 6).
+SPEND_PARAMETERS = ("noise_multiplier", "sample_rate", "steps", "spend_epsilon")
+
+
+def _same_parameters(record: dict[str, Any], spend: dict[str, Any]) -> bool:
+    """The audit record's spend parameters equal the ledger spend's (those the record holds: records
+    written before a parameter was logged compare on the rest). Why: matched on job and round alone,
+    a ledger whose noise multipliers were raised to 100 opened cleanly and its ε fell below zero."""
+    for key in SPEND_PARAMETERS:
+        if key not in record or record[key] is None:
+            continue
+        mine = spend.get(key)
+        try:
+            if mine is None or not math.isclose(float(record[key]), float(mine), rel_tol=1e-12, abs_tol=0.0):
+                return False
+        except (TypeError, ValueError):
+            return False
+    return True
 
 
 def _describe(record: dict[str, Any]) -> str:

@@ -73,8 +73,10 @@ def read_ciphertexts(path: Path, count: int, sha256: str) -> Iterator[bytes]:
 
 def checkpoint_path(server_root: Path, job: str, submission: str) -> Path:
     """`<server>/checkpoints/<job>-<submission>.json`; the submission id is reduced to safe characters."""
+    from clinfed.textio import safe_job_label
+
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", submission)
-    return server_root / "checkpoints" / f"{job}-{safe}.json"
+    return server_root / "checkpoints" / f"{safe_job_label(job, 'server')}-{safe}.json"
 
 
 def model_doc(model: FLModel, encrypted: bool, blob: Path | None = None) -> dict:

@@ -530,6 +530,7 @@ class SecureFedAvg(ModelController):
     def _admit(self, targets: list[str], start: int) -> list[str]:
         """Ask every site to accept or refuse the whole job (its policy and remaining budget decide)."""
         request = self._stamped(FLModel(params={}, current_round=start, total_rounds=self.num_rounds))
+        request.meta[payload.ANCHORS_KEY] = payload.peer_anchors(self.audit, targets)  # issue 23: rollback check
         results = self.broadcast_model(
             task_name=payload.ADMIT_TASK,
             data=request,

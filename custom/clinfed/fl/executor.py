@@ -60,7 +60,7 @@ from clinfed.he.aggregation import TooFewContributors
 from clinfed.privacy.ledger import BudgetExceeded, site_ledger
 from clinfed.sysinfo import current_rss_mb, limit_malloc_arenas, release_free_memory
 from clinfed.tasks import build_task
-from clinfed.textio import one_line
+from clinfed.textio import one_line, safe_job_label
 from clinfed.training import DPConfig, SiteTrainer, TrainConfig
 
 ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK = payload.ADMIT_TASK, payload.TRAIN_TASK, payload.VALIDATE_TASK
@@ -154,7 +154,7 @@ class DPTrainExecutor(Executor):
         limit_malloc_arenas()  # see clinfed.sysinfo
         self.site = fl_ctx.get_identity_name()
         self.root = participant_root(fl_ctx)
-        self.job = self.job_label or fl_ctx.get_job_id()
+        self.job = safe_job_label(self.job_label or fl_ctx.get_job_id(), self.site)  # never a path (issue 23)
         self.audit = AuditLog(self.root, self.site)
         self.policy = SitePolicy.load(self.root)
         # The job's DP request is checked before anything else: a refused job costs nothing.
@@ -217,6 +217,12 @@ class DPTrainExecutor(Executor):
         if self._admission is None:
             planned = self._trainer.planned_job() if self.dp_cfg.enabled else []
             projected = self.ledger.admit(self.policy.epsilon_budget, planned)
+            own = self.ledger.epsilon_of_run_if(self.run_key, planned)  # the run's whole ε, earlier spends too
+            if own > self.policy.max_job_epsilon * (1 + 1e-9):
+                raise SiteRefusal(
+                    f"{self.site}: run {self.run_key} would reach ε {own:.2f} > this site's max_job_epsilon "
+                    f"{self.policy.max_job_epsilon:g} (with what it spent before); refusing the whole job"
+                )
             self._admission = {
                 "status": "accepted",
                 "reason": "",
@@ -448,6 +454,7 @@ class DPTrainExecutor(Executor):
             self._cell = fl_ctx.get_engine().get_cell()
             payload.record_anchor(self.audit, incoming.meta, job=self.job, round_num=round_num, peer="server")
             if task_name == ADMIT_TASK:
+                payload.check_own_anchor(self.audit, incoming.meta, site)  # a rolled-back folder refuses (issue 23)
                 return self._reply(FLModel(params={}, meta=dict(self._admit())))
             if self._secagg is not None:
                 done = self._secure_aggregation_step(task_name, incoming.meta or {}, round_num)
@@ -461,6 +468,7 @@ class DPTrainExecutor(Executor):
                     self._cell, incoming.params, "server", self._spool_dir(), abort_signal
                 )
             try:
+                self._guard_evaluation(task_name, round_num, incoming.params or {})
                 self._load_global(incoming)
             finally:
                 streaming.release(incoming.params)
@@ -504,6 +512,35 @@ class DPTrainExecutor(Executor):
             model.params = {**model.params, payload.CKKS_KEY: streaming.into_memory(cts)}
         return FLModelUtils.to_shareable(model)
 
+    def _guard_evaluation(self, task_name: str, round_num: int, params: dict) -> None:
+        """A site scores a global model at most once per planned round, and in an encrypted job only one
+        it decrypted itself (issue 23, item 3).
+
+        Why: the score of a model on this site's patients is a query on them. A server free to send any
+        plaintext network, as often as it likes, turns accuracy into exact counts of test patients with
+        x_j > t and binary-searches feature values. `train` scores the round's global model
+        (`global_*` metrics) and `validate` the final one: together, one score per round of the job,
+        rounds 0..rounds (the last is validate's). A decrypted model is a sum the contributor slot says
+        holds ≥ 3 sites' updates (forging that slot is the secure-aggregation issue's to close).
+        """
+        if self.encrypt and params and not payload.is_encrypted(params) and not streaming.is_streamed(params):
+            raise SiteRefusal(
+                f"{self.site}: the server sent a plaintext model to an encrypted job; this site evaluates only a "
+                "model it decrypted itself; refusing"
+            )
+        last = self.train_cfg.rounds
+        if not 0 <= round_num <= last or (task_name == TRAIN_TASK and round_num >= last):
+            if task_name == VALIDATE_TASK:
+                raise SiteRefusal(f"{self.site}: validate for round {round_num}, not a round of this job; refusing")
+            return  # train past the plan is refused by _train, with its own reason
+        evaluated = self.__dict__.setdefault("_evaluated", set())
+        if round_num in evaluated:
+            raise SiteRefusal(
+                f"{self.site}: the global model of round {round_num} was already evaluated here; a second score "
+                "is a second query on this site's patients; refusing"
+            )
+        evaluated.add(round_num)
+
     def _spool_dir(self) -> Path:
         folder = self.root / "spool"
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -517,8 +554,10 @@ class DPTrainExecutor(Executor):
                 "(and calibrated its noise for); refusing"
             )
         self._admit()  # a controller that skipped admission gets it here; a refusal raises
-        global_metrics = trainer.evaluate()
         nm, sr, planned_steps = trainer.planned_spend()
+        if self.dp_cfg.enabled:
+            self._guard_spend(round_num, nm, sr, planned_steps)
+        global_metrics = trainer.evaluate()
         if self.dp_cfg.enabled:
             # reserved before training: a concurrent job cannot spend the same budget meanwhile
             self.ledger.reserve(
@@ -573,6 +612,8 @@ class DPTrainExecutor(Executor):
         if task_name in (REMASK_TASK, REVEAL_TASK) and faults.injected_fault(self.site) == "vanish":
             faults.crash_now()
         info = meta.get(SECAGG_KEY) or {}
+        if not info and task_name == VALIDATE_TASK:
+            return None  # nothing to join: a model that needs the roster's reveals is refused when unmasked
         if not info:
             raise SiteRefusal(f"{self.site}: an encrypted task without the secure-aggregation roster; refusing")
         self._secagg.join(info.get("roster"))
@@ -600,6 +641,34 @@ class DPTrainExecutor(Executor):
         meta = {"status": "ok", "weight": weight, "bytes_sent": size, "sha256": digest, "remasked": True, **extra}
         return FLModel(params=params, meta={**meta, **self._privacy_meta()}, current_round=round_num)
 
+    def _guard_spend(self, round_num: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """One DP-SGD spend per (run, round), and a run's total within what admission accepted (item 4).
+
+        Why: a server that sends round 0 again would otherwise get a fresh DP-trained update of the same
+        data, charged again each time, until the site's lifetime budget is gone: far past the job's
+        `max_job_epsilon`, which only admission checked. Within a job a repeated round is refused. A
+        resubmission that resumes the run (after a server restart) is a new admission: it may train
+        a round the dead server never aggregated, but admission bounds the run's whole ε, earlier
+        spends included, by `max_job_epsilon` (`_admit`).
+        """
+        run = self.run_key
+        trained: set = self.__dict__.setdefault("_charged_rounds", set())
+        if round_num in trained:
+            raise SiteRefusal(
+                f"{self.site}: round {round_num} of run {run} was already trained and charged; refusing to train it "
+                "again (one DP-SGD spend per round)"
+            )
+        admitted = float((self._admission or {}).get("planned_epsilon") or 0.0)
+        after = self.ledger._total(
+            self.ledger.spends_of_run(run), [(noise_multiplier, sample_rate, steps)]
+        )  # this run's own ε by the ledger's composition rule
+        if after > admitted * (1 + 1e-9) + 1e-12:
+            raise SiteRefusal(
+                f"{self.site}: this round would take run {run} to ε {after:.3f}, past the {admitted:.3f} admission "
+                "accepted; refusing"
+            )
+        trained.add(round_num)
+
     def _save_report(self) -> None:
         """Tasks that can draw (segmentation) leave example predictions in the site's own reports/ folder:
         the images never leave the site; a person at the site (or the simulator's --out) looks at them."""
@@ -607,7 +676,8 @@ class DPTrainExecutor(Executor):
         if save is not None:
             folder = self.root / "reports"
             folder.mkdir(parents=True, exist_ok=True)
-            save(self._trainer.network, self._trainer.data.test, folder / f"{self.job}-{self.site}-examples.png")
+            name = f"{safe_job_label(self.job, self.site)}-{self.site}-examples.png"
+            save(self._trainer.network, self._trainer.data.test, folder / name)
 
     def _privacy_meta(self) -> dict:
         """This job's spends only (its ε and the history that gives it) and the site's total: the

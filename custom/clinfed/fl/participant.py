@@ -84,6 +84,8 @@ def find_context_file(root: Path, filename: str) -> Path | None:
 
 
 METRIC_POLICIES = ("full", "round", "withhold")
+#: metrics computed on the training batches without DP noise: released only under `metrics: full`
+TRAIN_BATCH_METRICS = ("train_loss",)
 
 
 #: Keys of the policy's "database" section (anything else is refused: a typo must not be ignored).
@@ -167,6 +169,10 @@ class SitePolicy:
     metrics: str = "round"  # what metrics leave the site: "full", "round" (to metric_digits), "withhold"
     metric_digits: int = 3
     simulated_override: bool = False  # set only by `clinfed simulate --no-dp`; stated in the output
+    # Disclosure floors the site owns (issue 23, item 2): a job may ask for stricter, never for less.
+    min_cell: int = 5  # smallest released count (KM bins, GLM levels, cohort cells), 0 aside
+    max_params_per_observation: float = 0.33  # regressions: parameters ≤ this × the site's rows (nfilter.glm)
+    min_sites: int = 3  # fewest sites in any sum this site's rows enter (never below 3)
 
     @classmethod
     def load(cls, root: Path) -> SitePolicy:
@@ -190,6 +196,7 @@ class SitePolicy:
             metrics=str(section.get("metrics", defaults.metrics)),
             metric_digits=int(section.get("metric_digits", defaults.metric_digits)),
             simulated_override=bool(section.get("simulated_override", False)),
+            **_floors(section, defaults, root.name),
         )
         if not 0 < policy.delta < 1:
             raise SiteRefusal(f"{root.name}: local policy delta {policy.delta!r} is not in (0, 1)")
@@ -198,13 +205,39 @@ class SitePolicy:
         return policy
 
     def release_metrics(self, metrics: dict) -> dict:
-        """The metrics this site lets out: all, rounded to `metric_digits`, or none."""
+        """The metrics this site lets out: all, rounded to `metric_digits`, or none.
+
+        Statistics of the training batches (`TRAIN_BATCH_METRICS`: the loss over the DP-SGD batches,
+        computed without noise) leave only under ``full``: by default they are withheld (issue 23).
+        """
         if self.metrics == "withhold":
             return {}
+        if self.metrics != "full":
+            metrics = {k: v for k, v in metrics.items() if k not in TRAIN_BATCH_METRICS}
         if self.metrics == "round":
             digits = self.metric_digits
             return {k: round(float(v), digits) if isinstance(v, int | float) else v for k, v in metrics.items()}
         return dict(metrics)
+
+
+def _floors(section: dict, defaults: SitePolicy, site: str) -> dict:
+    """The policy's disclosure floors, checked: a typo or a value weaker than the safe minimum is refused,
+    never silently replaced (a hospital that wrote `min_sites: 2` must learn it is not honoured)."""
+    out = {}
+    for key, kind, ok, why in (
+        ("min_cell", int, lambda v: v >= 1, "an integer ≥ 1"),
+        ("max_params_per_observation", float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+        ("min_sites", int, lambda v: v >= 3, "an integer ≥ 3"),
+    ):
+        value = section.get(key, getattr(defaults, key))
+        try:
+            good = not isinstance(value, bool) and float(value) == kind(value) and ok(kind(value))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise SiteRefusal(f"{site}: local policy {key} {value!r} is not {why}")
+        out[key] = kind(value)
+    return out
 
 
 def write_site_policy(root: Path, **settings) -> Path:

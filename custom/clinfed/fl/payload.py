@@ -109,3 +109,41 @@ def record_anchor(audit, meta: dict | None, *, job: str, round_num: int, peer: s
     head = (meta or {}).get(AUDIT_HEAD_KEY)
     if isinstance(head, list | tuple) and len(head) == 2:
         audit.append("anchor", job=job, round=round_num, peer=peer, peer_seq=int(head[0]), peer_hash=str(head[1]))
+
+
+# --- anchors handed back at job start (issue 23, item 6) ---------------------------------------------------
+ANCHORS_KEY = "anchors"  # admit-task meta: {peer: [seq, hash]}, the last head of each peer the sender anchored
+
+
+def peer_anchors(audit, peers) -> dict[str, list]:
+    """The last audit-chain head of each of `peers` that `audit`'s owner recorded (``anchor`` records)."""
+    from clinfed.audit.log import read_records
+
+    wanted, last = set(peers), {}
+    for record in read_records(audit.path, "anchor"):
+        if record.get("peer") in wanted:
+            last[record["peer"]] = [int(record["peer_seq"]), str(record["peer_hash"])]
+    return last
+
+
+def check_own_anchor(audit, meta: dict | None, site: str) -> None:
+    """Refuse (SiteRefusal) when this site's audit log no longer holds the head a peer anchored.
+
+    Why: a ledger restored from a backup *together with* its audit log is consistent with itself,
+    so the ledger's own cross-check passes; only a copy of the head held elsewhere shows that the log
+    was cut. The server hands each site the last head it anchored in the `admit` task. A server that
+    withholds it shows nothing (what a colluding server can hide: see docs/threat-model.md).
+    """
+    anchor = ((meta or {}).get(ANCHORS_KEY) or {}).get(site)
+    if not (isinstance(anchor, list | tuple) and len(anchor) == 2):
+        return
+    from clinfed.audit.verify import _anchor_mismatch, _split_lines
+    from clinfed.errors import SiteRefusal
+
+    lines = _split_lines(audit.path.read_bytes()) if audit.path.exists() else []
+    problem = _anchor_mismatch(audit.path, lines, int(anchor[0]), str(anchor[1]), "the server's anchor")
+    if problem:
+        raise SiteRefusal(
+            f"{site}: its audit log does not hold the head the server anchored ({problem}); the ledger and "
+            "audit log were rolled back or cut: refusing every job until they are restored"
+        )

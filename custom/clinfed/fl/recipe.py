@@ -89,7 +89,9 @@ class SecureFedAvgRecipe(Recipe):
 def _validate(name: str, task: str, num_rounds: int, num_sites: int, min_clients: int | None, dp_args: dict) -> None:
     """Refuse a bad job before it is exported or submitted: one line naming the job and the setting."""
     from clinfed.tasks import TASKS
+    from clinfed.textio import safe_job_label
 
+    safe_job_label(name)
     if task not in TASKS:
         raise ValueError(f"{name}: unknown task/model '{task}' (known: {', '.join(sorted(TASKS))})")
     if not isinstance(num_rounds, int) or num_rounds < 1:

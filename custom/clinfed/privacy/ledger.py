@@ -3,8 +3,10 @@
 Like Opacus' `RDPAccountant`, the only state is the history of spends; ε is recomputed from it on
 demand, never cached or trusted from a file. The ledger lives in the site's own `local/` folder, so a
 new job on the same site starts from what earlier jobs spent, and budget, δ and accountant come from
-the site's policy, not from the job: a job cannot raise them. A ledger file already fixed to another
-δ or accountant keeps its own (the first spend fixes them: mixing them would make ε meaningless).
+the site's policy, not from the job: a job cannot raise them, and neither can the file: the δ and
+accountant it records are ignored (issue 23: a file edited to δ = 0.5 took ε below zero). Every stored
+spend must be one `reserve` could have written, and match its audit record parameter by parameter;
+ε is never negative.
 
 **Composition rule** (one ledger for every mechanism, one ε per site):
 
@@ -106,7 +108,8 @@ def epsilon_of(
         return 0.0
     acc = create_accountant(accountant)
     acc.history = [(float(nm), float(sr), int(steps)) for nm, sr, steps in history]
-    return float(acc.get_epsilon(delta=delta))
+    # never below 0: an RDP conversion at a large δ can go negative, and a negative ε would hand budget back
+    return max(0.0, float(acc.get_epsilon(delta=delta)))
 
 
 @dataclass
@@ -126,6 +129,25 @@ class Spend:
     def from_dict(cls, data: dict[str, Any]) -> Spend:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _invalid(spend: Spend) -> str | None:
+    """Why a stored spend cannot be one the ledger wrote (None if it can): ε must never be computed from
+    values `reserve` would have refused (a zero noise multiplier, a sample rate past 1, a negative ε)."""
+    try:
+        if spend.mechanism == "laplace":
+            eps = float(spend.spend_epsilon) if spend.spend_epsilon is not None else float("nan")
+            return None if math.isfinite(eps) and eps > 0 else f"laplace epsilon {spend.spend_epsilon!r}"
+        if spend.mechanism != "gaussian":
+            return f"mechanism {spend.mechanism!r}"
+        nm, sr, steps = float(spend.noise_multiplier), float(spend.sample_rate), spend.steps
+        if not isinstance(steps, int) or steps < 0 or not 0.0 < sr <= 1.0 or not math.isfinite(nm):
+            return f"sample rate {spend.sample_rate!r}, steps {spend.steps!r}"
+        if steps > 0 and not nm > 0.0:
+            return f"noise_multiplier {spend.noise_multiplier!r}"
+    except (TypeError, ValueError):
+        return "non-numeric values"
+    return None
 
 
 def _gaussian(spends: list[Spend]) -> list[tuple[float, float, int]]:
@@ -390,8 +412,15 @@ class PrivacyLedger:
             ) from None
         if data.get("site", self.site) != self.site:
             raise ValueError(f"{self.site}: ledger {self.path} belongs to {data.get('site')}")
-        self.delta = float(data.get("delta", self.delta))
-        self.accountant = data.get("accountant", self.accountant)
+        # δ and accountant are the site policy's, never the file's (issue 23, item 6): a file that says
+        # δ = 0.5 must not turn the site's spends into a smaller ε. Each spend must be a valid one.
+        for i, spend in enumerate(spends):
+            problem = _invalid(spend)
+            if problem:
+                raise LedgerMismatch(
+                    f"{self.site}: privacy ledger {self.path} spend {i} is invalid ({problem}); "
+                    "refusing to train until it is restored"
+                )
         return spends
 
     def _write(self, spends: list[Spend]) -> None:

@@ -15,6 +15,19 @@ def find_ledgers(path: str | Path) -> list[Path]:
     return sorted(path.rglob(LEDGER_FILE))
 
 
+def _policy_accounting(ledger_file: Path, data: dict) -> tuple[float, str]:
+    """δ and accountant of the site's policy (`local/resources.json` beside the ledger), as the site
+    computes ε; only without a policy there, the ones the ledger file records (for display: a site
+    never takes them from the file, issue 23)."""
+    resources = ledger_file.parent / "resources.json"
+    section = {}
+    if resources.is_file():
+        section = json.loads(resources.read_text()).get("clinfed", {}) or {}
+    delta = section.get("delta", data.get("delta", 1e-5) if not resources.is_file() else 1e-5)
+    accountant = section.get("accountant", data.get("accountant", "rdp") if not resources.is_file() else "rdp")
+    return float(delta), str(accountant)
+
+
 def report(path: str | Path) -> str:
     """One block per site: its spends by job and round, and ε recomputed from the full history
     (Gaussian spends composed in RDP, Laplace releases added: the ledger's composition rule)."""
@@ -24,7 +37,8 @@ def report(path: str | Path) -> str:
     lines = []
     for file in ledgers:
         data = json.loads(file.read_text())
-        ledger = PrivacyLedger(file, data.get("site", file.parent.parent.name))
+        delta, accountant = _policy_accounting(file, data)
+        ledger = PrivacyLedger(file, data.get("site", file.parent.parent.name), delta=delta, accountant=accountant)
         lines.append(
             f"{ledger.site}: ε = {ledger.epsilon():.3f} (δ = {ledger.delta:g}, {ledger.accountant}) "
             f"over {len(ledger.spends)} spends — {file}"

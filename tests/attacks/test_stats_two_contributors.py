@@ -87,30 +87,50 @@ def test_a_site_refuses_a_two_site_sum_the_server_says_holds_three(tmp_path):
     from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
     from clinfed.analytics.methods import make_method
-    from clinfed.analytics.sums_fl import STEP_TASK, SumsExecutor
+    from clinfed.analytics.sums_fl import PURPOSE, STEP_TASK, SumsExecutor
     from clinfed.audit import AuditLog
+    from clinfed.deploy.simkit import ensure_sim_kits
     from clinfed.fl import payload
     from clinfed.fl.participant import SitePolicy
+    from clinfed.fl.secagg import SECAGG_KEY, SUM_KEY, load_site, sum_info
+    from clinfed.he.aggregation import EncryptedSum
     from clinfed.he.ckks import encrypt_vector
     from clinfed.he.context import context_fingerprint, create_context_pair
+    from clinfed.he.masking import MaskedStream, ring_of
 
     table = bc.load_bundled()
     spec = stats.StatsSpec(tuple(table.features), tuple(stats.reference_bounds(table.x)))
     method = {"method": "cohort", "spec": spec.to_dict(), "group_values": {"malignant": 1, "benign": 0}}
     method["group_column"] = "target"
     ex = SumsExecutor(method=method, num_sites=3, job_label="cohort_stats")
-    secret, _ = create_context_pair()
+    secret, public = create_context_pair()
     ex.site, ex.root, ex.run_id = "site-1", tmp_path / "site-1", "job-1"
     ex.policy, ex.audit, ex._m = SitePolicy(), AuditLog(ex.root, ex.site), make_method(method)
     ex._ctx, ex._fingerprint, ex._ready = secret, context_fingerprint(secret), True
     fl_ctx = FLContext()
     fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=False, sticky=True)
 
-    own, other = np.arange(200, 400), np.arange(100)
-    two = sum(np.append(stats.local_sums(table.x[r], _masks(table.y[r]), spec), 1.0) for r in (own, other))
-    params = payload.encrypted_params(encrypt_vector(secret, two), "", ex._fingerprint)
-    meta = {"settings": ex._m.digest(), "phase": "sums", "round": 0, "sites": ["site-1", "site-2", "site-3"]}
+    # secure aggregation (issue 22): all three sites upload masked vectors and reveal; the server adds
+    # only site-1's and site-2's and claims three
+    sites = ["site-1", "site-2", "site-3"]
+    ensure_sim_kits(tmp_path / "kits", sites)
+    parties = {s: load_site(tmp_path / "kits" / s, s, "job-1") for s in sites}
+    roster = {s: p.hello() for s, p in parties.items()}
+    for p in parties.values():
+        p.join(roster)
+    ex._secagg = parties["site-1"]
+    rows = {"site-1": np.arange(200, 400), "site-2": np.arange(100), "site-3": np.arange(400, 500)}
+    acc = EncryptedSum(public)
+    for site in ("site-1", "site-2"):
+        vec = np.append(stats.local_sums(table.x[rows[site]], _masks(table.y[rows[site]]), spec), 1.0)
+        mask = MaskedStream(parties[site].mask(0, PURPOSE, sites, ring_of(secret)))
+        acc.add(site, encrypt_vector(secret, vec, mask=mask), 1.0, acc.fingerprint)
+    parties["site-3"].mask(0, PURPOSE, sites, ring_of(secret))  # site-3 uploaded too: left out of the sum
+    reveals = {s: parties[s].reveal(0, PURPOSE, sites) for s in sites}
+    params = payload.encrypted_params(list(acc.result()[0]), "", ex._fingerprint)
+    meta = {"settings": ex._m.digest(), "phase": "sums", "round": 0, "sites": sites}
+    meta |= {SECAGG_KEY: {"roster": roster, "members": sites}, SUM_KEY: sum_info(0, PURPOSE, sites, reveals)}
     request = FLModelUtils.to_shareable(FLModel(params=params, meta={**meta, "min_cell": 10}))
     reply = FLModelUtils.from_shareable(ex.execute(STEP_TASK, request, fl_ctx, Signal()))
     assert reply.meta["status"] == "refused", "site-1 worked on (decrypted) a sum of two sites"
-    assert reply.meta["reason"].startswith("site-1: ") and "2" in reply.meta["reason"]
+    assert reply.meta["reason"].startswith("site-1: ") and "not a whole number of sites" in reply.meta["reason"]

@@ -61,6 +61,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from clinfed.errors import SiteRefusal
 from clinfed.he.masking import SEED_BYTES, Mask, Ring
 
 REMASK_TASK = "secagg_remask"  # survivors upload the kept update again, masked for the smaller set
@@ -74,8 +75,9 @@ _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MA
 _KEYS: dict[bytes, object] = {}  # a kit's parsed signing key, per process (parsing a PEM costs ~50 ms)
 
 
-class SecAggError(ValueError):
-    """A secure-aggregation message that must not be used; one line naming the site and the cause."""
+class SecAggError(SiteRefusal):
+    """A secure-aggregation message that must not be used; one line naming the site and the cause (the
+    site refuses the task: its status is "refused", as for any other refusal by its own rules)."""
 
 
 def _canonical(fields: dict) -> bytes:

@@ -355,8 +355,11 @@ def _sums_site(fed, party, method_size: int):
     from clinfed.analytics.sums_fl import SumsExecutor
     from clinfed.he import context_fingerprint
 
+    from clinfed.fl.participant import SitePolicy
+
     ex = SumsExecutor(num_sites=3)
     ex.site, ex._ctx, ex._fingerprint, ex._secagg = party.site, fed[2], context_fingerprint(fed[2]), party
+    ex.policy = SitePolicy()
     ex._m = SimpleNamespace(wire_limbs=1, size=lambda phase: method_size)
     return ex
 

@@ -117,9 +117,15 @@ def glm_summary(
     """summary.json's `glm` (plus `converged`), SE scaled by the gaussian dispersion as statsmodels does."""
     scale = pearson / (n - len(beta)) if family == "gaussian" else 1.0
     se = np.sqrt(np.diag(np.linalg.inv(xtwx)) * scale)
+    coef = wald_table(names, beta, se)
+    if family == "poisson":  # rate ratios (with an offset of log person-time: incidence-rate ratios)
+        for row in coef.values():
+            row.update(
+                irr=float(np.exp(row["coef"])), irr_ci=[float(np.exp(row["ci_low"])), float(np.exp(row["ci_high"]))]
+            )
     return {
         "family": family,
-        "coef": wald_table(names, beta, se),
+        "coef": coef,
         "deviance": deviance,
         "iterations": iterations,
         "converged": converged,

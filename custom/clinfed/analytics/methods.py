@@ -457,7 +457,12 @@ class GLM(Method):
                 if int(rows) < min_cell
             )
             raise SiteRefusal(f"{site}: {small} has fewer rows than the minimum cell {min_cell}") from None
-        return x, y, data[:, -1] if self.config.get("offset") else None
+        off = data[:, -1] if self.config.get("offset") else None
+        if off is not None and self.config.get("offset_log"):  # `--offset log(COL)`: exposure, e.g. person-time
+            if (off <= 0).any():
+                raise SiteDataError(f"{site}: offset column {self.config['offset']!r} has values ≤ 0: no log")
+            off = np.log(off)
+        return x, y, off
 
     def size(self, phase):
         return n_sym(self.p) + self.p + 3
@@ -498,8 +503,9 @@ def method_classes() -> dict[str, type[Method]]:
     """The strategies by name; `cohort` lives in its own module (imported here, on first use, since it
     imports this one)."""
     from clinfed.analytics.cohort_method import CohortStats
+    from clinfed.analytics.toolbox_methods import CLASSES
 
-    return {"km": KaplanMeier, "cox": CoxPH, "glm": GLM, "cohort": CohortStats}
+    return {"km": KaplanMeier, "cox": CoxPH, "glm": GLM, "cohort": CohortStats, **CLASSES}
 
 
 def make_method(config: Mapping[str, Any]) -> Method:

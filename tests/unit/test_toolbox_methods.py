@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("lifelines")
 pytest.importorskip("statsmodels")
 
-from clinfed.analytics import cif, correlation, crosstab, roc, ttest  # noqa: E402
+from clinfed.analytics import cif, correlation, crosstab, roc, ttest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,8 @@ def test_crosstab_refuses_a_small_cell_and_drops_a_zero_margin():
     res = crosstab.fit_federated({"s1": site}, "a", "b", ["x", "y", "z"], ["u", "v"], min_cell=1)
     assert res["dropped_levels"] == ["z"]
     chi2, p, df, _ = stats.chi2_contingency([[6, 4], [2, 10]])
-    assert res["chi2"] == pytest.approx(chi2, rel=1e-12) and res["df"] == df == 1 and res["correction"]
+    assert res["chi2"] == pytest.approx(chi2, rel=1e-12) and res["p"] == pytest.approx(p, rel=1e-12)
+    assert res["df"] == df == 1 and res["correction"]
     assert res["fisher_p"] == pytest.approx(stats.fisher_exact([[6, 4], [2, 10]])[1], rel=1e-12)
     assert res["expected_below_5"] == 2
 
@@ -106,7 +107,9 @@ def test_toolbox_methods_refuse_output_dp_they_cannot_bound():
     dp = {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 2.0}
     with pytest.raises(ValueError, match="no output DP"):
         make_method({"method": "ttest", "variable": "x", "group": "g", "levels": ["a", "b"], "dp": dp})
-    m = make_method({"method": "crosstab", "rows": "a", "cols": "b", "row_levels": ["x"], "col_levels": ["u"], "dp": dp})
+    m = make_method(
+        {"method": "crosstab", "rows": "a", "cols": "b", "row_levels": ["x"], "col_levels": ["u"], "dp": dp}
+    )
     assert m.planned_spends() == [(2.0, 1.0, 1)]
 
 

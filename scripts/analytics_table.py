@@ -257,6 +257,35 @@ from measured numbers; `tests/unit/test_toolbox_methods.py` checks every row's t
 runs (`clinfed simulate JOB --sites 3`) add CKKS' ~1e-9 error and round released floats to 7
 significant digits (`tests/integration/test_toolbox_sim.py` checks them against the same references).
 
+## Jobs (one encrypted round on the generic sums pair, ≥ 3 sites)
+
+```
+clinfed data split --dataset gbsg2 --sites 3 --out data/gbsg2
+clinfed data split --dataset flchain --sites 3 --out data/flchain
+clinfed simulate crosstab --sites 3 --data-dir data/gbsg2 --rows horTh --cols menostat   # χ², Fisher (2×2)
+clinfed simulate ttest --sites 3 --data-dir data/gbsg2 --variable age --group horTh      # Student, Welch
+clinfed simulate ttest --sites 3 --data-dir data/gbsg2 --variable age --group tgrade     # one-way ANOVA
+clinfed simulate correlation --sites 3 --data-dir data/flchain --variables age,kappa,lambda,creatinine
+clinfed simulate cumulative_incidence --sites 3 --data-dir data/flchain --group sex \
+    --cause chapter:Circulatory,Neoplasms --time-bin 30
+clinfed simulate glm --sites 3 --data-dir data/gbsg2 --family poisson --outcome event \
+    --covariates age,tsize,pnodes --offset 'log(time)'                                  # rate ratios (IRR)
+```
+
+An option the job does not take (`--rows` on `glm`, `--covariates` on `ttest`) exits 2 in one line.
+Competing risks: no bundled dataset has them, so `cumulative_incidence` derives them from flchain's
+cause of death (`chapter`): the named causes, and every other death as `other`.
+
+Disclosure control: crosstab releases its table only when every cell is 0 or ≥ the minimum cell
+(DataSHIELD's `nfilter.tab`), ttest withholds a group under it, correlation a pair under it,
+cumulative incidence merges bins as survival_km does; the release site's release log for each
+of crosstab, ttest and correlation (`local/release_log-<method>.json`) refuses a release over
+another set of sites or with other counts for the same variables. Output DP (`--epsilon`): crosstab
+and cumulative_incidence (a patient is one count), charged to every site's one ledger; ttest and
+correlation sum unbounded values and refuse it.
+
+## Against the references
+
 Binned methods: the cumulative incidence (Aalen–Johansen) is exact on times rounded up to 30-day
 bins (lifelines fitted on the same binned times); the ROC's AUC is exact on scores binned to 1/1000
 and within `auc_resolution` (Σ neg·pos per bin / 2NP) of the unbinned AUC.

@@ -10,7 +10,8 @@ attack reads the cell of one.
 import numpy as np
 import pytest
 
-from clinfed.analytics.methods import SiteInfo, make_method
+from clinfed.analytics.methods import SiteInfo
+from clinfed.analytics.registry import make_method
 from clinfed.analytics.release_log import ReleaseRefused
 
 CONFIG = {"method": "crosstab", "rows": "a", "cols": "b", "row_levels": ["x", "y"], "col_levels": ["u", "v"]}

@@ -105,7 +105,7 @@ def test_spec_refuses_what_would_misalign_slots():
 def test_spec_round_trips_through_job_config_json(spec):
     again = StatsSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again == spec and again.digest() == spec.digest()
-    from clinfed.analytics.methods import make_method
+    from clinfed.analytics.registry import make_method
 
     def digest(**extra):
         groups = {"malignant": 1, "benign": 0}
@@ -423,7 +423,7 @@ def test_release_log_admits_one_cohort_definition_and_grid(tmp_path):
 def test_a_gaussian_dp_release_is_reserved_in_the_site_ledger_before_pass_1(tmp_path, table):
     """The generic sums executor admits a cohort_stats job on its RDP spend, charges it once before its
     first vector leaves, and refuses a second such job (another run) that the budget cannot take."""
-    from clinfed.analytics.methods import make_method
+    from clinfed.analytics.registry import make_method
     from clinfed.analytics.sums_fl import SumsExecutor
     from clinfed.audit import AuditLog
     from clinfed.errors import SiteRefusal

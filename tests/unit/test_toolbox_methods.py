@@ -102,7 +102,7 @@ def test_roc_points_equal_sklearn_on_binned_scores():
 
 
 def test_toolbox_methods_refuse_output_dp_they_cannot_bound():
-    from clinfed.analytics.methods import make_method
+    from clinfed.analytics.registry import make_method
 
     dp = {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 2.0}
     with pytest.raises(ValueError, match="no output DP"):

@@ -9,10 +9,10 @@ vector steps the fit. The math lives in `km`, `cox`, `glm` and `stats` (numpy on
 thin. `cohort_stats` (`cohort_method.CohortStats`) has its own module: it brings its own rows
 (`cohort_data`) and its own disclosure control (release log, output DP over four families).
 
-A method object is built from a JSON dict (`make_method`), the same dict at the server and at every
-site (its digest is the job's settings, checked by each site). The release site keeps the fit's
-state (Newton's previous point, the IRLS iterate) in its own method object between rounds; the
-server only carries ciphertexts of the iterate.
+A method object is built from a JSON dict (`registry.make_method`, which lists every method), the
+same dict at the server and at every site (its digest is the job's settings, checked by each site).
+The release site keeps the fit's state (Newton's previous point, the IRLS iterate) in its own
+method object between rounds; the server only carries ciphertexts of the iterate.
 
 Phases: ``km``: "counts" (one round). ``cox`` stratified: "newton" rounds, then "concordance";
 pooled: "moments" (the shared centre), "newton", "concordance". ``glm``: "irls" rounds.
@@ -497,23 +497,3 @@ class GLM(Method):
             return Step(result=result, n=n, suppressed="none")
         self._beta = fixed_point(new_beta)
         return Step(phase="irls", iterate=self._beta.copy())
-
-
-def method_classes() -> dict[str, type[Method]]:
-    """The strategies by name; `cohort` lives in its own module (imported here, on first use, since it
-    imports this one)."""
-    from clinfed.analytics.cohort_method import CohortStats
-    from clinfed.analytics.toolbox_methods import CLASSES
-
-    return {"km": KaplanMeier, "cox": CoxPH, "glm": GLM, "cohort": CohortStats, **CLASSES}
-
-
-def make_method(config: Mapping[str, Any]) -> Method:
-    """The strategy named by ``config["method"]`` (km, cox, glm, cohort), built from the job's JSON config."""
-    name = config.get("method")
-    known = method_classes()
-    if name not in known:
-        raise ValueError(f"unknown analytics method {name!r} (known: {', '.join(known)})")
-    method = known[name](config)
-    method.check_dp()
-    return method

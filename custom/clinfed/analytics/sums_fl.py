@@ -73,7 +73,8 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
-from clinfed.analytics.methods import FIXED_POINT_BITS, Method, SiteInfo, make_method
+from clinfed.analytics.methods import FIXED_POINT_BITS, Method, SiteInfo
+from clinfed.analytics.registry import make_method
 from clinfed.analytics.splits import check_split, split_manifest  # noqa: F401  (the jobs' import path)
 from clinfed.audit import AuditLog, payload_digest
 from clinfed.errors import SiteRefusal

@@ -31,6 +31,7 @@ import numpy as np
 from clinfed.analytics import cif, correlation, crosstab, km, ttest
 from clinfed.analytics.crosstab import level_texts
 from clinfed.analytics.methods import Method, SiteInfo, Step
+from clinfed.analytics.release_log import CohortDefinition, ReleaseLog, data_digest
 from clinfed.errors import SiteDataError, SiteRefusal
 
 
@@ -62,8 +63,6 @@ class _Logged(Method):
 
     def admit_release(self, site: SiteInfo | None, result: Mapping[str, Any], sites: Sequence[str]) -> None:
         """Check the release against `site`'s own release log for this method and record it."""
-        from clinfed.analytics.release_log import CohortDefinition, ReleaseLog, data_digest
-
         if site is None:
             raise SiteRefusal("no site context to find the release log in")
         digest = data_digest(np.array([float(self._rows)]), [])
@@ -151,7 +150,7 @@ class TTest(_Logged):
         return {key: {"grid": ["levels", *map(str, self.config["levels"])], "cells": _cells(counts)}}
 
 
-class Correlation(_Logged):
+class CorrelationMethod(_Logged):
     """Pearson correlation and covariance matrices, n per pair. Config: variables, shift (public centres)."""
 
     block = "correlation"
@@ -250,11 +249,3 @@ class CumulativeIncidence(Method):
             min_cell=min_cell,
         )
         return Step(result=result, n=round(float(np.sum(summed))), suppressed=notes)
-
-
-CLASSES: dict[str, type[Method]] = {
-    "crosstab": CrossTab,
-    "ttest": TTest,
-    "correlation": Correlation,
-    "cif": CumulativeIncidence,
-}

@@ -33,6 +33,7 @@ import numpy as np
 
 from clinfed.analytics import cox, glm, km
 from clinfed.analytics.federated import NewtonRaphson, complete_cases, moments_combine, moments_site_local, n_sym
+from clinfed.analytics.output_dp import dp_config  # noqa: F401  (the job folders' import path)
 from clinfed.errors import SiteDataError, SiteRefusal
 
 #: The most Newton/IRLS evaluations a fit may take before it is released as not converged.
@@ -222,28 +223,6 @@ class Method:
     def clean_noisy(self, noisy: np.ndarray) -> np.ndarray:
         """Post-processing of a noised sum (free under DP): counts back to non-negative integers."""
         return noisy
-
-
-def dp_config(method: str, sensitivity: float | None, epsilon: float, delta: float, releases: int = 1) -> dict:
-    """The job's output-DP block: the noise multiplier z that makes `releases` Gaussian releases
-    (ε, δ)-DP under Opacus' RDP accountant, the accountant every site's ledger composes with.
-
-    z is computed here, at submission, and travels in the job config; a site never trusts the ε
-    written next to it: it charges its ledger with z and takes the ε the ledger computes.
-    """
-    if sensitivity is None:
-        raise ValueError(
-            f"{method} has no output DP: one patient's share of its sums has no public bound "
-            "(offered for survival_km and cohort_stats)"
-        )
-    if not epsilon > 0 or not 0 < delta < 1:
-        raise ValueError(f"output DP needs ε > 0 and 0 < δ < 1, got ε={epsilon!r}, δ={delta!r}")
-    from opacus.accountants.utils import get_noise_multiplier
-
-    z = get_noise_multiplier(
-        target_epsilon=float(epsilon), target_delta=float(delta), sample_rate=1.0, steps=int(releases)
-    )
-    return {"epsilon": float(epsilon), "delta": float(delta), "noise_multiplier": float(z), "mechanism": "gaussian"}
 
 
 # --- Kaplan–Meier ---------------------------------------------------------------------------------

@@ -296,6 +296,7 @@ def _analysis_lines(summary: dict) -> list[str]:
         fit = summary.get(block) or {}
         for name, c in (fit.get("coef") or {}).items():
             hr = f" HR={c['hr']:.4g}" if c.get("hr") is not None else ""
+            hr += f" IRR={c['irr']:.4g}" if c.get("irr") is not None else ""  # Poisson: (incidence-)rate ratio
             lines.append(f"{block} {name}: coef={c['coef']:.6g} se={c['se']:.4g}{hr} p={c['p']:.3g}")
     lines.extend(_toolbox_lines(summary))
     return lines

@@ -53,6 +53,7 @@ def make_recipe(
         "covariates": covariates,
         "offset": offset,
         "max_iter": min(int(rounds or 25), 25),
+        "start": "data",  # the first IRLS step from the data, as R's glm (`glm.start_mean`): fewer rounds
     }
     if offset_log:
         method["offset_log"] = True

@@ -407,6 +407,7 @@ class GLM(Method):
         self.p = len(self.names)
         self._beta = np.zeros(self.p)
         self._iterations = 0
+        self._data_start = self.config.get("start") == "data"
 
     def variables(self):
         offset = self.config.get("offset")
@@ -451,8 +452,9 @@ class GLM(Method):
 
     def site_local(self, data, phase, iterate):
         x, y, off = data
-        beta = np.zeros(self.p) if iterate is None else iterate
-        return glm.glm_site_local(x, y, beta, self.config["family"], off)
+        if iterate is None:  # round 0: β = 0, or with ``start: "data"`` a first step from the data (`glm.start_mean`)
+            return glm.glm_site_local(x, y, None if self._data_start else np.zeros(self.p), self.config["family"], off)
+        return glm.glm_site_local(x, y, iterate, self.config["family"], off)
 
     def step(self, summed, phase, min_cell):
         self._iterations += 1
@@ -461,6 +463,7 @@ class GLM(Method):
         # IRLS converges quadratically, so a step under 1e-7 leaves the estimate exact to the CKKS error.
         tol = float(self.config.get("tol", 1e-7))
         converged = bool(np.max(np.abs(new_beta - self._beta)) < tol * (1.0 + np.max(np.abs(self._beta))))
+        converged &= not (self._data_start and self._iterations == 1)  # the start's sums are at no β: step on
         if converged or self._iterations >= int(self.config.get("max_iter", MAX_ITER)):
             result = glm.glm_summary(
                 self.names,

@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rate-per", type=positive_float, default=None, metavar="N", help="rate per N person-time")
     sim.add_argument("--rate-unit", type=str, default=None, metavar="TEXT", help="person-time unit, e.g. person-days")
     # --- end of cohort_stats options ---
+    # --- the statistician's toolbox (issue 24); --group above is also ttest's and cumulative_incidence's ---
+    sim.add_argument("--rows", type=str, default=None, metavar="COL", help="crosstab: row column")
+    sim.add_argument("--cols", type=str, default=None, metavar="COL", help="crosstab: column column")
+    sim.add_argument("--variable", type=str, default=None, metavar="COL", help="ttest: numeric column")
+    sim.add_argument("--variables", type=str, default=None, metavar="A,B,C", help="correlation: numeric columns")
+    sim.add_argument("--offset", type=str, default=None, metavar="COL|log(COL)", help="glm: offset (log exposure)")
+    sim.add_argument(
+        "--cause", type=str, default=None, metavar="COL:A,B", help="cumulative_incidence: cause column and causes"
+    )
+    # --- end of toolbox options ---
 
     exp = sub.add_parser("export", help="write a plain FLARE job folder, ready to submit")
     exp.add_argument("job", type=job_name)
@@ -286,7 +296,36 @@ def _analysis_lines(summary: dict) -> list[str]:
         fit = summary.get(block) or {}
         for name, c in (fit.get("coef") or {}).items():
             hr = f" HR={c['hr']:.4g}" if c.get("hr") is not None else ""
+            hr += f" IRR={c['irr']:.4g}" if c.get("irr") is not None else ""  # Poisson: (incidence-)rate ratio
             lines.append(f"{block} {name}: coef={c['coef']:.6g} se={c['se']:.4g}{hr} p={c['p']:.3g}")
+    lines.extend(_toolbox_lines(summary))
+    return lines
+
+
+def _toolbox_lines(summary: dict) -> list[str]:
+    """One line per released test of crosstab, ttest, correlation and cumulative_incidence."""
+    lines = []
+    ct = summary.get("crosstab") or {}
+    if ct:
+        lines.append(f"crosstab {ct.get('rows')} × {ct.get('cols')}: table {ct.get('table')}")
+        lines.append(f"χ²={ct.get('chi2')} df={ct.get('df')} p={ct.get('p')} Fisher p={ct.get('fisher_p')}")
+    tt = summary.get("ttest") or {}
+    for level, g in (tt.get("groups") or {}).items():
+        lines.append(f"{level}: n={g['n']} mean={g['mean']:.6g} sd={g['sd']:.6g}")
+    for key in ("student", "welch", "anova"):
+        if tt.get(key):
+            lines.append(f"{key}: " + " ".join(f"{k}={v}" for k, v in tt[key].items()))
+    corr = summary.get("correlation") or {}
+    names = corr.get("variables") or []
+    for i, row in enumerate(corr.get("matrix") or []):
+        shown = " ".join("   -   " if v is None else f"{v:7.4f}" for v in row)
+        lines.append(f"r {names[i]:>12}: {shown}")
+    cif = summary.get("cif") or {}
+    for level, curve in (cif.get("groups") or {}).items():
+        last = {c: round(v[-1], 4) for c, v in curve["cif"].items()}
+        lines.append(f"CIF {level}: at risk {curve['at_risk'][0]}, at {curve['time'][-1]:g}: {last}")
+    for cause, test in (cif.get("tests") or {}).items():
+        lines.append(f"cause-specific log-rank {cause}: χ²={test['chi2']} df={test['df']} p={test['p']}")
     return lines
 
 
@@ -301,6 +340,16 @@ ANALYTICS_OPTIONS += ("compression",)
 ANALYTICS_OPTIONS += ("channels",)
 # training jobs (issue 14): the encrypted updates' wire format
 ANALYTICS_OPTIONS += ("he_format",)
+# the statistician's toolbox (issue 24): its options, and the analytics options each of its jobs takes
+ANALYTICS_OPTIONS += ("rows", "cols", "variable", "variables", "offset", "cause")
+TOOLBOX_OPTIONS = {
+    "crosstab": ("rows", "cols"),
+    "ttest": ("variable", "group"),
+    "correlation": ("variables",),
+    "cumulative_incidence": ("group", "cause", "time_bin"),
+}
+OPTION_JOBS = {"rows": ("crosstab",), "cols": ("crosstab",), "variable": ("ttest",), "variables": ("correlation",)}
+OPTION_JOBS |= {"offset": ("glm",), "cause": ("cumulative_incidence",)}
 TRAINING_JOBS = ("breast_cancer_dp", "segmentation_dp", "segmentation3d_dp")
 IMAGING_JOBS = ("segmentation_dp", "segmentation3d_dp")
 
@@ -346,6 +395,21 @@ def _check_applies(command: str, args: argparse.Namespace) -> None:
         )
 
 
+def _check_toolbox_options(command: str, args: argparse.Namespace) -> None:
+    """An analytics option the job does not take exits 2 in one line (instead of being ignored)."""
+    given = [n for n in ANALYTICS_OPTIONS if getattr(args, n, None) is not None]
+    allowed = TOOLBOX_OPTIONS.get(args.job)
+    for name in given:
+        jobs = OPTION_JOBS.get(name)
+        if (jobs is not None and args.job not in jobs) or (allowed is not None and name not in allowed):
+            flag = "--" + name.replace("_", "-")
+            takes = ", ".join("--" + o.replace("_", "-") for o in allowed) if allowed else None
+            raise UsageError(
+                f"clinfed {command}: {flag} does not apply to {args.job}"
+                + (f" (it takes {takes})" if takes else f" (it is for {', '.join(jobs or ())})")
+            )
+
+
 def _analytics_options(args: argparse.Namespace) -> dict:
     """The analytics options given on the command line, as keyword arguments of the job's make_recipe."""
     extra = {name: getattr(args, name) for name in ANALYTICS_OPTIONS if getattr(args, name, None) is not None}
@@ -359,6 +423,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     _check_channels("simulate", args)
     _check_applies("simulate", args)
+    _check_toolbox_options("simulate", args)
     out = args.out or Path("out") / args.job
     req = SimulationRequest(
         job=args.job,

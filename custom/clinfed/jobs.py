@@ -21,6 +21,11 @@ JOB_NAMES = (
     "cox_ph",
     "glm",
     "key_exchange",
+    # the statistician's toolbox (issue 24)
+    "crosstab",
+    "ttest",
+    "correlation",
+    "cumulative_incidence",
 )
 
 

@@ -27,7 +27,8 @@ def make_recipe(
     offset: str | None = None,
     **_: object,
 ) -> SumsRecipe:
-    """`rounds` caps the IRLS iterations (≤ 25); `offset` names a column on the log scale (rates)."""
+    """`rounds` caps the IRLS iterations (≤ 25); `offset` names a column on the log scale, or `log(COL)` the
+    log of an exposure column (Poisson rates: `--family poisson --offset 'log(time)'`, incidence-rate ratios)."""
     if epsilon is not None:
         raise ValueError(
             "glm has no output DP: one patient's share of its summed gradients has no public bound "
@@ -40,6 +41,9 @@ def make_recipe(
         raise ValueError("glm needs --outcome COL and --covariates a,b,c")
     if outcome in covariates or len(set(covariates)) != len(covariates):
         raise ValueError(f"the outcome or a covariate is named twice in {[outcome, *covariates]}")
+    offset_log = bool(offset) and offset.startswith("log(") and offset.endswith(")")
+    if offset_log:  # `--offset log(time)`: the log of an exposure column (incidence-rate ratios)
+        offset = offset[4:-1].strip()
     numeric = [outcome, *covariates, *([offset] if offset else [])]
     check_split(split_manifest(data_dir), sites, numeric, numeric, False)
     method = {
@@ -49,7 +53,10 @@ def make_recipe(
         "covariates": covariates,
         "offset": offset,
         "max_iter": min(int(rounds or 25), 25),
+        "start": "data",  # the first IRLS step from the data, as R's glm (`glm.start_mean`): fewer rounds
     }
+    if offset_log:
+        method["offset_log"] = True
     return SumsRecipe(
         name="glm",
         num_sites=sites,

@@ -70,7 +70,7 @@ class SumsFederation:
     def __init__(
         self, root: Path, method: dict, tables: dict[str, dict], min_cell: int = 5, run: str = "run-1", **policy
     ):
-        from clinfed.analytics.methods import make_method
+        from clinfed.analytics.registry import make_method
         from clinfed.analytics.sums_fl import SumsExecutor
         from clinfed.audit import AuditLog
         from clinfed.deploy.simkit import ensure_sim_kits
@@ -119,7 +119,7 @@ class SumsFederation:
 
     def add(self, answers: dict[str, FLModel], phase: str) -> dict:
         """The server's encrypted sum of the answers, as `SumsController._sum_round` builds it."""
-        from clinfed.analytics.methods import make_method
+        from clinfed.analytics.registry import make_method
         from clinfed.analytics.sums_fl import _layout_json
         from clinfed.fl import payload
         from clinfed.he.aggregation import EncryptedSum

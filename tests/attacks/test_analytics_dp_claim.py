@@ -7,7 +7,8 @@ the ledger said ε = 1. The site must take z, and only z, and let its own ledger
 
 import pytest
 
-from clinfed.analytics.methods import KaplanMeier, dp_config, make_method
+from clinfed.analytics.methods import KaplanMeier, dp_config
+from clinfed.analytics.registry import make_method
 from clinfed.analytics.sums_fl import SumsExecutor
 from clinfed.audit import AuditLog
 from clinfed.errors import SiteRefusal

@@ -21,7 +21,7 @@ import pytest
 
 from clinfed import cli
 from clinfed.analytics import stats
-from clinfed.analytics.methods import make_method
+from clinfed.analytics.registry import make_method
 from clinfed.analytics.sums_fl import SumsExecutor, SumsRecipe
 from clinfed.fl.checkpoint import checkpoint_path
 

@@ -353,9 +353,8 @@ def _sums_site(fed, party, method_size: int):
     from types import SimpleNamespace
 
     from clinfed.analytics.sums_fl import SumsExecutor
-    from clinfed.he import context_fingerprint
-
     from clinfed.fl.participant import SitePolicy
+    from clinfed.he import context_fingerprint
 
     ex = SumsExecutor(num_sites=3)
     ex.site, ex._ctx, ex._fingerprint, ex._secagg = party.site, fed[2], context_fingerprint(fed[2]), party

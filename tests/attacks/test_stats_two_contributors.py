@@ -86,7 +86,7 @@ def test_a_site_refuses_a_two_site_sum_the_server_says_holds_three(tmp_path):
     from nvflare.app_common.abstract.fl_model import FLModel
     from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-    from clinfed.analytics.methods import make_method
+    from clinfed.analytics.registry import make_method
     from clinfed.analytics.sums_fl import PURPOSE, STEP_TASK, SumsExecutor
     from clinfed.audit import AuditLog
     from clinfed.deploy.simkit import ensure_sim_kits

@@ -105,7 +105,7 @@ def test_spec_refuses_what_would_misalign_slots():
 def test_spec_round_trips_through_job_config_json(spec):
     again = StatsSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again == spec and again.digest() == spec.digest()
-    from clinfed.analytics.methods import make_method
+    from clinfed.analytics.registry import make_method
 
     def digest(**extra):
         groups = {"malignant": 1, "benign": 0}
@@ -229,20 +229,19 @@ def test_laplace_noise_scales_follow_the_documented_sensitivities(spec):
     assert plan.m2[j] == pytest.approx((spec.hi[j] - spec.lo[j]) ** 2 * 2 * 30 / (2.0 * 0.3))
 
 
-def test_analytic_gaussian_sigma_meets_its_privacy_condition():
-    from statistics import NormalDist
+def test_gaussian_families_compose_to_the_one_spend_the_ledger_charges():
+    """The four families' multipliers z_k = z/√share_k are one RDP Gaussian release at z; its ε is the one asked."""
+    from opacus.accountants import RDPAccountant
 
-    phi = NormalDist().cdf
-    for eps, delta in [(0.5, 1e-5), (1.0, 1e-6), (8.0, 1e-5)]:
-        sigma = stats.gaussian_sigma(1.0, eps, delta)
-        lhs = phi(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * phi(-1 / (2 * sigma) - eps * sigma)
-        assert lhs <= delta * (1 + 1e-6)
-        sigma_lo = sigma * 0.99
-        assert (
-            phi(1 / (2 * sigma_lo) - eps * sigma_lo) - math.exp(eps) * phi(-1 / (2 * sigma_lo) - eps * sigma_lo) > delta
-        )
-    classic = math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.5
-    assert stats.gaussian_sigma(1.0, 0.5, 1e-5) < classic
+    from clinfed.analytics import output_dp
+
+    dp = DPConfig(epsilon=1.0, mechanism="gaussian", delta=1e-5)
+    z = output_dp.noise_multiplier(dp.epsilon, dp.delta)
+    parts = output_dp.family_multipliers(z, dp.split)
+    assert sum(v**-2 for v in parts.values()) == pytest.approx(z**-2, rel=1e-12)
+    accountant = RDPAccountant()
+    accountant.history = [(z, 1.0, 1)]
+    assert accountant.get_epsilon(1e-5) == pytest.approx(1.0, abs=0.01)  # Opacus' calibration tolerance
 
 
 def test_dp_release_reports_mechanism_and_scales_and_noisy_values_stay_plausible(table, spec):
@@ -373,8 +372,10 @@ def test_gaussian_release_is_charged_as_one_rdp_equivalent_gaussian():
     one = StatsSpec(("v",), ((0.0, 1.0),))
     dp = DPConfig(epsilon=1.0, mechanism="gaussian", delta=1e-5)
     z = stats.gaussian_noise_multiplier(one, dp)
-    parts = [stats.gaussian_sigma(1.0, share, 1e-5 * share) for share in dp.split.values()]
-    assert z == pytest.approx(sum(p**-2 for p in parts) ** -0.5) and z < min(parts)
+    plan = stats.noise_plan(one, dp)  # one feature of unit range: each family's σ is its multiplier × √g
+    g = math.sqrt(plan.group_factor)
+    parts = [plan.count / g, plan.histogram / g, float(plan.sum[0]) / 0.5 / g, float(plan.m2[0]) / g]
+    assert z == pytest.approx(sum(p**-2 for p in parts) ** -0.5, rel=1e-12) and z < min(parts)
 
 
 # --- the release log ------------------------------------------------------------------------------------------
@@ -423,7 +424,7 @@ def test_release_log_admits_one_cohort_definition_and_grid(tmp_path):
 def test_a_gaussian_dp_release_is_reserved_in_the_site_ledger_before_pass_1(tmp_path, table):
     """The generic sums executor admits a cohort_stats job on its RDP spend, charges it once before its
     first vector leaves, and refuses a second such job (another run) that the budget cannot take."""
-    from clinfed.analytics.methods import make_method
+    from clinfed.analytics.registry import make_method
     from clinfed.analytics.sums_fl import SumsExecutor
     from clinfed.audit import AuditLog
     from clinfed.errors import SiteRefusal
@@ -441,7 +442,7 @@ def test_a_gaussian_dp_release_is_reserved_in_the_site_ledger_before_pass_1(tmp_
         ex = SumsExecutor(method=method, num_sites=3, job_label="cohort_stats")
         ex.site, ex.root, ex.run_id = "site-2", tmp_path / "site-2", run
         (ex.root / "local").mkdir(parents=True, exist_ok=True)
-        ex.policy, ex.audit, ex._m = SitePolicy(epsilon_budget=1.5), AuditLog(ex.root, ex.site), make_method(method)
+        ex.policy, ex.audit, ex._m = SitePolicy(epsilon_budget=2.5), AuditLog(ex.root, ex.site), make_method(method)
         return ex
 
     first = site("job-g")
@@ -449,8 +450,8 @@ def test_a_gaussian_dp_release_is_reserved_in_the_site_ledger_before_pass_1(tmp_
     charged = first._charge()
     assert first._charge() == charged  # once per run, however many rounds
     ledger = PrivacyLedger(tmp_path / "site-2" / "local" / "privacy_ledger.json", "site-2")
-    # RDP composes the four families below the nominal ε 2 (1.13 at δ 1e-5); a second release would reach 1.65
-    assert charged == pytest.approx(ledger.epsilon()) and 0 < ledger.epsilon() < 2.0
+    # the four families are one RDP release calibrated to ε 2 (`output_dp`): charged 1.99; a second would reach 2.93
+    assert charged == pytest.approx(ledger.epsilon()) and ledger.epsilon() == pytest.approx(2.0, abs=0.02)
     assert [s.mechanism for s in ledger.spends] == ["gaussian"]
     with pytest.raises(SiteRefusal, match=r"^site-2: .*budget"):
         site("job-h")._admit()

@@ -239,7 +239,7 @@ def clinical_layout(
     {name: value}; ``proportions`` categorical columns; ``rate`` "EVENT:TIME" or (event, time).
     One-line ValueErrors name the unknown column or the non-numeric / non-categorical one.
     """
-    from clinfed.analytics.sums_fl import check_split
+    from clinfed.analytics.splits import check_split
     from clinfed.data.clinical import OUTCOME
 
     name = manifest["dataset"]

@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 
 from clinfed.analytics import stats
+from clinfed.analytics.cohort_data import COHORTS, group_masks, load_cohort
 from clinfed.analytics.methods import Method, SiteInfo, Step
+from clinfed.analytics.release_log import CohortDefinition, ReleaseLog, cells_of, data_digest
 from clinfed.errors import SiteRefusal
 
 #: Preview cells travel in the iterate as count · 2^-12: exact on the iterate's 2^-40 grid, and
@@ -99,8 +101,6 @@ class CohortStats(Method):
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        from clinfed.analytics.cohort_data import COHORTS
-
         self.spec = stats.StatsSpec.from_dict(self.config["spec"])
         self.group_values = dict(self.config.get("group_values") or {})
         self.group_column = str(self.config.get("group_column") or "")
@@ -117,8 +117,6 @@ class CohortStats(Method):
         if missing:
             raise ValueError(f"no value of '{self.group_column}' given for group(s) {missing}")
         self._sums: stats.Sums | None = None
-        from clinfed.analytics.release_log import cells_of
-
         self._template = cells_of(self.spec, {})
 
     # --- configuration checks and privacy ------------------------------------------------------------
@@ -156,7 +154,6 @@ class CohortStats(Method):
         return [*self.spec.features, *([self.group_column] if self.group_column else [])]
 
     def read(self, site: SiteInfo) -> Any:
-        from clinfed.analytics.cohort_data import load_cohort
         from clinfed.fl.participant import site_index
 
         rows = load_cohort(
@@ -173,9 +170,6 @@ class CohortStats(Method):
         return {"rows": rows, "info": site}
 
     def load(self, table, site, min_cell):
-        from clinfed.analytics.cohort_data import group_masks
-        from clinfed.analytics.release_log import data_digest
-
         rows, info = table["rows"], table.get("info")
         x, labels, columns = rows.x, rows.labels, rows.columns
         if self.dp is not None:  # DP sums need complete rows: one noisy count then serves every feature
@@ -216,13 +210,9 @@ class CohortStats(Method):
         """The release site records the release itself (the preview already did, unless the cells moved)."""
         if self.dp is not None:
             return
-        from clinfed.analytics.release_log import cells_of
-
         self._admit(data, cells_of(self.spec, result), sites)
 
     def _admit(self, data: CohortSite, cells: dict, sites) -> None:
-        from clinfed.analytics.release_log import CohortDefinition, ReleaseLog
-
         info = data.info
         if info is None:
             raise SiteRefusal("no site context to find the release log in")
@@ -244,8 +234,6 @@ class CohortStats(Method):
                 min_cell=min_cell,
                 max_bins_percent=self.max_bins_percent,
             )
-            from clinfed.analytics.release_log import cells_of
-
             cells = flatten_cells(cells_of(self.spec, preview["statistics"])) * CELL_SCALE
             return Step(phase="deviations", iterate=np.concatenate([means, cells]))
         if self._sums is None:

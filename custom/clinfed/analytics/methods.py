@@ -9,10 +9,10 @@ vector steps the fit. The math lives in `km`, `cox`, `glm` and `stats` (numpy on
 thin. `cohort_stats` (`cohort_method.CohortStats`) has its own module: it brings its own rows
 (`cohort_data`) and its own disclosure control (release log, output DP over four families).
 
-A method object is built from a JSON dict (`make_method`), the same dict at the server and at every
-site (its digest is the job's settings, checked by each site). The release site keeps the fit's
-state (Newton's previous point, the IRLS iterate) in its own method object between rounds; the
-server only carries ciphertexts of the iterate.
+A method object is built from a JSON dict (`registry.make_method`, which lists every method), the
+same dict at the server and at every site (its digest is the job's settings, checked by each site).
+The release site keeps the fit's state (Newton's previous point, the IRLS iterate) in its own
+method object between rounds; the server only carries ciphertexts of the iterate.
 
 Phases: ``km``: "counts" (one round). ``cox`` stratified: "newton" rounds, then "concordance";
 pooled: "moments" (the shared centre), "newton", "concordance". ``glm``: "irls" rounds.
@@ -33,6 +33,7 @@ import numpy as np
 
 from clinfed.analytics import cox, glm, km
 from clinfed.analytics.federated import NewtonRaphson, complete_cases, moments_combine, moments_site_local, n_sym
+from clinfed.analytics.output_dp import dp_config  # noqa: F401  (the job folders' import path)
 from clinfed.errors import SiteDataError, SiteRefusal
 
 #: The most Newton/IRLS evaluations a fit may take before it is released as not converged.
@@ -226,28 +227,6 @@ class Method:
     def clean_noisy(self, noisy: np.ndarray) -> np.ndarray:
         """Post-processing of a noised sum (free under DP): counts back to non-negative integers."""
         return noisy
-
-
-def dp_config(method: str, sensitivity: float | None, epsilon: float, delta: float, releases: int = 1) -> dict:
-    """The job's output-DP block: the noise multiplier z that makes `releases` Gaussian releases
-    (ε, δ)-DP under Opacus' RDP accountant, the accountant every site's ledger composes with.
-
-    z is computed here, at submission, and travels in the job config; a site never trusts the ε
-    written next to it: it charges its ledger with z and takes the ε the ledger computes.
-    """
-    if sensitivity is None:
-        raise ValueError(
-            f"{method} has no output DP: one patient's share of its sums has no public bound "
-            "(offered for survival_km and cohort_stats)"
-        )
-    if not epsilon > 0 or not 0 < delta < 1:
-        raise ValueError(f"output DP needs ε > 0 and 0 < δ < 1, got ε={epsilon!r}, δ={delta!r}")
-    from opacus.accountants.utils import get_noise_multiplier
-
-    z = get_noise_multiplier(
-        target_epsilon=float(epsilon), target_delta=float(delta), sample_rate=1.0, steps=int(releases)
-    )
-    return {"epsilon": float(epsilon), "delta": float(delta), "noise_multiplier": float(z), "mechanism": "gaussian"}
 
 
 # --- Kaplan–Meier ---------------------------------------------------------------------------------
@@ -453,6 +432,7 @@ class GLM(Method):
         self.p = len(self.names)
         self._beta = np.zeros(self.p)
         self._iterations = 0
+        self._data_start = self.config.get("start") == "data"
 
     def variables(self):
         offset = self.config.get("offset")
@@ -481,7 +461,12 @@ class GLM(Method):
                 if int(rows) < min_cell
             )
             raise SiteRefusal(f"{site}: {small} has fewer rows than the minimum cell {min_cell}") from None
-        return x, y, data[:, -1] if self.config.get("offset") else None
+        off = data[:, -1] if self.config.get("offset") else None
+        if off is not None and self.config.get("offset_log"):  # `--offset log(COL)`: exposure, e.g. person-time
+            if (off <= 0).any():
+                raise SiteDataError(f"{site}: offset column {self.config['offset']!r} has values ≤ 0: no log")
+            off = np.log(off)
+        return x, y, off
 
     def size(self, phase):
         return n_sym(self.p) + self.p + 3
@@ -491,8 +476,9 @@ class GLM(Method):
 
     def site_local(self, data, phase, iterate):
         x, y, off = data
-        beta = np.zeros(self.p) if iterate is None else iterate
-        return glm.glm_site_local(x, y, beta, self.config["family"], off)
+        if iterate is None:  # round 0: β = 0, or with ``start: "data"`` a first step from the data (`glm.start_mean`)
+            return glm.glm_site_local(x, y, None if self._data_start else np.zeros(self.p), self.config["family"], off)
+        return glm.glm_site_local(x, y, iterate, self.config["family"], off)
 
     def step(self, summed, phase, min_cell):
         self._iterations += 1
@@ -501,6 +487,7 @@ class GLM(Method):
         # IRLS converges quadratically, so a step under 1e-7 leaves the estimate exact to the CKKS error.
         tol = float(self.config.get("tol", 1e-7))
         converged = bool(np.max(np.abs(new_beta - self._beta)) < tol * (1.0 + np.max(np.abs(self._beta))))
+        converged &= not (self._data_start and self._iterations == 1)  # the start's sums are at no β: step on
         if converged or self._iterations >= int(self.config.get("max_iter", MAX_ITER)):
             result = glm.glm_summary(
                 self.names,
@@ -516,22 +503,3 @@ class GLM(Method):
             return Step(result=result, n=n, suppressed="none")
         self._beta = fixed_point(new_beta)
         return Step(phase="irls", iterate=self._beta.copy())
-
-
-def method_classes() -> dict[str, type[Method]]:
-    """The strategies by name; `cohort` lives in its own module (imported here, on first use, since it
-    imports this one)."""
-    from clinfed.analytics.cohort_method import CohortStats
-
-    return {"km": KaplanMeier, "cox": CoxPH, "glm": GLM, "cohort": CohortStats}
-
-
-def make_method(config: Mapping[str, Any]) -> Method:
-    """The strategy named by ``config["method"]`` (km, cox, glm, cohort), built from the job's JSON config."""
-    name = config.get("method")
-    known = method_classes()
-    if name not in known:
-        raise ValueError(f"unknown analytics method {name!r} (known: {', '.join(known)})")
-    method = known[name](config)
-    method.check_dp()
-    return method

@@ -165,9 +165,10 @@ def cells_of(spec: StatsSpec, statistics: Mapping) -> dict[str, dict]:
 class ReleaseLog:
     """`<site root>/local/release_log.json`: the exact releases this site took part in (see module doc)."""
 
-    def __init__(self, root: str | Path, site: str):
+    def __init__(self, root: str | Path, site: str, name: str = LOG_FILE):
+        """`name`: another method's own log beside cohort_stats' (`toolbox_methods`: one per method)."""
         self.folder = Path(root) / "local"
-        self.path, self.site = self.folder / LOG_FILE, site
+        self.path, self.site = self.folder / name, site
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -238,7 +239,7 @@ class ReleaseLog:
                     "features": dict(cells),
                 }
             )
-            tmp = self.path.with_name(f".{LOG_FILE}.tmp")
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
             write_private(tmp, json.dumps({"site": self.site, "releases": earlier}, indent=1))
             os.replace(tmp, self.path)
 

@@ -104,6 +104,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from clinfed.analytics import output_dp
+
 ALL = "all"
 #: rows whose group label matches no declared group: never published, but ``all`` minus the declared
 #: groups gives it away, so suppression treats it as a group of its own (see :func:`suppress`).
@@ -599,7 +601,8 @@ class DPConfig:
     """Output DP for the release: ε (and δ for the Gaussian mechanism) for the whole release.
 
     Neighbouring data sets differ by one patient record (add/remove). The budget is split across
-    the four families of released values (basic composition); see :func:`noise_plan`.
+    the four families of released values: Laplace by basic composition of ε; Gaussian as shares of
+    one RDP release at (ε, δ) (`output_dp.family_multipliers`); see :func:`noise_plan`.
     Known limit: noise is drawn in floating point (numpy, OS-seeded), whose low-order bits can leak
     (Mironov, CCS 2012); a snapping or discrete mechanism would close that, at more code.
     """
@@ -624,30 +627,6 @@ class DPConfig:
             raise ValueError(f"split shares must add up to 1, got {sum(self.split.values())}")
 
 
-def gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
-    """Smallest σ for which N(0, σ²) noise gives (ε, δ)-DP at L2 ``sensitivity``.
-
-    The analytic Gaussian mechanism (Balle & Wang, ICML 2018, Theorem 8): exact for every ε, where the
-    classic σ = Δ·√(2 ln(1.25/δ))/ε holds only for ε < 1 and over-noises. Found by bisection on
-    Φ(Δ/2σ − εσ/Δ) − e^ε·Φ(−Δ/2σ − εσ/Δ) ≤ δ, which decreases in σ.
-    """
-
-    def phi(t: float) -> float:
-        return 0.5 * math.erfc(-t / math.sqrt(2.0))
-
-    def excess(sigma: float) -> float:
-        a, b = sensitivity / (2 * sigma), epsilon * sigma / sensitivity
-        return phi(a - b) - math.exp(epsilon) * phi(-a - b) - delta
-
-    lo, hi = 1e-12 * sensitivity, sensitivity
-    while excess(hi) > 0:
-        hi *= 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if excess(mid) <= 0 else (mid, hi)
-    return hi
-
-
 @dataclass(frozen=True)
 class NoisePlan:
     """Noise scale per released value, in natural units (Laplace b, or Gaussian σ).
@@ -661,8 +640,9 @@ class NoisePlan:
     * histogram: one bin per feature moves by 1.
 
     Per feature the value is divided by that unit, so each family is one query over F (counts: 1)
-    unit-sensitivity coordinates: L1 = g·F, L2 = √(g·F). Laplace b = L1/ε_family, Gaussian σ from
-    :func:`gaussian_sigma` at (L2, ε_family, δ_family); then multiplied back by each feature's unit.
+    unit-sensitivity coordinates: L1 = g·F, L2 = √(g·F). Laplace b = L1/ε_family; Gaussian σ =
+    z_family·L2 with z_family = z/√share (`output_dp`: the four together are one Gaussian release at
+    the z the ledger charges for (ε, δ)); then multiplied back by each feature's unit.
     """
 
     mechanism: str
@@ -690,7 +670,11 @@ class NoisePlan:
                 "m2": dict(zip(features, self.m2.tolist(), strict=True)),
             },
             "neighbouring": "add or remove one patient record",
-            "composition": "basic: ε and δ add up over the four families",
+            "composition": (
+                "basic: ε adds up over the four families"
+                if self.mechanism == "laplace"
+                else "RDP: the four families are one Gaussian release at the ledger's noise multiplier"
+            ),
             "clipping": "values clamped into the public bounds before summing",
             "rows": "complete cases only (rows with a missing feature are left out)",
         }
@@ -703,11 +687,16 @@ def noise_plan(spec: StatsSpec, dp: DPConfig) -> NoisePlan:
     half_range = (spec.hi - spec.lo) / 2
     range_sq = (spec.hi - spec.lo) ** 2
 
+    multipliers = (
+        output_dp.family_multipliers(output_dp.noise_multiplier(dp.epsilon, dp.delta), dp.split)
+        if dp.mechanism == "gaussian"
+        else {}
+    )
+
     def unit_noise(k: int, family: str) -> float:
-        eps = dp.epsilon * dp.split[family]
         if dp.mechanism == "laplace":
-            return g * k / eps
-        return gaussian_sigma(math.sqrt(g * k), eps, dp.delta * dp.split[family])
+            return g * k / (dp.epsilon * dp.split[family])
+        return multipliers[family] * math.sqrt(g * k)
 
     return NoisePlan(
         mechanism=dp.mechanism,
@@ -723,16 +712,15 @@ def noise_plan(spec: StatsSpec, dp: DPConfig) -> NoisePlan:
 
 
 def gaussian_noise_multiplier(spec: StatsSpec, dp: DPConfig) -> float:
-    """The Gaussian release as one Gaussian mechanism for the privacy ledger's RDP accountant.
+    """The Gaussian release as the one spend the privacy ledger's RDP accountant charges: (z, 1, 1).
 
-    Each family k adds N(0, (z_k·Δ₂)²) with z_k = :func:`gaussian_sigma` (1, ε_k, δ_k) (σ is linear in
-    the sensitivity). Gaussian mechanisms without subsampling compose in RDP exactly as one with
-    1/z² = Σ_k 1/z_k², so the site charges one spend: noise multiplier z, sample rate 1, one step.
+    Each family k adds N(0, (z_k·Δ₂)²) with z_k = z/√share_k (`output_dp.family_multipliers`);
+    Gaussian mechanisms without subsampling compose in RDP exactly as one with 1/z² = Σ_k 1/z_k², so
+    the ledger charges exactly the ε asked for.
     """
     if dp.mechanism != "gaussian":
         raise ValueError("only the Gaussian mechanism has a noise multiplier")
-    inverse = sum(gaussian_sigma(1.0, dp.epsilon * share, dp.delta * share) ** -2 for share in dp.split.values())
-    return float(inverse**-0.5)
+    return output_dp.noise_multiplier(dp.epsilon, dp.delta)
 
 
 def laplace_noise(scale: float | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

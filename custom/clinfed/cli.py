@@ -33,6 +33,13 @@ def inject_spec(text: str) -> tuple[str, str]:
     return site, kind
 
 
+def cohort_arg(text: str) -> str:
+    """`--cohort`: all or intersect (cohort_stats' rows), or the path of an existing cohort definition file."""
+    if text in ("all", "intersect") or Path(text).is_file():
+        return text
+    raise argparse.ArgumentTypeError(f"'{text}' is neither all, intersect nor an existing cohort definition file")
+
+
 def job_name(text: str) -> str:
     if text not in available_jobs():
         known = ", ".join(available_jobs()) or ", ".join(JOB_NAMES)
@@ -70,7 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--min-cell", type=positive_int, default=None)
     sim.add_argument("--data-dir", type=str, default=None)
     sim.add_argument("--inject", type=inject_spec, action="append", default=[], metavar="SITE=KIND")
-    sim.add_argument("--cohort", choices=["all", "intersect"], default=None, help="cohort_stats: rows to describe")
+    sim.add_argument(
+        "--cohort",
+        type=cohort_arg,
+        default=None,
+        metavar="all|intersect|FILE",
+        help="cohort_stats: rows to describe (all, intersect); or an OMOP cohort definition file for --data-dir of "
+        "`clinfed data omop`",
+    )
     # clinical analytics (survival_km, cox_ph, glm): variables by name, never tables or SQL
     sim.add_argument("--covariates", type=str, default=None, metavar="A,B", help="cox_ph / glm: covariate columns")
     sim.add_argument("--strata", choices=["site", "none"], default=None, help="cox_ph: one baseline per site or pooled")
@@ -315,6 +329,8 @@ def _check_channels(command: str, args: argparse.Namespace) -> None:
 def _analytics_options(args: argparse.Namespace) -> dict:
     """The analytics options given on the command line, as keyword arguments of the job's make_recipe."""
     extra = {name: getattr(args, name) for name in ANALYTICS_OPTIONS if getattr(args, name, None) is not None}
+    if extra.get("cohort") not in (None, "all", "intersect"):  # an OMOP cohort definition file
+        extra["cohort_file"] = extra.pop("cohort")
     if "covariates" in extra:
         extra["covariates"] = [c.strip() for c in extra["covariates"].split(",") if c.strip()]
     return extra

@@ -77,6 +77,7 @@ from clinfed.analytics.methods import FIXED_POINT_BITS, Method, SiteInfo, make_m
 from clinfed.audit import AuditLog, payload_digest
 from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
+from clinfed.fl.node_policy import check_node_policy
 from clinfed.fl.participant import RESOURCES_FILE, SitePolicy, participant_root, server_context, site_context
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
 from clinfed.privacy.ledger import BudgetExceeded, PrivacyLedger, site_ledger
@@ -211,6 +212,7 @@ class SumsExecutor(Executor):
         self._ctx, self._fingerprint = site_context(self.root, self.site)
         self.run_id = str(fl_ctx.get_job_id() or "")
         info = SiteInfo(self.site, self.root, self.policy, self.run_id, self.job_label, int(self.num_sites))
+        check_node_policy(self.policy, self.site, self.job_label, self._m)  # before any SQL runs here
         # by default the hospital's database through its policy (SQLAlchemy URL + column mapping), else its split
         self._data = self._m.load(self._m.read(info), self.site, self._min_cell({}))
         self.audit.append("job_start", job=self.job_label, encrypted=True, method=self._m.block)
@@ -768,10 +770,10 @@ def check_split(manifest: dict | None, sites: int, columns: list[str], numeric: 
     """
     if manifest is None:
         return None
-    from clinfed.data.clinical import load_dataset
+    from clinfed.analytics.omop_source import reference_frame
 
     name = manifest["dataset"]
-    frame = load_dataset(name)
+    frame = reference_frame(manifest)  # the bundled dataset, or the pooled OMOP cohort
     have = len(manifest.get("sites", {}))
     if have < sites:
         raise ValueError(f"the split of {name} has {have} site databases, the job asks for {sites} sites")

@@ -167,6 +167,10 @@ class SitePolicy:
     metrics: str = "round"  # what metrics leave the site: "full", "round" (to metric_digits), "withhold"
     metric_digits: int = 3
     simulated_override: bool = False  # set only by `clinfed simulate --no-dp`; stated in the output
+    # node policy (`clinfed.fl.node_policy`): None allows all; a list allows only what it names
+    allowed_methods: tuple[str, ...] | None = None  # job names (cox_ph) or method blocks (cox)
+    allowed_columns: tuple[str, ...] | None = None  # variables a job may name
+    allowed_concepts: tuple[int, ...] | None = None  # OMOP concept ids a cohort definition may name
 
     @classmethod
     def load(cls, root: Path) -> SitePolicy:
@@ -190,6 +194,7 @@ class SitePolicy:
             metrics=str(section.get("metrics", defaults.metrics)),
             metric_digits=int(section.get("metric_digits", defaults.metric_digits)),
             simulated_override=bool(section.get("simulated_override", False)),
+            **_allow_lists(section, root.name),
         )
         if not 0 < policy.delta < 1:
             raise SiteRefusal(f"{root.name}: local policy delta {policy.delta!r} is not in (0, 1)")
@@ -205,6 +210,20 @@ class SitePolicy:
             digits = self.metric_digits
             return {k: round(float(v), digits) if isinstance(v, int | float) else v for k, v in metrics.items()}
         return dict(metrics)
+
+
+def _allow_lists(section: dict, site: str) -> dict:
+    """The node policy's allow-lists, validated: a malformed one is refused, never read as "allow all"."""
+    out: dict = {}
+    for key, kind in (("allowed_methods", str), ("allowed_columns", str), ("allowed_concepts", int)):
+        value = section.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            what = "names" if kind is str else "integer concept ids"
+            raise SiteRefusal(f"{site}: local policy {key} must be a list of {what}")
+        out[key] = tuple(value)
+    return out
 
 
 def write_site_policy(root: Path, **settings) -> Path:

@@ -371,6 +371,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(f"refused the job: {admission.get('reason')}")
     print(f"encrypted: {summary.get('encrypted')}  rounds completed: {summary.get('rounds_completed')}")
     print(f"summary: {Path(out).resolve() / 'summary.json'}")
+    print(f"report: {Path(out).resolve() / 'report.html'}")
+    refused = [a.get("reason", "") for a in summary.get("admission", {}).values() if a.get("status") == "refused"]
+    if refused and summary.get("final", {}).get("status") == "not released":
+        # the sites refused the job at admission (their policy, a floor, the budget): bad input, nothing ran
+        print(f"clinfed simulate: refused at admission: {refused[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -60,6 +60,8 @@ def _num(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
+        if value.is_integer() and abs(value) < 1e12:
+            return str(int(value))
         if value != 0 and (abs(value) < 1e-4 or abs(value) >= 1e6):
             return f"{value:.{digits - 1}e}"
         return f"{value:.{digits}g}"
@@ -186,7 +188,7 @@ def _suppression(summary: dict) -> str:
         rows.append([_e(block), _e(", ".join(prov.get("sites") or [])), _num(prov.get("n")), _e(text or "none")])
     out = ""
     if rows:
-        out += _table(["block", "contributing sites", "n used", "suppressed (and why)"], rows, left=2)
+        out += _table(["block", "contributing sites", "n used", "suppressed (and why)"], rows, left=4)
     if isinstance(summary.get("suppression"), dict):
         out += "<h3>Small-cell suppression</h3>" + _kv_table(summary["suppression"])
     return "<h2>Disclosure control: what was suppressed and why</h2>" + out if out else ""
@@ -203,8 +205,9 @@ def _km(km: dict) -> str:
         )
     for level, g in sorted((km.get("groups") or {}).items()):
         ci = g.get("median_ci") or [None, None]
+        median = "not reached" if g.get("median") is None else _num(g.get("median"))
         out.append(
-            f"<h3>{_e(level)}</h3><p>median survival {_num(g.get('median'))} "
+            f"<h3>{_e(level)}</h3><p>median survival {median} "
             f"(95 % CI {_num(ci[0])}–{_num(ci[1])}), time bins of {_num(km.get('time_bin'))} days</p>"
         )
         rows = [
@@ -255,7 +258,12 @@ def plot_glm_forest(glm: dict, path: Path) -> Path:
         ax.text(1.02, i, f"{mid:.3g} ({lo:.3g}–{hi:.3g})", transform=ax.get_yaxis_transform(), va="center", fontsize=9)
     ax.axvline(1.0 if ratio else 0.0, color="grey", linestyle=":")
     if ratio:
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_yticks(range(len(rows)), [name for name, _ in rows])
     label = {"binomial": "odds ratio", "poisson": "rate ratio"}.get(str(glm.get("family")), "coefficient")
@@ -270,7 +278,7 @@ def _glm(glm: dict) -> str:
     rows = [
         [_e(name), _num(c.get("coef")), _num(c.get("se")), _num(c.get("z")), _p(c.get("p")), _num(c.get("ci_low")),
          _num(c.get("ci_high"))]
-        for name, c in (glm.get("coef") or {}).items()
+        for name, c in sorted((glm.get("coef") or {}).items(), key=lambda kv: kv[0] != "intercept")
     ]  # fmt: skip
     meta = (
         f"<p>Generalised linear model, family {_e(glm.get('family'))}: n = {_num(glm.get('n'))}, "
@@ -371,7 +379,7 @@ def _scalar(v: Any) -> bool:
 
 def _kv_table(d: dict) -> str:
     rows = [[_e(k), _num(v) if _scalar(v) else _generic(v, depth=1)] for k, v in d.items()]
-    return _table(["", "value"], rows)
+    return _table(["", "value"], rows, left=2)
 
 
 def _generic(value: Any, depth: int = 0) -> str:
@@ -379,6 +387,8 @@ def _generic(value: Any, depth: int = 0) -> str:
     matrix, a list of lists as a grid, a list of scalars inline; deeper structures nested."""
     if _scalar(value):
         return _num(value)
+    if value in ({}, []):
+        return "none"
     if depth > 4:
         return _e(str(value)[:500])
     if isinstance(value, list):

@@ -316,13 +316,13 @@ def _psi(psi: dict) -> str:
 
 
 def is_training(summary: dict) -> bool:
-    """A training job's summary (a model metric per round), not an analytics or PSI release."""
+    """A training job's summary (a model metric per round, DP-SGD spends), not an analytics or PSI release."""
     if "method" in summary or summary.get("psi"):
         return False
     final = summary.get("final") or {}
-    return final.get("primary_metric") in TRAINING_METRICS or any(
-        m in (final.get("metrics") or {}) for m in TRAINING_METRICS
-    )
+    metrics = final.get("metrics") or {}
+    spends = any(isinstance(p, dict) and "history" in p for p in (summary.get("privacy") or {}).values())
+    return final.get("primary_metric") in TRAINING_METRICS or any(m in metrics for m in TRAINING_METRICS) or spends
 
 
 def _rounds(summary: dict) -> str:

@@ -319,6 +319,11 @@ TRAINING_JOBS = ("breast_cancer_dp", "segmentation_dp", "segmentation3d_dp")
 IMAGING_JOBS = ("segmentation_dp", "segmentation3d_dp")
 
 
+# jobs that build their rows from an OMOP cohort definition (`--cohort FILE`, docs/omop.md)
+COHORT_FILE_JOBS = ("survival_km", "cox_ph", "glm", "cohort_stats", "crosstab", "ttest", "correlation")
+COHORT_FILE_JOBS += ("cumulative_incidence",)
+
+
 def _check_channels(command: str, args: argparse.Namespace) -> None:
     if getattr(args, "channels", None) is not None and args.job not in IMAGING_JOBS:
         raise UsageError(f"clinfed {command}: --channels is for {' and '.join(IMAGING_JOBS)}, not {args.job}")
@@ -330,6 +335,8 @@ def _analytics_options(args: argparse.Namespace) -> dict:
     """The analytics options given on the command line, as keyword arguments of the job's make_recipe."""
     extra = {name: getattr(args, name) for name in ANALYTICS_OPTIONS if getattr(args, name, None) is not None}
     if extra.get("cohort") not in (None, "all", "intersect"):  # an OMOP cohort definition file
+        if args.job not in COHORT_FILE_JOBS:
+            raise UsageError(f"clinfed simulate: --cohort FILE is for the clinical jobs, not {args.job}")
         extra["cohort_file"] = extra.pop("cohort")
     if "covariates" in extra:
         extra["covariates"] = [c.strip() for c in extra["covariates"].split(",") if c.strip()]

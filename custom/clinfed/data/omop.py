@@ -142,6 +142,9 @@ def split_omop(sites: int, out_dir: str | os.PathLike, seed: int = 0) -> dict[st
                     part = frame if table == "concept" else frame[frame["person_id"].map(owner) == site]
                     part.to_sql(table, conn, index=False)
                     counts[site][table] = len(part)
+                    for column in CDM[table][:3]:  # ids, person and concept columns: what cohorts join on
+                        if column.endswith("_id"):
+                            conn.execute(f'CREATE INDEX "ix_{table}_{column}" ON "{table}" ("{column}")')
                 conn.commit()
             finally:
                 conn.close()

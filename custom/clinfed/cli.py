@@ -33,6 +33,13 @@ def inject_spec(text: str) -> tuple[str, str]:
     return site, kind
 
 
+def cohort_arg(text: str) -> str:
+    """`--cohort`: all or intersect (cohort_stats' rows), or the path of an existing cohort definition file."""
+    if text in ("all", "intersect") or Path(text).is_file():
+        return text
+    raise argparse.ArgumentTypeError(f"'{text}' is neither all, intersect nor an existing cohort definition file")
+
+
 def job_name(text: str) -> str:
     if text not in available_jobs():
         known = ", ".join(available_jobs()) or ", ".join(JOB_NAMES)
@@ -70,7 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--min-cell", type=positive_int, default=None)
     sim.add_argument("--data-dir", type=str, default=None)
     sim.add_argument("--inject", type=inject_spec, action="append", default=[], metavar="SITE=KIND")
-    sim.add_argument("--cohort", choices=["all", "intersect"], default=None, help="cohort_stats: rows to describe")
+    sim.add_argument(
+        "--cohort",
+        type=cohort_arg,
+        default=None,
+        metavar="all|intersect|FILE",
+        help="cohort_stats: rows to describe (all, intersect); or an OMOP cohort definition file for --data-dir of "
+        "`clinfed data omop`",
+    )
     # clinical analytics (survival_km, cox_ph, glm): variables by name, never tables or SQL
     sim.add_argument("--covariates", type=str, default=None, metavar="A,B", help="cox_ph / glm: covariate columns")
     sim.add_argument("--strata", choices=["site", "none"], default=None, help="cox_ph: one baseline per site or pooled")
@@ -354,6 +368,11 @@ TRAINING_JOBS = ("breast_cancer_dp", "segmentation_dp", "segmentation3d_dp")
 IMAGING_JOBS = ("segmentation_dp", "segmentation3d_dp")
 
 
+# jobs that build their rows from an OMOP cohort definition (`--cohort FILE`, docs/omop.md)
+COHORT_FILE_JOBS = ("survival_km", "cox_ph", "glm", "cohort_stats", "crosstab", "ttest", "correlation")
+COHORT_FILE_JOBS += ("cumulative_incidence",)
+
+
 def _check_channels(command: str, args: argparse.Namespace) -> None:
     if getattr(args, "channels", None) is not None and args.job not in IMAGING_JOBS:
         raise UsageError(f"clinfed {command}: --channels is for {' and '.join(IMAGING_JOBS)}, not {args.job}")
@@ -413,6 +432,10 @@ def _check_toolbox_options(command: str, args: argparse.Namespace) -> None:
 def _analytics_options(args: argparse.Namespace) -> dict:
     """The analytics options given on the command line, as keyword arguments of the job's make_recipe."""
     extra = {name: getattr(args, name) for name in ANALYTICS_OPTIONS if getattr(args, name, None) is not None}
+    if extra.get("cohort") not in (None, "all", "intersect"):  # an OMOP cohort definition file
+        if args.job not in COHORT_FILE_JOBS:
+            raise UsageError(f"clinfed simulate: --cohort FILE is for the clinical jobs, not {args.job}")
+        extra["cohort_file"] = extra.pop("cohort")
     if "covariates" in extra:
         extra["covariates"] = [c.strip() for c in extra["covariates"].split(",") if c.strip()]
     return extra
@@ -455,6 +478,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(f"refused the job: {admission.get('reason')}")
     print(f"encrypted: {summary.get('encrypted')}  rounds completed: {summary.get('rounds_completed')}")
     print(f"summary: {Path(out).resolve() / 'summary.json'}")
+    print(f"report: {Path(out).resolve() / 'report.html'}")
+    refused = [a.get("reason", "") for a in summary.get("admission", {}).values() if a.get("status") == "refused"]
+    if refused and summary.get("final", {}).get("status") == "not released":
+        # the sites refused the job at admission (their policy, a floor, the budget): bad input, nothing ran
+        print(f"clinfed simulate: refused at admission: {refused[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

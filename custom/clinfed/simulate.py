@@ -202,8 +202,12 @@ def run_simulation(req: SimulationRequest, recipe=None) -> dict:
     for png in sorted(root.glob(f"site-*/reports/{recipe.name}-*.png")):
         if png.stat().st_mtime >= started:  # a reused workspace keeps earlier runs' figures: not this run's
             shutil.copyfile(png, out / png.name)
-    if summary.get("rounds") and summary["rounds"][0]["sites"]:
+    from clinfed.report import is_training, write_report
+
+    if is_training(summary) and summary.get("rounds") and summary["rounds"][0]["sites"]:
+        # a metric per round only means something for training; analytics jobs get their own figures
         from clinfed.plots import plot_rounds
 
         plot_rounds(summary, out / "rounds.png", summary.get("final", {}).get("primary_metric", "auc"))
+    write_report(summary, out)
     return summary

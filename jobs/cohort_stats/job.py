@@ -40,8 +40,9 @@ and then no fine histogram is packed. `quantile_bins=0` turns them off (pass 1 b
 """
 
 from clinfed.analytics.cohort_data import clinical_layout
+from clinfed.analytics.omop_source import job_manifest, method_fields
 from clinfed.analytics.stats import ALL, EXTRAS_UNDER_DP, StatsSpec, reference_bounds
-from clinfed.analytics.sums_fl import SumsRecipe, split_manifest
+from clinfed.analytics.sums_fl import SumsRecipe
 from clinfed.data import breast_cancer as bc
 
 # No "epsilon" here: simulate passes DEFAULTS["epsilon"] when the CLI gives none, and no ε means no noise.
@@ -65,6 +66,7 @@ def make_recipe(
     features: list[str] | str | None = None,
     quantile_bins: int = DEFAULTS["quantile_bins"],
     data_dir: str | None = None,
+    cohort_file: str | None = None,
     group: str | None = None,
     proportions: list[str] | str | None = None,
     rate: tuple[str, str] | str | None = None,
@@ -78,11 +80,11 @@ def make_recipe(
     number of features released (one record touches all of them), so a DP release should ask for few.
     `group` is the CLI's name for `group_column`. Lists may be given as comma-separated text.
     """
+    manifest = job_manifest(data_dir, cohort_file)  # split.json, or a CDM folder's with its cohort
     fine = -(-int(quantile_bins) // bins) * bins  # a multiple of bins, so every coarse edge is a fine one
     fine = 0 if epsilon is not None else fine  # DP: the fine histogram is not noised
     if epsilon is not None and (proportions or rate):  # before any data is looked at
         raise ValueError(EXTRAS_UNDER_DP)
-    manifest = split_manifest(data_dir)
     if manifest is not None:  # a `clinfed data split` folder: the sites read their databases
         column = group or group_column
         spec, group_values = clinical_layout(
@@ -138,7 +140,7 @@ def make_recipe(
     return SumsRecipe(
         name="cohort_stats",
         num_sites=sites,
-        method=method,
+        method={**method, **method_fields(manifest)},
         min_cell=DEFAULTS["min_cell"] if min_cell is None else int(min_cell),
         encrypt=encrypt,
     )

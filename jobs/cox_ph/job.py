@@ -10,7 +10,8 @@ iterations, concordance). Run it:
 """
 
 from clinfed.analytics.km import n_bins_for
-from clinfed.analytics.sums_fl import SumsRecipe, check_split, split_manifest
+from clinfed.analytics.omop_source import job_manifest, method_fields
+from clinfed.analytics.sums_fl import SumsRecipe, check_split
 
 DEFAULTS = {"sites": 3, "rounds": 25, "min_cell": 5, "time_bin": 30}
 
@@ -22,6 +23,7 @@ def make_recipe(
     epsilon: float | None = None,
     min_cell: int | None = None,
     data_dir: str | None = None,
+    cohort_file: str | None = None,
     covariates: list[str] | None = None,
     strata: str | None = "site",
     time_bin: float | None = None,
@@ -29,6 +31,7 @@ def make_recipe(
     **_: object,
 ) -> SumsRecipe:
     """`rounds` caps the Newton iterations (≤ 25)."""
+    manifest = job_manifest(data_dir, cohort_file)  # split.json, or a CDM folder's with its cohort
     if epsilon is not None:
         raise ValueError(
             "cox_ph has no output DP: one patient's share of its summed gradients has no public bound "
@@ -42,7 +45,7 @@ def make_recipe(
     strata = None if strata in (None, "", "none") else strata
     if strata not in (None, "site"):
         raise ValueError(f"--strata must be 'site' or 'none', got {strata!r}")
-    frame = check_split(split_manifest(data_dir), sites, ["time", "event", *covariates], covariates, True)
+    frame = check_split(manifest, sites, ["time", "event", *covariates], covariates, True)
     method: dict = {
         "method": "cox",
         "covariates": covariates,
@@ -59,7 +62,7 @@ def make_recipe(
     return SumsRecipe(
         name="cox_ph",
         num_sites=sites,
-        method=method,
+        method={**method, **method_fields(manifest)},
         min_cell=DEFAULTS["min_cell"] if min_cell is None else int(min_cell),
         encrypt=encrypt,
     )

@@ -9,7 +9,8 @@ or covariate level has fewer rows than the minimum cell. Run it:
 """
 
 from clinfed.analytics.glm import FAMILIES
-from clinfed.analytics.sums_fl import SumsRecipe, check_split, split_manifest
+from clinfed.analytics.omop_source import job_manifest, method_fields
+from clinfed.analytics.sums_fl import SumsRecipe, check_split
 
 DEFAULTS = {"sites": 3, "rounds": 25, "min_cell": 5}
 
@@ -21,6 +22,7 @@ def make_recipe(
     epsilon: float | None = None,
     min_cell: int | None = None,
     data_dir: str | None = None,
+    cohort_file: str | None = None,
     family: str = "binomial",
     outcome: str | None = None,
     covariates: list[str] | None = None,
@@ -29,6 +31,7 @@ def make_recipe(
 ) -> SumsRecipe:
     """`rounds` caps the IRLS iterations (≤ 25); `offset` names a column on the log scale, or `log(COL)` the
     log of an exposure column (Poisson rates: `--family poisson --offset 'log(time)'`, incidence-rate ratios)."""
+    manifest = job_manifest(data_dir, cohort_file)  # split.json, or a CDM folder's with its cohort
     if epsilon is not None:
         raise ValueError(
             "glm has no output DP: one patient's share of its summed gradients has no public bound "
@@ -45,7 +48,7 @@ def make_recipe(
     if offset_log:  # `--offset log(time)`: the log of an exposure column (incidence-rate ratios)
         offset = offset[4:-1].strip()
     numeric = [outcome, *covariates, *([offset] if offset else [])]
-    check_split(split_manifest(data_dir), sites, numeric, numeric, False)
+    check_split(manifest, sites, numeric, numeric, False)
     method = {
         "method": "glm",
         "family": family,
@@ -60,7 +63,7 @@ def make_recipe(
     return SumsRecipe(
         name="glm",
         num_sites=sites,
-        method=method,
+        method={**method, **method_fields(manifest)},
         min_cell=DEFAULTS["min_cell"] if min_cell is None else int(min_cell),
         encrypt=encrypt,
     )

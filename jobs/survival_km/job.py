@@ -18,7 +18,8 @@ the job when its policy or budget cannot take it.
 
 from clinfed.analytics.km import n_bins_for
 from clinfed.analytics.methods import KaplanMeier, dp_config, level_text
-from clinfed.analytics.sums_fl import SumsRecipe, check_split, split_manifest
+from clinfed.analytics.omop_source import job_manifest, method_fields
+from clinfed.analytics.sums_fl import SumsRecipe, check_split
 
 DEFAULTS = {"sites": 3, "rounds": 1, "min_cell": 5, "time_bin": 30}
 
@@ -30,6 +31,7 @@ def make_recipe(
     epsilon: float | None = None,
     min_cell: int | None = None,
     data_dir: str | None = None,
+    cohort_file: str | None = None,
     group: str | None = None,
     time_bin: float | None = None,
     levels: list[str] | None = None,
@@ -39,11 +41,12 @@ def make_recipe(
     **_: object,
 ) -> SumsRecipe:
     """`rounds` is ignored (one round of counts and a release); `group=None`: one curve of everyone."""
+    manifest = job_manifest(data_dir, cohort_file)  # split.json, or a CDM folder's with its cohort
     time_bin = float(time_bin or DEFAULTS["time_bin"])
     if time_bin <= 0:
         raise ValueError(f"--time-bin must be positive, got {time_bin:g}")
     group = None if group in (None, "", "none") else group
-    frame = check_split(split_manifest(data_dir), sites, ["time", "event", *([group] if group else [])], [], False)
+    frame = check_split(manifest, sites, ["time", "event", *([group] if group else [])], [], False)
     if frame is not None:
         horizon = horizon or float(frame["time"].max())
         if group and levels is None:
@@ -64,7 +67,7 @@ def make_recipe(
     return SumsRecipe(
         name="survival_km",
         num_sites=sites,
-        method=method,
+        method={**method, **method_fields(manifest)},
         min_cell=DEFAULTS["min_cell"] if min_cell is None else int(min_cell),
         encrypt=encrypt,
         **({} if straggler_wait is None else {"straggler_wait": int(straggler_wait)}),

@@ -86,7 +86,13 @@ def read_cohort_csv(
 
 
 def read_cohort_db(
-    site: str, policy: SitePolicy, features: list[str], group_column: str, id_column: str | None, others: list[str]
+    site: str,
+    policy: SitePolicy,
+    features: list[str],
+    group_column: str,
+    id_column: str | None,
+    others: list[str],
+    omop_cohort: dict | None = None,
 ) -> tuple[np.ndarray, list[str], list[str] | None, dict]:
     """(values, group labels, ids, {column: values}) from the site's database: its policy's ``database``
     (SQLAlchemy URL + column mapping) or the `<site>.sqlite` of a `clinfed data split` folder, through
@@ -94,7 +100,7 @@ def read_cohort_db(
     from clinfed.data.source import site_table
 
     wanted = [*features, *([group_column] if group_column else []), *([id_column] if id_column else []), *others]
-    table = site_table(policy, site, list(dict.fromkeys(wanted)))
+    table = site_table(policy, site, list(dict.fromkeys(wanted)), cohort=omop_cohort)
     n = len(next(iter(table.values())))
     cols = []
     for f in features:
@@ -144,6 +150,7 @@ def load_cohort(
     cohort: str = "all",
     id_column: str = "patient_id",
     site_number: int | None = None,
+    omop_cohort: dict | None = None,
 ) -> CohortRows:
     """The site's rows from its database, its CSV or its bundled share (module doc), restricted to the
     PSI-linked patients for ``cohort="intersect"``. One-line SiteDataError/SiteRefusal naming the site."""
@@ -160,7 +167,7 @@ def load_cohort(
     database = getattr(policy, "database", None)
     dbs = find_site_databases(policy.data_dir) if policy.data_dir else {}
     if database is not None or site in dbs:
-        x, labels, ids, columns = read_cohort_db(site, policy, features, group_column, id_col, others)
+        x, labels, ids, columns = read_cohort_db(site, policy, features, group_column, id_col, others, omop_cohort)
         origin = "its database" if site not in dbs else f"{dbs[site]}"
     elif policy.data_dir:
         x, labels, ids, columns = read_cohort_csv(site, policy.data_dir, features, group_column, id_col, others)

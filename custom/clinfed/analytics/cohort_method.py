@@ -166,6 +166,7 @@ class CohortStats(Method):
             cohort=self.cohort,
             id_column=self.id_column,
             site_number=site_index(site.name),
+            omop_cohort=self.config.get("omop_cohort"),
         )
         return {"rows": rows, "info": site}
 

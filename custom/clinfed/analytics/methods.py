@@ -164,7 +164,7 @@ class Method:
         `<site>.sqlite` in a `clinfed data split` folder). A method with other sources overrides it."""
         from clinfed.data.source import site_table
 
-        return site_table(site.policy, site.name, self.variables())
+        return site_table(site.policy, site.name, self.variables(), cohort=self.config.get("omop_cohort"))
 
     def load(self, table: Mapping[str, np.ndarray], site: str, min_cell: int) -> Any:
         """The site's complete cases as arrays; SiteDataError/SiteRefusal (one line) if it cannot take part."""

@@ -32,10 +32,10 @@ def check_split(manifest: dict | None, sites: int, columns: list[str], numeric: 
     """
     if manifest is None:
         return None
-    from clinfed.data.clinical import load_dataset
+    from clinfed.analytics.omop_source import reference_frame
 
     name = manifest["dataset"]
-    frame = load_dataset(name)
+    frame = reference_frame(manifest)  # the bundled dataset, or the pooled OMOP cohort
     have = len(manifest.get("sites", {}))
     if have < sites:
         raise ValueError(f"the split of {name} has {have} site databases, the job asks for {sites} sites")

@@ -84,6 +84,7 @@ from clinfed.analytics.splits import check_split, split_manifest  # noqa: F401  
 from clinfed.audit import AuditLog, payload_digest
 from clinfed.errors import SiteRefusal
 from clinfed.fl import payload
+from clinfed.fl.node_policy import check_node_policy
 from clinfed.fl.participant import SitePolicy, participant_root, server_context, site_context
 from clinfed.fl.secagg import (
     HELLO_KEY,
@@ -240,6 +241,7 @@ class SumsExecutor(Executor):
         self._secagg = load_site(self.root, self.site, self.run_id)  # no kit, no masks, no job
         self._m.max_params_per_observation = self.policy.max_params_per_observation  # the site's cap, not the job's
         info = SiteInfo(self.site, self.root, self.policy, self.run_id, self.job_label, int(self.num_sites))
+        check_node_policy(self.policy, self.site, self.job_label, self._m)  # before any SQL runs here
         # by default the hospital's database through its policy (SQLAlchemy URL + column mapping), else its split
         self._load(self._m.read(info))
         self.audit.append("job_start", job=self.job_label, encrypted=True, method=self._m.block)

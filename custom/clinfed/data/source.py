@@ -39,8 +39,13 @@ if TYPE_CHECKING:
 _POLICY = "local/resources.json"
 
 
-def site_table(policy: SitePolicy, site: str, variables: list[str]) -> dict[str, np.ndarray]:
+def site_table(
+    policy: SitePolicy, site: str, variables: list[str], cohort: dict | None = None
+) -> dict[str, np.ndarray]:
     """The site's `variables`, {variable: array}, rows aligned across variables.
+
+    With `cohort` (an OMOP cohort definition the job carries) the same sources hold an OMOP CDM and
+    the variables are the cohort's, built at the site by `clinfed.data.omop.cohort_table`.
 
     Arrays are what `clinfed.data.sitedb.read_site_table` returns: int64 for a whole, complete numeric
     column, float64 with NaN for missing numbers, object arrays of text with None for missing.
@@ -49,6 +54,8 @@ def site_table(policy: SitePolicy, site: str, variables: list[str]) -> dict[str,
     """
     if policy is None:
         raise SiteRefusal(f"{site}: no local policy ({_POLICY}): this job reads the site's database")
+    if cohort is not None:
+        return _omop_cohort(policy, site, variables, cohort)
     if policy.database is not None:
         return read_database(policy.database, site, variables)
     if policy.data_dir:
@@ -60,6 +67,27 @@ def site_table(policy: SitePolicy, site: str, variables: list[str]) -> dict[str,
     raise SiteRefusal(
         f"{site}: no database or data_dir in {_POLICY}: this job reads the site's database (see docs/site-policy.md)"
     )
+
+
+def _omop_cohort(policy: SitePolicy, site: str, variables: list[str], cohort: dict) -> dict[str, np.ndarray]:
+    """The cohort's `variables` from the site's CDM: its policy's database URL, else `<data_dir>/<site>.sqlite`.
+
+    A cohort smaller than the site's cell floor (policy ``min_cell``, default 5) is refused."""
+    from clinfed.data.omop import cohort_table
+
+    floor = int(getattr(policy, "min_cell", None) or 5)
+    if policy.database is not None:
+        url, secrets, _ = _resolve_url(policy.database, site)
+        try:
+            return cohort_table(url.render_as_string(hide_password=False), cohort, variables, site, floor)
+        except SiteDataError as exc:
+            raise SiteDataError(_mask(str(exc), secrets)) from None
+    if policy.data_dir:
+        dbs = find_site_databases(policy.data_dir)
+        if site not in dbs:
+            raise SiteDataError(f"{site}: no {site}.sqlite (an OMOP CDM) in {policy.data_dir}")
+        return cohort_table(dbs[site], cohort, variables, site, floor)
+    raise SiteRefusal(f"{site}: no database or data_dir in {_POLICY}: this job reads the site's OMOP CDM")
 
 
 def read_database(database: SiteDatabase, site: str, variables: list[str]) -> dict[str, np.ndarray]:

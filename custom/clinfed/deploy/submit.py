@@ -146,7 +146,11 @@ def _download(session, job_id: str, out: Path) -> tuple[Path, dict | None]:
     if not produced.is_file():
         return location, None
     shutil.copyfile(produced, out / SUMMARY_FILE)
-    return location, json.loads(produced.read_text())
+    summary = json.loads(produced.read_text())
+    from clinfed.report import write_report
+
+    write_report(summary, out)  # report.html next to summary.json, as the simulator writes it
+    return location, summary
 
 
 def _reason(exc: Exception) -> str:

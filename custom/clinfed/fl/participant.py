@@ -173,6 +173,10 @@ class SitePolicy:
     min_cell: int = 5  # smallest released count (KM bins, GLM levels, cohort cells), 0 aside
     max_params_per_observation: float = 0.33  # regressions: parameters ≤ this × the site's rows (nfilter.glm)
     min_sites: int = 3  # fewest sites in any sum this site's rows enter (never below 3)
+    # node policy (`clinfed.fl.node_policy`): None allows all; a list allows only what it names
+    allowed_methods: tuple[str, ...] | None = None  # job names (cox_ph) or method blocks (cox)
+    allowed_columns: tuple[str, ...] | None = None  # variables a job may name
+    allowed_concepts: tuple[int, ...] | None = None  # OMOP concept ids a cohort definition may name
 
     @classmethod
     def load(cls, root: Path) -> SitePolicy:
@@ -197,6 +201,7 @@ class SitePolicy:
             metric_digits=int(section.get("metric_digits", defaults.metric_digits)),
             simulated_override=bool(section.get("simulated_override", False)),
             **_floors(section, defaults, root.name),
+            **_allow_lists(section, root.name),
         )
         if not 0 < policy.delta < 1:
             raise SiteRefusal(f"{root.name}: local policy delta {policy.delta!r} is not in (0, 1)")
@@ -237,6 +242,20 @@ def _floors(section: dict, defaults: SitePolicy, site: str) -> dict:
         if not good:
             raise SiteRefusal(f"{site}: local policy {key} {value!r} is not {why}")
         out[key] = kind(value)
+    return out
+
+
+def _allow_lists(section: dict, site: str) -> dict:
+    """The node policy's allow-lists, validated: a malformed one is refused, never read as "allow all"."""
+    out: dict = {}
+    for key, kind in (("allowed_methods", str), ("allowed_columns", str), ("allowed_concepts", int)):
+        value = section.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            what = "names" if kind is str else "integer concept ids"
+            raise SiteRefusal(f"{site}: local policy {key} must be a list of {what}")
+        out[key] = tuple(value)
     return out
 
 

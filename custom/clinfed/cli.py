@@ -369,7 +369,7 @@ IMAGING_JOBS = ("segmentation_dp", "segmentation3d_dp")
 
 
 # jobs that build their rows from an OMOP cohort definition (`--cohort FILE`, docs/omop.md)
-COHORT_FILE_JOBS = ("survival_km", "cox_ph", "glm", "cohort_stats", "crosstab", "ttest", "correlation")
+COHORT_FILE_JOBS = ("survival_km", "cox_ph", "glm", "cohort_stats")
 COHORT_FILE_JOBS += ("cumulative_incidence",)
 
 
@@ -404,6 +404,8 @@ def _check_applies(command: str, args: argparse.Namespace) -> None:
     if getattr(args, "no_encrypt", False):
         given.append("encrypt")
     for name in given:
+        if name == "cohort" and getattr(args, "cohort", None) not in ("all", "intersect"):
+            continue  # a cohort definition file: checked against COHORT_FILE_JOBS where it is handed on
         if _GENERAL_OPTIONS.get(name, name) not in params:
             flag = "--no-encrypt" if name == "encrypt" else "--" + name.replace("_", "-")
             raise UsageError(f"clinfed {command}: {flag} does not apply to {args.job}")
@@ -433,8 +435,13 @@ def _analytics_options(args: argparse.Namespace) -> dict:
     """The analytics options given on the command line, as keyword arguments of the job's make_recipe."""
     extra = {name: getattr(args, name) for name in ANALYTICS_OPTIONS if getattr(args, name, None) is not None}
     if extra.get("cohort") not in (None, "all", "intersect"):  # an OMOP cohort definition file
-        if args.job not in COHORT_FILE_JOBS:
-            raise UsageError(f"clinfed simulate: --cohort FILE is for the clinical jobs, not {args.job}")
+        import inspect
+
+        from clinfed.jobs import load_job
+
+        takes = "cohort_file" in inspect.signature(load_job(args.job).make_recipe).parameters
+        if args.job not in COHORT_FILE_JOBS or not takes:
+            raise UsageError(f"clinfed simulate: --cohort FILE does not apply to {args.job}")
         extra["cohort_file"] = extra.pop("cohort")
     if "covariates" in extra:
         extra["covariates"] = [c.strip() for c in extra["covariates"].split(",") if c.strip()]

@@ -184,4 +184,4 @@ def test_cli_refuses_unknown_concepts_columns_and_missing_cohorts_in_one_line(tm
     err = _bad(tmp_path, capsys, ["survival_km", "--data-dir", str(data), "--cohort", str(tmp_path / "nope.json")])
     assert "neither all, intersect nor an existing cohort definition file" in err
     err = _bad(tmp_path, capsys, ["breast_cancer_dp", "--data-dir", str(data), "--cohort", str(COHORT_FILE)])
-    assert err == "clinfed simulate: --cohort FILE is for the clinical jobs, not breast_cancer_dp"
+    assert err == "clinfed simulate: --cohort FILE does not apply to breast_cancer_dp"

@@ -133,3 +133,16 @@ def test_a_sum_without_reveals_and_a_site_without_a_kit_are_refused(fed, tmp_pat
         parties["site-1"].correction({"round": 0, "purpose": "train", "members": []}, ring)
     with pytest.raises(SecAggError, match=r"site-9: no .*startup/client.key: secure aggregation signs"):
         load_site(tmp_path / "site-9", "site-9", "r2")
+
+
+def test_a_site_whose_policy_asks_more_sites_refuses_a_smaller_sum(fed):
+    """The site's own `min_sites` (issue 23, item 2) holds for training and every clinical sum alike:
+    its upload enters no member set smaller than that, whatever the job or the server says."""
+    root, sites, secret, _ = fed
+    strict = load_site(root / "site-1", "site-1", "r3", min_members=4)
+    others = {s: load_site(root / s, s, "r3") for s in sites[1:]}
+    roster = {"site-1": strict.hello(), **{s: p.hello() for s, p in others.items()}}
+    strict.join(roster)
+    with pytest.raises(SecAggError, match=r"site-1: the member set of round 0 has 3 member\(s\), fewer than 4"):
+        strict.mask(0, "train", sites[:3], ring_of(secret))
+    strict.mask(0, "train", sites[:4], ring_of(secret))

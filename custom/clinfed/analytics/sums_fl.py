@@ -238,7 +238,7 @@ class SumsExecutor(Executor):
         self.audit = AuditLog(self.root, self.site)
         self._ctx, self._fingerprint = site_context(self.root, self.site)
         self.run_id = str(fl_ctx.get_job_id() or "")
-        self._secagg = load_site(self.root, self.site, self.run_id)  # no kit, no masks, no job
+        self._secagg = load_site(self.root, self.site, self.run_id, self.policy.min_sites)  # no kit: no job
         self._m.max_params_per_observation = self.policy.max_params_per_observation  # the site's cap, not the job's
         info = SiteInfo(self.site, self.root, self.policy, self.run_id, self.job_label, int(self.num_sites))
         check_node_policy(self.policy, self.site, self.job_label, self._m)  # before any SQL runs here

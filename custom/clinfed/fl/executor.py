@@ -176,7 +176,7 @@ class DPTrainExecutor(Executor):
         self.run_key = str(incoming.meta.get("run_key", "")) or fl_ctx.get_job_id()
         start = int(incoming.current_round or 0)
         if self.encrypt:  # before any data is touched: no kit, no masks, no job
-            self._secagg = load_site(self.root, self.site, self.run_key)
+            self._secagg = load_site(self.root, self.site, self.run_key, self.policy.min_sites)
         self._trainer = SiteTrainer(
             task,
             data,

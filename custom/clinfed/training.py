@@ -31,6 +31,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+import clinfed.per_sample_grads  # noqa: F401  (registers exact, cheaper per-sample gradient samplers with Opacus)
+from clinfed.sysinfo import fix_mmap_threshold
 from clinfed.tasks.base import SiteData, Task
 
 
@@ -61,7 +63,31 @@ class DPConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
-    grad_sample_mode: str = "hooks"
+    #: Opacus' per-sample gradient engine: "hooks" (per-sample gradients materialised), "ghost"
+    #: (fast gradient clipping: per-sample *norms* only, then a second, reweighted backward pass) or
+    #: "auto" (the task's `grad_sample_mode`, chosen per model from `clinfed bench dp`). Same
+    #: clipping, same noise, same accountant in every mode: only the cost differs.
+    grad_sample_mode: str = "auto"
+
+
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "auto")
+
+
+class PerSampleCriterion(nn.Module):
+    """The task's loss in the shape Opacus' ghost clipping wants: a module with a `reduction` attribute
+    that returns one loss per sample when Opacus sets `reduction = "none"` (its
+    `DPLossFastGradientClipping` does, around each call) and their mean otherwise."""
+
+    def __init__(self, task: Task):
+        super().__init__()
+        self.task = task
+        self.reduction = "mean"
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_sample = self.task.per_sample_loss(output, target)
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
 
 
 def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
@@ -137,6 +163,7 @@ class SiteTrainer:
     ):
         """`rounds_left` and `prior_history` serve a job resumed mid-way: the noise is set so that what
         this run already spent (prior_history) plus the remaining rounds meets the job's target ε."""
+        fix_mmap_threshold()  # Poisson batches of changing size would fragment the heap (see sysinfo)
         self.task, self.data, self.train_cfg, self.dp = task, data, train, dp
         with torch.random.fork_rng():  # the job seed fixes the initial weights (equal at every site), nothing else
             torch.manual_seed(int(train.seed))
@@ -156,6 +183,13 @@ class SiteTrainer:
         self.sample_rate = 1.0 / len(loader)
         self.noise_multiplier = 0.0
         self.engine: PrivacyEngine | None = None
+        self.criterion = None  # Opacus' two-pass loss in ghost mode; `task.loss` otherwise
+        mode = dp.grad_sample_mode
+        if mode == "auto":
+            mode = getattr(task, "grad_sample_mode", "hooks")
+        if mode not in ("hooks", "ghost"):
+            raise ValueError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {mode!r}")
+        self.grad_sample_mode = mode
         if dp.enabled:
             rounds = train.rounds if rounds_left is None else max(1, rounds_left)
             self.planned_steps = rounds * train.local_epochs * len(loader)
@@ -163,16 +197,21 @@ class SiteTrainer:
                 dp.target_epsilon, dp.delta, self.sample_rate, self.planned_steps, prior_history or [], dp.accountant
             )
             self.engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
-            model, optimizer, _ = self.engine.make_private(
+            private = self.engine.make_private(
                 module=model,
                 optimizer=optimizer,
+                criterion=PerSampleCriterion(task),
                 data_loader=loader,
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=False,  # Poisson sampling is set up below, on a generator of our own
-                grad_sample_mode=dp.grad_sample_mode,
+                grad_sample_mode=mode,
                 noise_generator=os_seeded_generator(),
             )
+            if mode == "ghost":  # ghost mode hands back a 4th object: the loss that runs both passes
+                model, optimizer, self.criterion, _ = private
+            else:
+                model, optimizer, _ = private
             # make_private would hand Poisson sampling torch's *global* RNG (seeded by the job) unless
             # secure_mode is on; the same DPDataLoader with an OS-seeded generator samples at the same
             # rate (1 / batches per epoch), which is what the accountant is told.
@@ -219,7 +258,8 @@ class SiteTrainer:
                     steps += 1
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self.task.loss(self.model(x), y)
+                output = self.model(x)
+                loss = self.task.loss(output, y) if self.criterion is None else self.criterion(output, y)
                 loss.backward()
                 self.optimizer.step()
                 losses.append(float(loss.detach()))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
@@ -188,6 +188,13 @@ class SegmentationTask(Task):
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._loss(output, target)
+
+    def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Dice + cross-entropy of each image: MONAI's per-image Dice (`reduction="none"`, averaged over
+        classes) plus the pixel-mean cross-entropy; their batch mean is `loss` exactly."""
+        dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")(output, target).flatten(1).mean(1)
+        ce = nn.functional.cross_entropy(output, target[:, 0].long(), reduction="none").flatten(1).mean(1)
+        return self._loss.lambda_dice * dice + self._loss.lambda_ce * ce
 
     def predict(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, one-hot prediction) in eval mode and without gradients, restoring the model's mode."""

@@ -16,7 +16,7 @@ the headers before the job starts: a missing label, mismatched shapes or an empt
 with one line naming the file).
 """
 
-from clinfed.data.segmentation3d import check_folder
+from clinfed.data.segmentation import check_folder
 from clinfed.fl.recipe import SecureFedAvgRecipe, unet_layout
 
 DEFAULTS = {

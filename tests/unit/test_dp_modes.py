@@ -10,8 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from clinfed.tasks.base import Task
-from clinfed.tasks.segmentation import SegmentationTask
-from clinfed.tasks.segmentation3d import Segmentation3DTask
+from clinfed.tasks.segmentation import Segmentation3DTask, SegmentationTask
 from clinfed.training import PerSampleCriterion
 
 

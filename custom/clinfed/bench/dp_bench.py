@@ -98,7 +98,7 @@ def _site(model: str, settings: dict):
         task = SegmentationTask(image_size=128, n_train=settings["n_train_2d"], n_test=8)
         train = TrainConfig(rounds=epochs, batch_size=32, lr=0.03, optimizer="adam", seed=settings["seed"])
         return task, train, 0.1
-    from clinfed.tasks.segmentation3d import Segmentation3DTask
+    from clinfed.tasks.segmentation import Segmentation3DTask
 
     task = Segmentation3DTask(image_size=32, n_train=settings["n_train_3d"], n_test=4)
     train = TrainConfig(rounds=epochs, batch_size=16, lr=0.03, optimizer="adam", seed=settings["seed"])

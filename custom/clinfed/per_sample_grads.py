@@ -1,8 +1,8 @@
 """Exact per-sample gradients for the imaging jobs' layers, cheaper than Opacus' defaults.
 
-Why this exists: `clinfed bench dp` showed DP-SGD on the MONAI UNets costing 1.4-2× the time and
-2.4× the memory of non-private training, and the cost was not the clipping or the noise but how
-Opacus 1.6 obtains per-sample gradients of three layer types:
+Why this exists: `clinfed bench dp` showed DP-SGD on the MONAI UNets costing 1.4-2× the time of
+non-private training, and the time went not to the clipping or the noise but to how Opacus 1.6
+obtains per-sample gradients of three layer types:
 
 - `Conv2d` / `Conv3d`: Opacus unfolds each layer's input (im2col: Cin × k^d copies of every activation)
   and contracts it with an einsum; the unfolded tensor is the memory peak of a DP step.
@@ -12,7 +12,8 @@ Opacus 1.6 obtains per-sample gradients of three layer types:
 Ghost clipping (`grad_sample_mode="ghost"`) does not help here: Opacus ships ghost *norm* samplers only
 for `Linear` and `Embedding`; every other layer still materialises its per-sample gradient, and the
 mode adds a second backward pass. The per-sample gradients of these UNets are small (12 k parameters
-× 32 images = 1.5 MB); what costs is computing them.
+× 32 images = 1.5 MB); what costs is computing them. (DP-SGD's extra *memory* is mostly glibc's heap
+fragmenting under Poisson batches of changing size: docs/benchmarks.md.)
 
 So we compute them with the kernel PyTorch already uses for the weight gradient of a convolution,
 `aten.convolution_backward`, run once as a *grouped* convolution: the batch is folded into the channel

@@ -78,31 +78,3 @@ def limit_malloc_arenas(arenas: int = 1) -> bool:
 
 _M_ARENA_MAX = -8  # glibc <malloc.h>
 
-
-#: glibc <malloc.h>: blocks of at least this many bytes are mmapped (and unmapped on free)
-_M_MMAP_THRESHOLD = -3
-#: 256 KiB: a UNet feature map of one batch is megabytes, so every tensor that matters is mmapped
-TRAINING_MMAP_THRESHOLD = 256 * 1024
-
-
-def fix_mmap_threshold(threshold: int = TRAINING_MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``), turning off its dynamic raising;
-    False where unavailable (not glibc).
-
-    Why (measured with `clinfed bench dp` and a 16-step loop of the 2-D UNet): DP-SGD's Poisson
-    sampling gives every batch a different size, so every activation tensor has a new size each
-    step. glibc starts by mmapping large blocks, but each time one is freed it raises the threshold
-    to that block's size (up to 32 MB), after which same-sized tensors come from the heap, where
-    blocks of ever-changing sizes fragment it and `free` never returns them. Plain PyTorch, no
-    Opacus at all, grew 516 MB over 16 steps of batches of 20-44 images and 226 MB with the
-    threshold fixed at 256 KiB; DP-SGD's first epoch peaked at 2.8× the non-private one's memory
-    because of this, not because of per-sample gradients. With the threshold fixed, large tensors
-    are mapped and unmapped each time (a page fault per page touched, measured in the bench's
-    times). Called when a site's trainer is built, for private and non-private training alike.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))

@@ -32,7 +32,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import clinfed.per_sample_grads  # noqa: F401  (registers exact, cheaper per-sample gradient samplers with Opacus)
-from clinfed.sysinfo import fix_mmap_threshold
 from clinfed.tasks.base import SiteData, Task
 
 
@@ -163,7 +162,6 @@ class SiteTrainer:
     ):
         """`rounds_left` and `prior_history` serve a job resumed mid-way: the noise is set so that what
         this run already spent (prior_history) plus the remaining rounds meets the job's target ε."""
-        fix_mmap_threshold()  # Poisson batches of changing size would fragment the heap (see sysinfo)
         self.task, self.data, self.train_cfg, self.dp = task, data, train, dp
         with torch.random.fork_rng():  # the job seed fixes the initial weights (equal at every site), nothing else
             torch.manual_seed(int(train.seed))

@@ -77,4 +77,3 @@ def limit_malloc_arenas(arenas: int = 1) -> bool:
 
 
 _M_ARENA_MAX = -8  # glibc <malloc.h>
-

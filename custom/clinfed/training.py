@@ -46,6 +46,10 @@ class TrainConfig:
     optimizer: str = "sgd"  # "sgd" | "adam"
     momentum: float = 0.0
     seed: int = 0  # model initialisation only; never the DP noise or the batch sampling
+    #: DP-SGD (hooks mode): run each sampled batch's forward and backward passes in chunks of this many
+    #: samples (0: the whole batch at once; None: the task's `physical_batch`); the step, clipping,
+    #: noise and accounting are unchanged (`hooks_backward`, which says why).
+    physical_batch: int | None = None
 
 
 def os_seeded_generator() -> torch.Generator:
@@ -148,6 +152,35 @@ def noise_for_target(
     return high
 
 
+def hooks_backward(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Forward and backward passes of one sampled batch under Opacus' hooks mode, `chunk` samples at a
+    time; returns the batch's mean loss. The optimizer's next `step` then clips, sums and noises the
+    per-sample gradients exactly as for one pass over the whole batch.
+
+    Why chunks: Poisson sampling gives every batch a different size, so every activation tensor
+    changes size every step and glibc's heap fragments; DP-SGD's peak memory was mostly that (2.8-3.1×
+    the non-private peak on the 2-D UNet, docs/benchmarks.md), not per-sample gradients. Chunks of a
+    fixed size (only the last one smaller) keep the big tensors the same size step after step, and
+    smaller. Each chunk's per-sample gradients are exact whatever its size (Opacus undoes the chunk
+    mean), and they are joined into one tensor per parameter before the step, so Opacus sees one
+    batch: it divides by the expected batch size once and charges the accountant one step at the
+    sampling rate (it would count each extra backward pass as another step otherwise).
+    """
+    if chunk <= 0 or len(x) <= chunk:
+        loss = task.loss(model(x), y)
+        loss.backward()
+        return loss.detach()
+    total = torch.zeros(())
+    for start in range(0, len(x), chunk):
+        part = task.loss(model(x[start : start + chunk]), y[start : start + chunk])
+        part.backward()
+        total += part.detach() * len(x[start : start + chunk])
+    for param in model.parameters():
+        if isinstance(getattr(param, "grad_sample", None), list):
+            param.grad_sample = torch.cat(param.grad_sample)
+    return total / len(x)
+
+
 class SiteTrainer:
     """Model, optimizer, loader and privacy engine of one site, kept across rounds."""
 
@@ -188,6 +221,8 @@ class SiteTrainer:
         if mode not in ("hooks", "ghost"):
             raise ValueError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {mode!r}")
         self.grad_sample_mode = mode
+        chunk = train.physical_batch
+        self.physical_batch = int(getattr(task, "physical_batch", 0) if chunk is None else chunk)
         if dp.enabled:
             rounds = train.rounds if rounds_left is None else max(1, rounds_left)
             self.planned_steps = rounds * train.local_epochs * len(loader)
@@ -256,9 +291,14 @@ class SiteTrainer:
                     steps += 1
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
-                output = self.model(x)
-                loss = self.task.loss(output, y) if self.criterion is None else self.criterion(output, y)
-                loss.backward()
+                if self.criterion is not None:  # ghost clipping: Opacus' loss runs both backward passes
+                    loss = self.criterion(self.model(x), y)
+                    loss.backward()
+                elif self.engine is not None:
+                    loss = hooks_backward(self.model, self.task, x, y, self.physical_batch)
+                else:
+                    loss = self.task.loss(self.model(x), y)
+                    loss.backward()
                 self.optimizer.step()
                 losses.append(float(loss.detach()))
                 steps += 1

@@ -125,3 +125,36 @@ def test_per_sample_loss_means_to_the_batch_loss():
     torch.testing.assert_close(tab.per_sample_loss(logits, labels).mean(), tab.loss(logits, labels))
     # the generic fallback (one call per sample) agrees with the vectorised one
     torch.testing.assert_close(Task.per_sample_loss(seg, out, target), seg.per_sample_loss(out, target))
+
+
+@pytest.mark.parametrize("task,shape", CASES)
+def test_a_step_in_chunks_is_the_whole_batch_step(task, shape):
+    """hooks_backward in chunks of 2 (the last one smaller) gives the very step of one pass, and Opacus
+    sees one batch (one accountant step, divided once by the expected batch size)."""
+    from clinfed.training import hooks_backward
+
+    torch.manual_seed(4)
+    x = torch.rand(*shape)
+    y = (torch.rand(*shape) > 0.6).float()
+    steps = []
+    for chunk in (0, 2):
+        model = _tiny_unet(task, seed=5)
+        engine = PrivacyEngine()
+        wrapped, optimizer, _ = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=len(x)),
+            noise_multiplier=0.0,
+            max_grad_norm=0.5,
+            poisson_sampling=False,
+        )
+        optimizer.zero_grad()
+        loss = hooks_backward(wrapped, task, x, y, chunk)
+        optimizer.step()
+        assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == 1
+        assert engine.accountant.history[0][1] == pytest.approx(1.0)  # the sample rate, not 3×
+        steps.append((float(loss), [p.detach().clone() for p in wrapped._module.parameters()]))
+    (loss_whole, whole), (loss_chunks, chunked) = steps
+    assert loss_chunks == pytest.approx(loss_whole, rel=1e-5)
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)

@@ -50,6 +50,10 @@ class Task(ABC):
     #: (a transformer) would set "ghost".
     grad_sample_mode: str = "hooks"
 
+    #: DP-SGD forward/backward chunk size (`clinfed.training.hooks_backward`; 0: whole batches). Worth
+    #: it where activations are large (the UNets: 8); for a small MLP the extra passes only cost time.
+    physical_batch: int = 0
+
     @abstractmethod
     def build_model(self) -> nn.Module:
         """A fresh model. Must be deterministic under `torch.manual_seed` so all sites start equal."""

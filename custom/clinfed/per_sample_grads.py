@@ -68,30 +68,28 @@ def _plain(layer: nn.Module) -> bool:
     return not isinstance(layer.padding, str) and getattr(layer, "padding_mode", "zeros") == "zeros"
 
 
+def _conv_samples(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor, transposed: bool) -> dict:
+    out = {}
+    if layer.weight.requires_grad:
+        x = activations[0].to(backprops.dtype)
+        out[layer.weight] = _grouped_weight_grad(layer, x, backprops, transposed)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.flatten(2).sum(2)
+    return out
+
+
 @register_grad_sampler(list(CONV))
 def conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
     if not _plain(layer) or activations[0].shape[0] == 0:
         return compute_conv_grad_sample(layer, activations, backprops)
-    x = activations[0].to(backprops.dtype)
-    out = {}
-    if layer.weight.requires_grad:
-        out[layer.weight] = _grouped_weight_grad(layer, x, backprops, transposed=False)
-    if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = backprops.flatten(2).sum(2)
-    return out
+    return _conv_samples(layer, activations, backprops, transposed=False)
 
 
 @register_grad_sampler(list(CONV_TRANSPOSE))
 def conv_transpose_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
     if not _plain(layer) or activations[0].shape[0] == 0:
         return ft_compute_per_sample_gradient(layer, activations, backprops)
-    x = activations[0].to(backprops.dtype)
-    out = {}
-    if layer.weight.requires_grad:
-        out[layer.weight] = _grouped_weight_grad(layer, x, backprops, transposed=True)
-    if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = backprops.flatten(2).sum(2)
-    return out
+    return _conv_samples(layer, activations, backprops, transposed=True)
 
 
 @register_grad_sampler(nn.PReLU)

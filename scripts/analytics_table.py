@@ -1,10 +1,10 @@
-"""The statistician's toolbox against its pooled references: measured numbers for docs/analytics.md.
+"""The statistician's toolbox against its pooled references: measured numbers for docs/toolbox.md.
 
 Each method's federated math (`clinfed.analytics.<method>.fit_federated`: the site vectors summed in
 plain numpy, exactly the sums the encrypted job adds) on a bundled dataset dealt to 3 sites, against
 the reference library on the pooled table. `tests/unit/test_toolbox_methods.py` asserts every row's
 tolerance, so the table written here is the one the tests check. Run:
-`python scripts/analytics_table.py` (writes docs/analytics.md; `--print` only prints).
+`python scripts/analytics_table.py` (writes docs/toolbox.md; `--print` only prints).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "analytics.md"
+DOC = ROOT / "docs" / "toolbox.md"
 
 
 def _rel(ours: Any, ref: Any) -> float:

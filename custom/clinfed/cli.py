@@ -58,6 +58,17 @@ def he_contenders(text: str) -> list[str]:
     return names
 
 
+def dp_models(text: str) -> tuple[str, ...]:
+    """`bench dp --models a,b`: names checked against the DP bench's models (argparse: exit 2 otherwise)."""
+    from clinfed.bench.dp_bench import MODELS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r} (known: {', '.join(MODELS)})")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clinfed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -164,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     he.add_argument("--repeats", type=positive_int, default=3, help="rounds per contender; the table shows medians")
     he.add_argument("--json", type=Path, default=None)
-    dp = bench_sub.add_parser("dp", help="one local epoch, non-private vs DP-SGD")
+    dp = bench_sub.add_parser("dp", help="one local epoch per model: non-private, Opacus hooks, ghost clipping")
     dp.add_argument("--json", type=Path, default=None)
+    dp.add_argument("--models", type=dp_models, default=None, metavar="A,B", help="some of tabular,unet2d,unet3d")
+    dp.add_argument("--repeats", type=positive_int, default=3, help="timed epochs after the first (median)")
     stream = bench_sub.add_parser(
         "stream", help="one encrypted, streamed round of a model-sized update through FLARE's simulator"
     )
@@ -218,7 +231,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.bench == "dp":
         from clinfed.bench.dp_bench import format_table, run_dp_bench
 
-        result = run_dp_bench()
+        result = run_dp_bench(repeats=args.repeats, **({"models": args.models} if args.models else {}))
     elif args.bench == "stream":
         from clinfed.bench.stream_bench import format_table, run_stream_bench
 

@@ -31,6 +31,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+import clinfed.per_sample_grads  # noqa: F401  (registers exact, cheaper per-sample gradient samplers with Opacus)
 from clinfed.tasks.base import SiteData, Task
 
 
@@ -45,6 +46,10 @@ class TrainConfig:
     optimizer: str = "sgd"  # "sgd" | "adam"
     momentum: float = 0.0
     seed: int = 0  # model initialisation only; never the DP noise or the batch sampling
+    #: DP-SGD (hooks mode): run each sampled batch's forward and backward passes in chunks of this many
+    #: samples (0: the whole batch at once; None: the task's `physical_batch`); the step, clipping,
+    #: noise and accounting are unchanged (`hooks_backward`, which says why).
+    physical_batch: int | None = None
 
 
 def os_seeded_generator() -> torch.Generator:
@@ -61,7 +66,31 @@ class DPConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
-    grad_sample_mode: str = "hooks"
+    #: Opacus' per-sample gradient engine: "hooks" (per-sample gradients materialised), "ghost"
+    #: (fast gradient clipping: per-sample *norms* only, then a second, reweighted backward pass) or
+    #: "auto" (the task's `grad_sample_mode`, chosen per model from `clinfed bench dp`). Same
+    #: clipping, same noise, same accountant in every mode: only the cost differs.
+    grad_sample_mode: str = "auto"
+
+
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "auto")
+
+
+class PerSampleCriterion(nn.Module):
+    """The task's loss in the shape Opacus' ghost clipping wants: a module with a `reduction` attribute
+    that returns one loss per sample when Opacus sets `reduction = "none"` (its
+    `DPLossFastGradientClipping` does, around each call) and their mean otherwise."""
+
+    def __init__(self, task: Task):
+        super().__init__()
+        self.task = task
+        self.reduction = "mean"
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_sample = self.task.per_sample_loss(output, target)
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
 
 
 def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
@@ -123,6 +152,35 @@ def noise_for_target(
     return high
 
 
+def hooks_backward(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Forward and backward passes of one sampled batch under Opacus' hooks mode, `chunk` samples at a
+    time; returns the batch's mean loss. The optimizer's next `step` then clips, sums and noises the
+    per-sample gradients exactly as for one pass over the whole batch.
+
+    Why chunks: Poisson sampling gives every batch a different size, so every activation tensor
+    changes size every step and glibc's heap fragments; DP-SGD's peak memory was mostly that (2.8-3.1×
+    the non-private peak on the 2-D UNet, docs/benchmarks.md), not per-sample gradients. Chunks of a
+    fixed size (only the last one smaller) keep the big tensors the same size step after step, and
+    smaller. Each chunk's per-sample gradients are exact whatever its size (Opacus undoes the chunk
+    mean), and they are joined into one tensor per parameter before the step, so Opacus sees one
+    batch: it divides by the expected batch size once and charges the accountant one step at the
+    sampling rate (it would count each extra backward pass as another step otherwise).
+    """
+    if chunk <= 0 or len(x) <= chunk:
+        loss = task.loss(model(x), y)
+        loss.backward()
+        return loss.detach()
+    total = torch.zeros(())
+    for start in range(0, len(x), chunk):
+        part = task.loss(model(x[start : start + chunk]), y[start : start + chunk])
+        part.backward()
+        total += part.detach() * len(x[start : start + chunk])
+    for param in model.parameters():
+        if isinstance(getattr(param, "grad_sample", None), list):
+            param.grad_sample = torch.cat(param.grad_sample)
+    return total / len(x)
+
+
 class SiteTrainer:
     """Model, optimizer, loader and privacy engine of one site, kept across rounds."""
 
@@ -156,6 +214,15 @@ class SiteTrainer:
         self.sample_rate = 1.0 / len(loader)
         self.noise_multiplier = 0.0
         self.engine: PrivacyEngine | None = None
+        self.criterion = None  # Opacus' two-pass loss in ghost mode; `task.loss` otherwise
+        mode = dp.grad_sample_mode
+        if mode == "auto":
+            mode = getattr(task, "grad_sample_mode", "hooks")
+        if mode not in ("hooks", "ghost"):
+            raise ValueError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {mode!r}")
+        self.grad_sample_mode = mode
+        chunk = train.physical_batch
+        self.physical_batch = int(getattr(task, "physical_batch", 0) if chunk is None else chunk)
         if dp.enabled:
             rounds = train.rounds if rounds_left is None else max(1, rounds_left)
             self.planned_steps = rounds * train.local_epochs * len(loader)
@@ -163,16 +230,21 @@ class SiteTrainer:
                 dp.target_epsilon, dp.delta, self.sample_rate, self.planned_steps, prior_history or [], dp.accountant
             )
             self.engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
-            model, optimizer, _ = self.engine.make_private(
+            private = self.engine.make_private(
                 module=model,
                 optimizer=optimizer,
+                criterion=PerSampleCriterion(task),
                 data_loader=loader,
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=False,  # Poisson sampling is set up below, on a generator of our own
-                grad_sample_mode=dp.grad_sample_mode,
+                grad_sample_mode=mode,
                 noise_generator=os_seeded_generator(),
             )
+            if mode == "ghost":  # ghost mode hands back a 4th object: the loss that runs both passes
+                model, optimizer, self.criterion, _ = private
+            else:
+                model, optimizer, _ = private
             # make_private would hand Poisson sampling torch's *global* RNG (seeded by the job) unless
             # secure_mode is on; the same DPDataLoader with an OS-seeded generator samples at the same
             # rate (1 / batches per epoch), which is what the accountant is told.
@@ -219,8 +291,14 @@ class SiteTrainer:
                     steps += 1
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self.task.loss(self.model(x), y)
-                loss.backward()
+                if self.criterion is not None:  # ghost clipping: Opacus' loss runs both backward passes
+                    loss = self.criterion(self.model(x), y)
+                    loss.backward()
+                elif self.engine is not None:
+                    loss = hooks_backward(self.model, self.task, x, y, self.physical_batch)
+                else:
+                    loss = self.task.loss(self.model(x), y)
+                    loss.backward()
                 self.optimizer.step()
                 losses.append(float(loss.detach()))
                 steps += 1

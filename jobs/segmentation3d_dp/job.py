@@ -16,7 +16,7 @@ the headers before the job starts: a missing label, mismatched shapes or an empt
 with one line naming the file).
 """
 
-from clinfed.data.segmentation3d import check_folder
+from clinfed.data.segmentation import check_folder
 from clinfed.fl.recipe import SecureFedAvgRecipe, unet_layout
 
 DEFAULTS = {
@@ -80,7 +80,7 @@ def make_recipe(
             "target_epsilon": epsilon or 0.0,
             "delta": DEFAULTS["delta"],
             "max_grad_norm": max_grad_norm,
-            "grad_sample_mode": "hooks",
+            "grad_sample_mode": "auto",
         },
         primary_metric="dice",
         extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain, "channels": channels},

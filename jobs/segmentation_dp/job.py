@@ -69,7 +69,7 @@ def make_recipe(
             "target_epsilon": epsilon or 0.0,
             "delta": DEFAULTS["delta"],
             "max_grad_norm": max_grad_norm,
-            "grad_sample_mode": "hooks",
+            "grad_sample_mode": "auto",
         },
         primary_metric="dice",
         extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain, "channels": channels},

@@ -13,7 +13,7 @@ from PIL import Image
 from clinfed.jobs import load_job
 from clinfed.privacy.ledger import epsilon_of
 from clinfed.simulate import SimulationRequest, run_simulation
-from clinfed.tasks.segmentation3d import Segmentation3DTask
+from clinfed.tasks.segmentation import Segmentation3DTask
 
 pytestmark = pytest.mark.slow
 

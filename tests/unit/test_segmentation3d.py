@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from clinfed.cli import main as cli_main
-from clinfed.data.segmentation3d import VolumeSiteData, check_folder, paired_volumes, site_profile
+from clinfed.data.segmentation import VolumeSiteData, check_folder, paired_volumes, site_profile
 from clinfed.jobs import load_job
 from clinfed.tasks import build_task
 from clinfed.tasks.base import SiteDataError
-from clinfed.tasks.segmentation3d import Segmentation3DTask
+from clinfed.tasks.segmentation import Segmentation3DTask
 
 
 def cube_case(size: int, corner: int, side: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +151,7 @@ def test_synthetic_sites_are_deterministic_per_seed_and_non_iid():
     last = VolumeSiteData.synthetic(2, 3, n=6, image_size=16, seed=0)
     assert torch.equal(a.images, again.images) and torch.equal(a.labels, again.labels)
     assert not torch.equal(a.images, other_seed.images) and not torch.equal(a.images, last.images)
-    first, third = site_profile(0, 3), site_profile(2, 3)
+    first, third = site_profile(0, 3, spatial_dims=3), site_profile(2, 3, spatial_dims=3)
     assert first.num_objs < third.num_objs and first.rad_max > third.rad_max and first.noise_max < third.noise_max
     assert tuple(a.images.shape) == (6, 1, 16, 16, 16) and 0 < a.foreground_fraction() < 0.5
 

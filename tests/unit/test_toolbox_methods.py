@@ -1,7 +1,7 @@
 """The statistician's toolbox (crosstab, ttest, correlation, cumulative incidence, Poisson offset, ROC) equals its
 pooled references; each method's disclosure rule holds; a foreign option exits 2.
 
-The reference numbers are `scripts/analytics_table.py`'s, the very rows docs/analytics.md shows.
+The reference numbers are `scripts/analytics_table.py`'s, the very rows docs/toolbox.md shows.
 """
 
 import importlib.util

@@ -9,7 +9,7 @@ from clinfed.tasks.base import SiteData, SiteDataError, Task
 TASKS = {
     "breast_cancer": "clinfed.tasks.breast_cancer:BreastCancerTask",
     "segmentation": "clinfed.tasks.segmentation:SegmentationTask",
-    "segmentation3d": "clinfed.tasks.segmentation3d:Segmentation3DTask",
+    "segmentation3d": "clinfed.tasks.segmentation:Segmentation3DTask",
 }
 
 

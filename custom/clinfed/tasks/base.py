@@ -39,6 +39,21 @@ class Task(ABC):
     #: name of the metric that summarises utility ("auc", "dice"); reported in summary.json `final`.
     primary_metric: str = "auc"
 
+    #: Opacus engine for DP-SGD when the job says "auto" (`clinfed.training.DPConfig`): "hooks" for all
+    #: three of our models, measured with `clinfed bench dp` (docs/benchmarks.md). Ghost clipping
+    #: (fast gradient clipping) only pays where per-sample gradients are large and Opacus has a ghost
+    #: *norm* sampler for the layer: 1.6 has them for Linear and Embedding only. Our UNets' convolutions,
+    #: transposed convolutions and PReLUs fall back to materialised per-sample gradients inside ghost
+    #: mode, which then adds a second backward pass: 1.6-1.8× the CPU time of hooks mode on the UNets.
+    #: The tabular MLP is all Linear, but with 500 parameters per-sample gradients cost nothing, and
+    #: the second pass still made ghost slower there too. A task with big Linear/Embedding layers
+    #: (a transformer) would set "ghost".
+    grad_sample_mode: str = "hooks"
+
+    #: DP-SGD forward/backward chunk size (`clinfed.training.hooks_backward`; 0: whole batches). Worth
+    #: it where activations are large (the UNets: 8); for a small MLP the extra passes only cost time.
+    physical_batch: int = 0
+
     @abstractmethod
     def build_model(self) -> nn.Module:
         """A fresh model. Must be deterministic under `torch.manual_seed` so all sites start equal."""
@@ -50,6 +65,16 @@ class Task(ABC):
     @abstractmethod
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean loss over the batch (Opacus scales per-sample gradients itself)."""
+
+    def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of each sample, shape [batch]; its mean must equal `loss` on the same batch.
+
+        Opacus' ghost clipping needs it: it backpropagates the per-sample losses twice, the second
+        time scaled by each sample's clipping factor. This default calls `loss` once per sample,
+        which is exact for every loss that is a mean of independent per-sample losses (the only kind
+        DP-SGD's per-sample clipping allows); tasks override it with one vectorised call.
+        """
+        return torch.stack([self.loss(output[i : i + 1], target[i : i + 1]) for i in range(len(output))])
 
     @abstractmethod
     def evaluate(self, model: nn.Module, test: Dataset) -> dict[str, float]:

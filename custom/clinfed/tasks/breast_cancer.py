@@ -64,6 +64,9 @@ class BreastCancerTask(Task):
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._loss(output, target)
 
+    def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(output, target, reduction="none")
+
     def evaluate(self, model: nn.Module, test: Dataset) -> dict[str, float]:
         x, y = test.tensors  # type: ignore[attr-defined]
         logits = model(x)

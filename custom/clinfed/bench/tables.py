@@ -1,0 +1,79 @@
+"""Benchmark tables in docs/ are generated from the benchmarks' JSON, never typed by hand.
+
+docs/benchmarks.md holds blocks between two markers::
+
+    <!-- generated: dp (docs/bench/dp.json) -->
+    ...table...
+    <!-- end generated: dp -->
+
+`render` rewrites every block from its JSON file (`scripts/bench_tables.py` writes the file; the
+docs test checks that the file already equals its rendering, so a number edited by hand, or a JSON
+re-run without regenerating, fails the suite).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+BLOCK = re.compile(
+    r"(<!-- generated: (?P<name>[a-z_]+) \((?P<source>[^)]+)\) -->\n)(?P<body>.*?)(<!-- end generated: (?P=name) -->)",
+    re.DOTALL,
+)
+
+
+def dp_table(result: dict) -> str:
+    from clinfed.bench.dp_bench import markdown_table
+
+    setup = result.get("setup", {})
+    return (
+        markdown_table(result)
+        + f"\n\nOne torch thread, median of {setup.get('repeats', '?')} epochs after the first, each model and "
+        f"mode in a fresh process; {setup.get('cpu_cores', '?')} cores, load average "
+        f"{setup.get('load_average_after', math.nan):.1f} after the run. × time: wall (CPU time in brackets)."
+    )
+
+
+def he_table(result: dict) -> str:
+    lines = [
+        "| contender | B/param up | down | encrypt s | aggregate s | decrypt s | round s | max rel err | "
+        "server MB | site MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in result.items():
+        lines.append(
+            f"| {name} | {row['bytes_per_param']:.2f} | {row.get('download_bytes_per_param', math.nan):.2f} | "
+            f"{row['encrypt_seconds']:.3f} | {row['aggregate_seconds']:.3f} | {row['decrypt_seconds']:.3f} | "
+            f"{row['round_seconds']:.3f} | {row['max_rel_error']:.1e} | "
+            f"{row.get('server_peak_rss_mb', math.nan):.1f} | {row.get('site_peak_rss_mb', math.nan):.1f} |"
+        )
+    first = next(iter(result.values()))
+    lines.append("")
+    lines.append(
+        f"{first['params']:,} parameters, {first['sites']} sites, median of {first.get('repeats', 1)} round(s)."
+    )
+    if "ours" in result and "flare_he" in result:
+        ours, flare = result["ours"], result["flare_he"]
+        lines[-1] += (
+            f" ours vs FLARE HE: {ours['bytes_per_param'] / flare['bytes_per_param']:.2f}× bytes, "
+            f"{ours['round_seconds'] / flare['round_seconds']:.2f}× round time."
+        )
+    return "\n".join(lines)
+
+
+TABLES = {"dp": dp_table, "he": he_table}
+
+
+def render(text: str, root: Path) -> str:
+    """`text` with every generated block rebuilt from its JSON (paths relative to the repository `root`)."""
+
+    def one(match: re.Match) -> str:
+        name, source = match.group("name"), match.group("source")
+        if name not in TABLES:
+            raise ValueError(f"unknown generated table {name!r} (known: {', '.join(TABLES)})")
+        result = json.loads((root / source).read_text())
+        return f"{match.group(1)}{TABLES[name](result)}\n{match.group(5)}"
+
+    return BLOCK.sub(one, text)

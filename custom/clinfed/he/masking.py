@@ -151,12 +151,6 @@ class Mask:
             add_mod(total, neg_mod(neg, self.ring), self.ring)
         return total
 
-    def negated(self) -> Mask:
-        return Mask(self.ring, self.minus, self.plus)
-
-    def __bool__(self) -> bool:
-        return bool(self.plus or self.minus)
-
 
 class MaskedStream:
     """Hands out one ciphertext's mask at a time, generating ``chunk`` ciphertexts' worth per call to

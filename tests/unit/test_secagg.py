@@ -58,7 +58,7 @@ def fed(tmp_path_factory):
 
 def _join(fed, run="r1"):
     root, sites, _, _ = fed
-    parties = {s: load_site(root / s, s, run) for s in sites}
+    parties = {s: load_site(root / s, s, run, persist=False) for s in sites}
     roster = {s: p.hello() for s, p in parties.items()}
     for p in parties.values():
         p.join(roster)
@@ -139,10 +139,97 @@ def test_a_site_whose_policy_asks_more_sites_refuses_a_smaller_sum(fed):
     """The site's own `min_sites` (issue 23, item 2) holds for training and every clinical sum alike:
     its upload enters no member set smaller than that, whatever the job or the server says."""
     root, sites, secret, _ = fed
-    strict = load_site(root / "site-1", "site-1", "r3", min_members=4)
-    others = {s: load_site(root / s, s, "r3") for s in sites[1:]}
+    strict = load_site(root / "site-1", "site-1", "r3", min_members=4, persist=False)
+    others = {s: load_site(root / s, s, "r3", persist=False) for s in sites[1:]}
     roster = {"site-1": strict.hello(), **{s: p.hello() for s, p in others.items()}}
     strict.join(roster)
     with pytest.raises(SecAggError, match=r"site-1: the member set of round 0 has 3 member\(s\), fewer than 4"):
         strict.mask(0, "train", sites[:3], ring_of(secret))
     strict.mask(0, "train", sites[:4], ring_of(secret))
+
+
+# --- a site's state outlives its executor (FLARE re-creates executors; a site process may restart) ------
+def _restarted(fed, site: str, run: str):
+    root = fed[0]
+    return load_site(root / site, site, run)
+
+
+def test_a_recreated_site_keeps_its_key_roster_and_upload_chain(fed):
+    """FLARE's simulator re-creates a site's executor whenever more sites than it runs at once take
+    turns (the > 8-site failure: 'the roster carries a key for this site that it never made')."""
+    root, sites, secret, _ = fed
+    run = "persist-1"
+    parties = {s: load_site(root / s, s, run) for s in sites}
+    roster = {s: p.hello() for s, p in parties.items()}
+    for p in parties.values():
+        p.join(roster)
+    ring = ring_of(secret)
+    parties["site-1"].mask(0, "train", sites, ring)
+    again = _restarted(fed, "site-1", run)
+    assert again.hello()["pub"] == roster["site-1"]["pub"]
+    again.join(roster)  # its own key, and the pinned peers, are recognised
+    # the upload chain survived: a re-run must still drop sites from the last set
+    with pytest.raises(SecAggError, match="must drop sites"):
+        again.mask(0, "train", sites, ring)
+    # and the pair secrets are the ones agreed before the restart: the survivors' re-run cancels
+    from clinfed.he.masking import add_mod
+
+    survivors = sites[:4]
+    for s in survivors[1:]:
+        parties[s].mask(0, "train", sites, ring)  # their first upload, for all five
+    masks = [again.mask(0, "train", survivors, ring)]
+    masks += [parties[s].mask(0, "train", survivors, ring) for s in survivors[1:]]
+    seeds = [again.reveal(0, "train", survivors)] + [parties[s].reveal(0, "train", survivors) for s in survivors[1:]]
+    total = ring.zeros(1)
+    for mask in [*masks, Mask(ring, (), tuple(bytes.fromhex(r["seed"]) for r in seeds))]:
+        add_mod(total, mask.words(0, 1), ring)
+    assert not total.any()
+    path = again.state_file
+    assert path.parent == root / "site-1" / "local" / "secagg" and (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_a_restart_does_not_let_the_server_get_a_second_upload_after_a_reveal(fed):
+    """Attack: after a site revealed its self-mask seed for round 0, the server has it restarted (or
+    its executor re-created) and asks again for round 0. Before the state was kept on disk the new
+    executor had forgotten the reveal and would have uploaded a second, differencable sum."""
+    root, sites, secret, _ = fed
+    run = "persist-2"
+    parties = {s: load_site(root / s, s, run) for s in sites[:3]}
+    roster = {s: p.hello() for s, p in parties.items()}
+    for p in parties.values():
+        p.join(roster)
+    ring = ring_of(secret)
+    parties["site-2"].mask(0, "train", sites[:3], ring)
+    parties["site-2"].reveal(0, "train", sites[:3])
+    again = _restarted(fed, "site-2", run)
+    again.join(roster)
+    with pytest.raises(SecAggError, match="already unmasked"):
+        again.mask(0, "train", sites[:3], ring)
+    # a substituted key is still refused by name after the restart (the roster stayed pinned)
+    intruder = load_site(root / "site-3", "site-3", run, persist=False)
+    with pytest.raises(SecAggError, match="another key for site-3"):
+        again.join({**roster, "site-3": intruder.hello()})
+
+
+def test_a_state_file_of_another_run_or_site_or_garbled_is_refused_in_one_line(fed):
+    root = fed[0]
+    party = load_site(root / "site-4", "site-4", "persist-3")
+    other = load_site(root / "site-5", "site-5", "persist-3").state_file
+    party.state_file.write_bytes(other.read_bytes())  # site-5's state copied over site-4's
+    with pytest.raises(SecAggError, match=r"site-4: its secure-aggregation state .* belongs to 'site-5'"):
+        _restarted(fed, "site-4", "persist-3")
+    party.state_file.write_text("{not json")
+    with pytest.raises(SecAggError, match="cannot be read"):
+        _restarted(fed, "site-4", "persist-3")
+
+
+def test_old_runs_state_files_are_pruned(fed):
+    import os
+    import time
+
+    root = fed[0]
+    stale = load_site(root / "site-5", "site-5", "persist-old").state_file
+    old = time.time() - 8 * 24 * 3600
+    os.utime(stale, (old, old))
+    fresh = load_site(root / "site-5", "site-5", "persist-new").state_file
+    assert fresh.is_file() and not stale.exists()

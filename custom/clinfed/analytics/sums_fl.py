@@ -200,6 +200,9 @@ def _entry(meta: dict) -> dict:
 
 
 # --- site side ------------------------------------------------------------------------------------------
+RUN_KEY = "run_key"  # meta key: the server's key for this run (the secure-aggregation state is kept under it)
+
+
 class SumsExecutor(Executor):
     """A site's part of every clinical analytics job: its vector of sums, encrypted; and, if it is the
     release site, the step from the decrypted sum to the next encrypted iterate or the release.
@@ -228,8 +231,10 @@ class SumsExecutor(Executor):
         self._secagg: SiteSecAgg | None = None
         self._kept: tuple[int, np.ndarray] | None = None  # this round's wire vector, for a re-run
 
-    def _setup(self, fl_ctx: FLContext) -> None:
+    def _setup(self, fl_ctx: FLContext, meta: dict) -> None:
         if self._ready:
+            if self._secagg is not None and self._secagg.run != self._secagg_run(meta):
+                raise SiteRefusal(f"{self.site}: the server changed the run's key mid-job; refusing")
             return
         safe_job_label(self.job_label, self.site)  # issue 23, item 8: job config never names a path
         self._m: Method = make_method(self.method)
@@ -238,7 +243,8 @@ class SumsExecutor(Executor):
         self.audit = AuditLog(self.root, self.site)
         self._ctx, self._fingerprint = site_context(self.root, self.site)
         self.run_id = str(fl_ctx.get_job_id() or "")
-        self._secagg = load_site(self.root, self.site, self.run_id, self.policy.min_sites)  # no kit: no job
+        # no kit: no job. Restored from local/ when FLARE re-created this executor mid-run.
+        self._secagg = load_site(self.root, self.site, self._secagg_run(meta), self.policy.min_sites)
         self._m.max_params_per_observation = self.policy.max_params_per_observation  # the site's cap, not the job's
         info = SiteInfo(self.site, self.root, self.policy, self.run_id, self.job_label, int(self.num_sites))
         check_node_policy(self.policy, self.site, self.job_label, self._m)  # before any SQL runs here
@@ -246,6 +252,13 @@ class SumsExecutor(Executor):
         self._load(self._m.read(info))
         self.audit.append("job_start", job=self.job_label, encrypted=True, method=self._m.block)
         self._ready = True
+
+    def _secagg_run(self, meta: dict) -> str:
+        """What the secure-aggregation state is kept under: the job id and the server's key for this run
+        (FLARE's simulator names every job alike, so the job id alone would mix two simulations' keys).
+        The server choosing the key gives it nothing a new job would not: releases stay bound to the job
+        (``run_id``) and the release log."""
+        return f"{self.run_id}:{meta.get(RUN_KEY) or ''}"
 
     def _load(self, table: Any) -> None:
         """The method's rows from the site's table; for an exact fit also which rows and what values it
@@ -412,7 +425,7 @@ class SumsExecutor(Executor):
             incoming = FLModelUtils.from_shareable(shareable)
             meta = incoming.meta or {}
             round_num = int(meta.get("round", 0))
-            self._setup(fl_ctx)
+            self._setup(fl_ctx, meta)
             if meta.get("settings") != self._m.digest():
                 raise SiteRefusal(f"{self.site}: the server's analysis settings differ from this site's job config")
             payload.record_anchor(self.audit, meta, job=self.job_label, round_num=round_num, peer="server")
@@ -732,6 +745,7 @@ class SumsController(ModelController):
         (secure aggregation) the member set with the sites' signed keys."""
         return {
             "settings": self._m.digest(),
+            RUN_KEY: self._run_key,
             "phase": phase,
             "round": rnd,
             payload.AUDIT_HEAD_KEY: list(self.audit.head),
@@ -790,6 +804,7 @@ class SumsController(ModelController):
         self.ctx, self.fingerprint = server_context(self.root)
         self._min_cell = int(self.min_cell)
         self._roster = ServerRoster()  # the admitted sites' signed secure-aggregation keys
+        self._run_key = f"{self.fl_ctx.get_job_id()}-{secrets.token_hex(6)}"  # one per run, in every task
         targets = sorted(self.sample_clients(), key=lambda s: (len(s), s))
         chosen = self.release_site if self.release_site in targets else targets[0]
         self.audit.append("job_start", job=self.job_label, encrypted=True, method=self._m.block)

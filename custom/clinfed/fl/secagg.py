@@ -49,8 +49,12 @@ hospital holds) is not available on Python 3.11 today: OpenFHE's wheels need 3.1
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
+import os
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +74,8 @@ SECAGG_KEY = "secagg"  # meta key: task → site {round, purpose, members, roste
 SUM_KEY = "secagg_sum"  # meta key of an encrypted sum → site: {round, purpose, members, reveals}
 HELLO_KEY = "secagg_hello"  # meta key: admission reply → server
 MIN_MEMBERS = 3
+STATE_FORMAT = "clinfed-secagg-state/1"
+STATE_TTL_S = 7 * 24 * 3600.0  # other runs' state files older than this are removed when a run starts
 
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 _KEYS: dict[bytes, object] = {}  # a kit's parsed signing key, per process (parsing a PEM costs ~50 ms)
@@ -156,17 +162,96 @@ class _Sum:
 
 
 class SiteSecAgg:
-    """One site's secure-aggregation state for one run (lives as long as the site's executor)."""
+    """One site's secure-aggregation state for one run.
 
-    def __init__(self, identity: KitIdentity, run: str, min_members: int = MIN_MEMBERS):
+    With a ``state_file`` (what :func:`load_site` gives every job) the state outlives the executor:
+    FLARE re-creates executors (its simulator does so whenever more sites than it runs at once take
+    turns; a site process may restart), and a site that forgot its key, its pinned roster or that it
+    already revealed a round's seed would either fail the run or, worse, upload again after a reveal.
+    The file lives in the site's ``local/`` folder (mode 0600, next to its CKKS secret key), is written
+    atomically after every step that changes the state, and is bound to the run and the site's name.
+    Without one (tests, a bench that wants fresh keys) the state lives as long as the object.
+    """
+
+    def __init__(self, identity: KitIdentity, run: str, min_members: int = MIN_MEMBERS, state_file: Path | None = None):
         self.identity, self.site, self.run = identity, identity.site, str(run)
         self.min_members = max(int(min_members), MIN_MEMBERS)
-        self._key = X25519PrivateKey.generate()
-        self._pub = self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.state_file = state_file
         self._roster: dict[str, tuple[bytes, bytes]] = {}  # site → (certificate PEM, X25519 public key)
         self._pairs: dict[str, bytes] = {}
         self._sums: dict[tuple[int, str], _Sum] = {}
         self.last_decrypted: dict[str, int] = {}
+        if state_file is not None and state_file.is_file():
+            self._restore(state_file)
+        else:
+            self._key = X25519PrivateKey.generate()
+            self._save()
+        self._pub = self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    # persistence ------------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        raw = self._key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        state = {
+            "format": STATE_FORMAT,
+            "run": self.run,
+            "site": self.site,
+            "key": raw.hex(),
+            "roster": {peer: [cert.decode(), pub.hex()] for peer, (cert, pub) in self._roster.items()},
+            "sums": [
+                {
+                    "round": rnd,
+                    "purpose": purpose,
+                    "uploads": [[list(u.members), u.seed.hex()] for u in entry.uploads],
+                    "revealed": entry.revealed,
+                }
+                for (rnd, purpose), entry in self._sums.items()
+            ],
+            "last_decrypted": self.last_decrypted,
+        }
+        folder = self.state_file.parent
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = folder / f".{self.state_file.name}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(state, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.state_file)  # atomic: a crash leaves the old state or the new, never half
+
+    def _restore(self, path: Path) -> None:
+        try:
+            state = json.loads(path.read_text())
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError(f"format {state.get('format')!r}")
+            if state.get("run") != self.run or state.get("site") != self.site:
+                raise ValueError(f"it belongs to {state.get('site')!r}, run {state.get('run')!r}")
+            self._key = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["key"]))
+            for rnd_purpose in state["sums"]:
+                entry = _Sum(
+                    [_Upload(tuple(m), bytes.fromhex(seed)) for m, seed in rnd_purpose["uploads"]],
+                    bool(rnd_purpose["revealed"]),
+                )
+                self._sums[(int(rnd_purpose["round"]), str(rnd_purpose["purpose"]))] = entry
+            self.last_decrypted = {str(k): int(v) for k, v in state["last_decrypted"].items()}
+            roster = {peer: (cert.encode(), bytes.fromhex(pub)) for peer, (cert, pub) in state["roster"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SecAggError(
+                f"{self.site}: its secure-aggregation state {path} cannot be read ({exc}); refusing rather than "
+                "starting over (a fresh key mid-run could upload twice)"
+            ) from None
+        for peer, (cert, pub) in roster.items():  # pinned entries were checked when first seen
+            self._roster[peer] = (cert, pub)
+            if peer != self.site:
+                self._pairs[peer] = self._pair_secret(peer, pub)
+
+    def _pair_secret(self, peer: str, pub: bytes) -> bytes:
+        shared = self._key.exchange(X25519PublicKey.from_public_bytes(pub))
+        info = b"clinfed-secagg-pair|" + _canonical({"run": self.run, "pair": sorted([self.site, peer])})
+        return HKDF(hashes.SHA256(), SEED_BYTES, None, info).derive(shared)
 
     # stage 1 ----------------------------------------------------------------------------------------------
     def _hello_bytes(self, site: str, pub: bytes) -> bytes:
@@ -184,6 +269,7 @@ class SiteSecAgg:
         """Check and pin the roster the server forwards; derive a pair secret with every member."""
         if not isinstance(roster, dict) or self.site not in roster:
             raise SecAggError(f"{self.site}: the server's key roster does not list this site")
+        changed = False
         for peer in sorted(roster):
             entry = roster[peer]
             try:
@@ -204,10 +290,11 @@ class SiteSecAgg:
                     raise SecAggError(f"{self.site}: the roster carries a key for this site that it never made")
             else:
                 self.identity.verify(peer, cert, self._hello_bytes(peer, pub), signature, "secure-aggregation key")
-                shared = self._key.exchange(X25519PublicKey.from_public_bytes(pub))
-                info = b"clinfed-secagg-pair|" + _canonical({"run": self.run, "pair": sorted([self.site, peer])})
-                self._pairs[peer] = HKDF(hashes.SHA256(), SEED_BYTES, None, info).derive(shared)
+                self._pairs[peer] = self._pair_secret(peer, pub)
             self._roster[peer] = (cert, pub)
+            changed = True
+        if changed:
+            self._save()
 
     # stage 2-3 --------------------------------------------------------------------------------------------
     def _check_members(self, members: list[str], what: str) -> tuple[str, ...]:
@@ -249,6 +336,7 @@ class SiteSecAgg:
                 )
         seed = secrets.token_bytes(SEED_BYTES)
         state.uploads.append(_Upload(chosen, seed))
+        self._save()  # before the masked upload leaves: a restarted site knows what it uploaded for
         bound = binding(self.run, rnd, purpose, chosen)
         plus, minus = [seed], []
         for peer in chosen:
@@ -272,6 +360,7 @@ class SiteSecAgg:
                 f"{list(last.members)}; refusing"
             )
         state.revealed = True
+        self._save()  # before the seed leaves: after a restart this site still refuses to upload again
         bound = binding(self.run, rnd, purpose, chosen)
         return {"seed": last.seed.hex(), "sig": self.identity.sign(b"clinfed-secagg-reveal|" + bound)}
 
@@ -315,11 +404,34 @@ class SiteSecAgg:
                 raise SecAggError(f"{self.site}: {peer}'s revealed seed is not {SEED_BYTES} bytes")
             seeds.append(seed)
         self.last_decrypted[what] = rnd
+        self._save()
         return Mask(ring, (), tuple(seeds))
 
 
-def load_site(root: Path, site: str, run: str, min_members: int = MIN_MEMBERS) -> SiteSecAgg:
-    return SiteSecAgg(KitIdentity.load(root, site), run, min_members)
+def state_path(root: Path, run: str) -> Path:
+    """Where a site keeps its secure-aggregation state for ``run``: ``local/secagg/<hash of run>.json``."""
+    return Path(root) / "local" / "secagg" / f"{hashlib.sha256(str(run).encode()).hexdigest()[:24]}.json"
+
+
+def prune_states(folder: Path, keep: Path, older_than_s: float = STATE_TTL_S) -> None:
+    """Remove other runs' state files not touched for ``older_than_s`` (a run's X25519 key has no use
+    once the run is over; keeping it only widens what a stolen disk gives away)."""
+    now = time.time()
+    for path in folder.glob("*.json"):
+        with contextlib.suppress(OSError):
+            if path != keep and now - path.stat().st_mtime > older_than_s:
+                path.unlink()
+
+
+def load_site(root: Path, site: str, run: str, min_members: int = MIN_MEMBERS, persist: bool = True) -> SiteSecAgg:
+    """The site's secure-aggregation party for ``run``: restored from ``local/`` if this site already
+    took part in the run (a re-created executor), else with a fresh key (``persist=False``: in memory)."""
+    identity = KitIdentity.load(root, site)
+    path = state_path(root, run) if persist else None
+    party = SiteSecAgg(identity, run, min_members, path)
+    if path is not None:
+        prune_states(path.parent, keep=path)
+    return party
 
 
 # --- the server's part -----------------------------------------------------------------------------------

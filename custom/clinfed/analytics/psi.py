@@ -49,7 +49,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
 from clinfed.audit import AuditLog
-from clinfed.errors import SiteDataError
+from clinfed.errors import SiteDataError, SiteRefusal
 from clinfed.fl.participant import SitePolicy, participant_root, site_index
 from clinfed.textio import one_line, write_private
 
@@ -60,6 +60,8 @@ INTERSECTION_META = "intersection.json"
 REPORT_TASK = "psi_report"
 EMPTY_KEY = "intersection_is_empty"
 COMMIT_KEY = "commit"
+SITES_KEY = "sites"  # the report task names the sites whose items went into the intersection
+MIN_PSI_SITES = 3
 PSI_TASK = "PSI"  # FLARE's PSIConst.TASK
 SUMMARY_FILE = "summary.json"
 
@@ -164,6 +166,11 @@ class ClinfedPSI(PSI):
         site = self.fl_ctx.get_identity_name()
         root = participant_root(self.fl_ctx)
         policy = SitePolicy.load(root)
+        if self.num_sites < policy.min_sites:
+            raise SiteRefusal(
+                f"{site}: the job links {self.num_sites} site(s), fewer than this site's min_sites "
+                f"{policy.min_sites}: the intersection would tell which of its patients the other site holds"
+            )
         ids, source = site_identifiers(site, site_index(site), self.num_sites, policy.data_dir, self.id_column)
         AuditLog(root, site).append("psi_items", job=self.fl_ctx.get_job_id(), site=site, items=len(ids), source=source)
         return ids
@@ -194,6 +201,16 @@ class PSIReportExecutor(Executor):
         try:
             policy = SitePolicy.load(root)
             items, source = site_identifiers(site, site_index(site), self.num_sites, policy.data_dir, self.id_column)
+            listed = sorted(set(shareable.get(SITES_KEY) or []))
+            if len(listed) < policy.min_sites or site not in listed:
+                # A linkage of fewer sites says which of this site's patients one other site holds: nothing
+                # is kept (the server states the set; docs/threat-model.md says what that does not stop).
+                pending.unlink(missing_ok=True)
+                reason = (
+                    f"{site}: intersection not saved: the linkage names {len(listed)} site(s) {listed}, fewer than "
+                    f"this site's min_sites {policy.min_sites} or without this site"
+                )
+                return DXO(data_kind=DataKind.PSI, data={"status": "refused", "reason": reason}).to_shareable()
             if not shareable.get(COMMIT_KEY, True):  # an incomplete result must not pass for the linkage
                 pending.unlink(missing_ok=True)
                 reason = f"{site}: intersection not saved: the protocol did not complete for all sites"
@@ -254,6 +271,7 @@ class LinkageController(DhPSIController):
             task_input = Shareable()
             task_input[EMPTY_KEY] = empty
             task_input[COMMIT_KEY] = not error
+            task_input[SITES_KEY] = sorted(took_part)
             op = BroadcastAndWait(fl_ctx, self)
             reports = op.broadcast_and_wait(
                 task_name=REPORT_TASK,
@@ -320,6 +338,11 @@ class LinkageRecipe(Recipe):
     """FLARE's `DhPSIRecipe` wiring, with clinfed's PSI items, site-local writer, size report and summary."""
 
     def __init__(self, name: str, num_sites: int, id_column: str = "patient_id"):
+        if num_sites < MIN_PSI_SITES:  # every site also refuses below its own min_sites (never under 3)
+            raise ValueError(
+                f"psi_linkage needs at least {MIN_PSI_SITES} sites, got {num_sites}: the intersection of two sites "
+                "tells each which of its patients the other holds"
+            )
         # The handler imports openmined.psi at import time; only this job needs it.
         from clinfed.analytics.psi_exact import ExactDhPSITaskHandler
 

@@ -230,10 +230,11 @@ class SumsExecutor(Executor):
         self._charged: float | None = None
         self._secagg: SiteSecAgg | None = None
         self._kept: tuple[int, np.ndarray] | None = None  # this round's wire vector, for a re-run
+        self._run_key = ""
 
     def _setup(self, fl_ctx: FLContext, meta: dict) -> None:
         if self._ready:
-            if self._secagg is not None and self._secagg.run != self._secagg_run(meta):
+            if str(meta.get(RUN_KEY) or "") != self._run_key:
                 raise SiteRefusal(f"{self.site}: the server changed the run's key mid-job; refusing")
             return
         safe_job_label(self.job_label, self.site)  # issue 23, item 8: job config never names a path
@@ -243,6 +244,7 @@ class SumsExecutor(Executor):
         self.audit = AuditLog(self.root, self.site)
         self._ctx, self._fingerprint = site_context(self.root, self.site)
         self.run_id = str(fl_ctx.get_job_id() or "")
+        self._run_key = str(meta.get(RUN_KEY) or "")  # fixed for the job: a change mid-job is refused
         # no kit: no job. Restored from local/ when FLARE re-created this executor mid-run.
         self._secagg = load_site(self.root, self.site, self._secagg_run(meta), self.policy.min_sites)
         self._m.max_params_per_observation = self.policy.max_params_per_observation  # the site's cap, not the job's

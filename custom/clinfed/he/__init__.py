@@ -16,9 +16,11 @@ from clinfed.he.ckks import (
 )
 from clinfed.he.compact import (
     COMPACT_PARAMS,
+    GRID_PARAMS,
     CompactParams,
     CompactSpec,
     CompactSum,
+    clamp_update,
     compact_decrypt_average,
     compact_decrypt_sum,
     compact_encrypt,
@@ -39,6 +41,7 @@ from clinfed.he.params import DEFAULT_PARAMS, CKKSParams, max_abs_value
 __all__ = [
     "COMPACT_PARAMS",
     "DEFAULT_PARAMS",
+    "GRID_PARAMS",
     "CKKSParams",
     "CompactParams",
     "CompactSpec",
@@ -49,6 +52,7 @@ __all__ = [
     "Layout",
     "PlainWeightedSum",
     "check_ciphertexts",
+    "clamp_update",
     "compact_decrypt_average",
     "compact_decrypt_sum",
     "compact_encrypt",

@@ -197,6 +197,14 @@ class CompactParams:
 
 
 COMPACT_PARAMS = CompactParams()
+# The noise-tied grid (:meth:`CompactSpec.for_noise`): four 10-bit fields per half slot, 16 384 values
+# per ciphertext, 1.875 B/param up and 3.75 down. 10 bits hold log2(range/δ) + log2(sites) for a range
+# of ≥ 8 noise standard deviations up to 5 sites; more sites step down :data:`GRID_LADDER`.
+GRID_PARAMS = CompactParams(field_bits=10, fields=4)
+GRID_LADDER = (GRID_PARAMS, CompactParams(field_bits=14, fields=3), COMPACT_PARAMS)
+# δ = GRID_FRACTION · noise_std / sites: a tenth of the noise std of each site's (equal) share.
+GRID_FRACTION = 0.1
+GRID_RANGE_STD = 8.0  # the least range, in noise standard deviations, :meth:`CompactSpec.for_noise` accepts
 
 
 @dataclass(frozen=True)
@@ -215,6 +223,7 @@ class CompactSpec:
     max_sites: int
     params: CompactParams = COMPACT_PARAMS
     pooled: bool = False
+    stochastic: bool = False  # unbiased stochastic rounding (the noise-tied grid) rather than to nearest
 
     def __post_init__(self) -> None:
         bound = float(self.value_bound)
@@ -228,13 +237,59 @@ class CompactSpec:
                 f"the number of summed updates), got {self.max_sites!r}"
             )
         object.__setattr__(self, "max_sites", sites)
+        if self.per_site_limit < 1:
+            raise ValueError(
+                f"{self.params.field_bits}-bit fields leave no room for {sites} sites' rounding; use wider fields"
+            )
+
+    @classmethod
+    def for_noise(
+        cls,
+        noise_std: float,
+        sites: int,
+        params: CompactParams | Sequence[CompactParams] = GRID_LADDER,
+        range_std: float = GRID_RANGE_STD,
+        fraction: float = GRID_FRACTION,
+    ) -> CompactSpec:
+        """The pooled grid tied to the job's own noise: δ = ``fraction`` · ``noise_std`` / ``sites``.
+
+        ``noise_std`` is the per-coordinate noise standard deviation σ that DP-SGD already put in each
+        site's update (the change from the round's global model). A site sends its share s ≈ 1/sites
+        of it, whose noise std is s·σ; δ is ``fraction`` of that, and stochastic rounding makes the
+        error unbiased with variance ≤ δ²/4 per site, so the sum's rounding error has std
+        ≤ δ·√sites / 2 = σ / (20·√sites) against the average's noise std ≥ σ / √sites: 1/400 of the
+        noise variance. The fields hold M = 2^(b−1) − 1 − sites levels (each site's rounding may add
+        one), so the range is ±M·δ; ``params`` (one, or a ladder tried in order) gives the first whose
+        range reaches ``range_std``·σ (ValueError if none does). Values past the range are clamped
+        and counted (:func:`clamp_update`).
+        """
+        sigma, n = float(noise_std), int(sites)
+        if not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"noise_std must be a positive finite number, got {noise_std!r}")
+        if not 0 < fraction <= 1 or not range_std > 0:
+            raise ValueError(f"fraction must be in (0, 1] and range_std positive, got {fraction!r}, {range_std!r}")
+        if n < 1:
+            raise ValueError(f"sites must be positive, got {sites!r}")
+        ladder = (params,) if isinstance(params, CompactParams) else tuple(params)
+        quantum = fraction * sigma / n
+        for p in ladder:
+            levels = 2 ** (p.field_bits - 1) - 1 - n
+            if levels >= 1 and levels * quantum >= range_std * sigma and n <= p.max_sites:
+                return cls(levels * quantum, n, p, pooled=True, stochastic=True)
+        raise ValueError(
+            f"no field width in {[f'{p.fields}x{p.field_bits}' for p in ladder]} holds ±{range_std:g} noise std "
+            f"at δ = σ/{1 / (fraction / n):g} for {n} sites"
+        )
 
     @property
     def per_site_limit(self) -> int:
-        """M: the largest |integer| one site may put in a field (pooled: the sites together, before rounding)."""
+        """M: the largest |integer| one site may put in a field (pooled: the sites together, before rounding).
+
+        Pooled, each site's rounding may add ½ (to nearest) or < 1 (stochastic) to the sum's field."""
+        top = 2 ** (self.params.field_bits - 1) - 1
         if self.pooled:
-            return 2 ** (self.params.field_bits - 1) - 1 - math.ceil(self.max_sites / 2)
-        return (2 ** (self.params.field_bits - 1) - 1) // self.max_sites
+            return top - (self.max_sites if self.stochastic else math.ceil(self.max_sites / 2))
+        return top // self.max_sites
 
     @property
     def sum_limit(self) -> int:
@@ -247,18 +302,19 @@ class CompactSpec:
         return self.value_bound / self.per_site_limit
 
     def sum_error_bound(self, sites: int | None = None) -> float:
-        """Worst-case |decrypted sum − exact sum| per value: sites·δ/2 (rounding only; decoding is exact)."""
-        return (self.max_sites if sites is None else sites) * self.quantum / 2
+        """Worst-case |decrypted sum − exact sum| per value: sites·δ/2 to nearest, sites·δ stochastic
+        (rounding only; decoding is exact). Values clamped to the range are not counted here."""
+        return (self.max_sites if sites is None else sites) * self.quantum * (1.0 if self.stochastic else 0.5)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"version": _VERSION, "value_bound": self.value_bound, "max_sites": self.max_sites,
-             "pooled": bool(self.pooled), "params": {"poly_modulus_degree": self.params.poly_modulus_degree,
-                        "coeff_mod_bit_sizes": list(self.params.coeff_mod_bit_sizes),
-                        "scale_bits": self.params.scale_bits, "field_bits": self.params.field_bits,
-                        "fields": self.params.fields}},
-            separators=(",", ":"),
-        )  # fmt: skip
+        obj = {"version": _VERSION, "value_bound": self.value_bound, "max_sites": self.max_sites,
+               "pooled": bool(self.pooled), "params": {"poly_modulus_degree": self.params.poly_modulus_degree,
+                          "coeff_mod_bit_sizes": list(self.params.coeff_mod_bit_sizes),
+                          "scale_bits": self.params.scale_bits, "field_bits": self.params.field_bits,
+                          "fields": self.params.fields}}  # fmt: skip
+        if self.stochastic:  # absent for the fixed grid, whose JSON stays as it was
+            obj["rounding"] = "stochastic"
+        return json.dumps(obj, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> CompactSpec:
@@ -269,7 +325,11 @@ class CompactSpec:
             pooled = obj.get("pooled", False)
             if not isinstance(pooled, bool):
                 raise ValueError(f"malformed compact spec: pooled={pooled!r}")
-            return cls(float(obj["value_bound"]), int(obj["max_sites"]), CompactParams(**obj["params"]), pooled)
+            rounding = obj.get("rounding", "nearest")
+            if rounding not in ("nearest", "stochastic"):
+                raise ValueError(f"malformed compact spec: rounding={rounding!r}")
+            params = CompactParams(**obj["params"])
+            return cls(float(obj["value_bound"]), int(obj["max_sites"]), params, pooled, rounding == "stochastic")
         except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed compact spec: {exc}") from exc
 
@@ -282,16 +342,44 @@ def compact_ciphertext_count(params: CompactParams, size: int) -> int:
 
 
 # --- integer packing (pure numpy) ------------------------------------------------------------------
-def quantize(values: np.ndarray, spec: CompactSpec, weight: float = 1.0) -> np.ndarray:
-    """round(weight·values / δ) as int64, clipped to the per-site field share.
+def quantize(
+    values: np.ndarray, spec: CompactSpec, weight: float = 1.0, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """weight·values / δ rounded as ``spec`` says, as int64, clipped to the per-site field share.
 
-    Callers vet the values first (:func:`_check_update`: finite, within ``spec.value_bound``); the
-    clip only absorbs the last ulp of |weight·x/δ| at the bound itself.
+    To nearest (the fixed grid), or stochastically (``spec.stochastic``): up with probability equal to
+    the fractional part, so E[integer] = weight·x/δ exactly and the error is < δ (variance ≤ δ²/4).
+    ``rng`` (default: a fresh generator seeded by the OS) draws the rounding. Callers vet the values
+    first (:func:`_check_update`: finite, within ``spec.value_bound``); the clip only absorbs the last
+    ulp of |weight·x/δ| at the bound itself (M is an integer, so stochastic rounding never passes it).
     """
     ints = np.multiply(np.asarray(values, dtype=np.float64).reshape(-1), float(weight) / spec.quantum)
-    np.rint(ints, out=ints)
+    if spec.stochastic:
+        low = np.floor(ints)
+        up = (rng or np.random.default_rng()).random(ints.size) < (ints - low)
+        ints = np.add(low, up, out=low)
+    else:
+        np.rint(ints, out=ints)
     limit = spec.per_site_limit
     return np.clip(ints, -limit, limit, out=ints).astype(np.int64)
+
+
+def clamp_update(arrays: Mapping[str, np.ndarray], spec: CompactSpec) -> tuple[dict[str, np.ndarray], int]:
+    """(the arrays with every value clamped to ±``spec.value_bound``, how many values were clamped).
+
+    The pooled grid's range is public and finite; a value past it (a coordinate whose signal outgrew
+    the noise-tied range, or a model value past the fixed bound) is clamped rather than refused, and
+    the count is reported (the site's audit log; summary ``clamped_values``). NaN/Inf are left for
+    :func:`compact_encrypt` to refuse. Arrays with nothing to clamp are passed through uncopied.
+    """
+    bound, clamped, out = spec.value_bound, 0, {}
+    for name, arr in arrays.items():
+        over = int(np.count_nonzero(np.abs(arr) > bound))
+        if over:
+            clamped += over
+            arr = np.clip(arr, -bound, bound)
+        out[name] = arr
+    return out, clamped
 
 
 def pack_fields(ints: np.ndarray, params: CompactParams) -> np.ndarray:
@@ -700,6 +788,7 @@ def compact_encrypt(
     spec: CompactSpec,
     into: Any = None,
     mask: MaskFn | None = None,
+    rng: np.random.Generator | None = None,
 ) -> tuple[Sequence[bytes], Layout]:
     """A site's update: multiply by ``weight``, quantise to ``spec``'s grid, pack, encrypt (seeded).
 
@@ -709,6 +798,7 @@ def compact_encrypt(
     The first field carries the contributor count (1). The model is walked in chunks of
     ``_CHUNK_CIPHERTEXTS`` ciphertexts, and ``into`` (default: a new list) receives each ciphertext.
     ``mask(i)``: the secure-aggregation mask of ciphertext i (:mod:`clinfed.fl.secagg`), added to c0.
+    ``rng``: the stochastic rounding's generator (``spec.stochastic``; default seeded by the OS).
     """
     w = float(weight)
     if not math.isfinite(w) or w <= 0 or (spec.pooled and w > 1.0):
@@ -722,9 +812,9 @@ def compact_encrypt(
     out = [] if into is None else into
     per = seal.params.values_per_ciphertext * _CHUNK_CIPHERTEXTS
 
-    made = 0
+    made, rng = 0, (rng or np.random.default_rng()) if spec.stochastic else None
     for i, chunk in enumerate(iter_flat(arrays, layout, per, head=np.ones(1))):  # the count's slot first
-        ints = quantize(chunk, spec, w)
+        ints = quantize(chunk, spec, w, rng)
         if i == 0:
             ints[0] = 1  # the contributor count, not a model value: not weighted, not on the grid
         halves = pack_fields(ints, seal.params)

@@ -7,12 +7,16 @@ Contenders (``CONTENDERS``; ``contenders=`` picks some):
   ``HEInTimeAccumulateWeightedAggregator`` → fobs → ``HEModelDecryptor``) with real FLContext,
   Shareable and DXO objects and the context FLARE's ``HEBuilder`` provisions (N=8192, [60, 40, 40],
   2^40, symmetric), one TenSEAL vector per layer.
-- ``ours``: what clinfed's training jobs send, the compact format (``clinfed.he.compact``: the
-  federation's key, N=4096 [60 | 40], scale 2^15 per ciphertext; each site sends its share of the
-  total weight times its model, quantised to the job's grid, two 21-bit fields per half slot, both
-  halves of each slot, bit-packed seeded uploads). Its pooled ``value_bound`` is the largest |value|
-  any site sends (the tightest bound a job could set; the training jobs use a looser public 16,
-  which costs precision in proportion) and ``max_sites`` is ``sites``.
+- ``ours``: the compact format on the grid tied to the update's own noise (``clinfed.he.compact``,
+  ``CompactSpec.for_noise``: the federation's key, N=4096 [60 | 40], scale 2^15 per ciphertext; each
+  site sends its share of the total weight times its *change* from the global model, stochastically
+  rounded to δ = σ / (10·sites) with σ the update's per-coordinate noise std, four 10-bit fields per
+  half slot, both halves of each slot, bit-packed seeded uploads: 16 384 values per ciphertext).
+- ``ours_fixed``: the compact format on the fixed grid (``--he-format compact-fixed``): each site sends
+  its share times its *model*, rounded to nearest on value_bound / 2^20, two 21-bit fields per half
+  slot. Its pooled ``value_bound`` is the largest |value| any site sends (the tightest bound a job
+  could set; the training jobs use a looser public 16, which costs precision in proportion) and
+  ``max_sites`` is ``sites``.
 - ``ours_secagg``: ``ours`` with secure aggregation as the training jobs run it (``clinfed.fl.secagg``):
   each upload masked for the round's member set (pairwise + self-masks on c0), every site's signed
   reveal collected after the uploads, the sum unmasked at the decrypting site. Its ``setup`` block is
@@ -26,8 +30,9 @@ Contenders (``CONTENDERS``; ``contenders=`` picks some):
   ``ours_flare_params``), parameter choice (→ ``ours_real``) and integer packing (→ ``ours``).
 
 Every contender aggregates the same site updates (a layered float32 model of ``params`` values with
-16-value biases and norm scales, as a MONAI-style CNN has; each site's is the global model plus ~1 %
-noise, generated when that site encrypts so that memory does not grow with ``sites``). A round
+16-value biases and norm scales, as a MONAI-style CNN has; each site's is the global model plus
+Gaussian noise of one std σ on every coordinate, as DP-SGD's noise is, σ = 1 % of the model's overall
+std (``noise_std``), generated when that site encrypts so that memory does not grow with ``sites``). A round
 streams: site i encrypts, the server ingests site i's upload, the update and the upload are
 dropped, then site i+1; the server thus ingests ``sites`` distinct uploads. Each contender runs
 ``repeats`` rounds (≥ 3 by default), interleaved with the other contenders' so that background load
@@ -43,6 +48,7 @@ hits all alike, and reports per field:
 - ``decrypt_seconds``: one site's deserialisation + decryption + division.
 - ``round_seconds``: the sum of the three, the HE cost on a round's critical path.
 - ``max_rel_error``: max |aggregate − exact FedAvg| / max |exact FedAvg| (float64 reference).
+- ``max_error_noise_std``: max |aggregate − exact FedAvg| in units of the updates' noise std σ.
 - ``server_peak_rss_mb`` / ``site_peak_rss_mb``: peak resident memory while that role's code runs,
   *above* the process's resident memory at the start of the round (which holds the interpreter,
   FLARE, TenSEAL, keys, the global model and the float64 reference, common to all contenders). On
@@ -84,7 +90,8 @@ from typing import Any
 
 import numpy as np
 
-CONTENDERS = ("plaintext", "flare_he", "ours", "ours_secagg", "ours_flare_params", "ours_real")
+CONTENDERS = ("plaintext", "flare_he", "ours", "ours_secagg", "ours_fixed", "ours_flare_params", "ours_real")
+NOISE_FRACTION = 0.01  # each site's update: the global model plus N(0, σ) per coordinate, σ = 1 % of its std
 BIAS = 16  # the smallest layers: a 16-channel bias or norm scale costs FLARE a whole ciphertext
 
 
@@ -111,22 +118,24 @@ def bench_model(params: int, seed: int = 0) -> dict[str, np.ndarray]:
     return model
 
 
-def _layer_scales(model: dict[str, np.ndarray]) -> dict[str, float]:
-    return {k: 0.01 * (float(np.std(v)) or 1.0) for k, v in model.items()}
+def noise_std(model: dict[str, np.ndarray]) -> float:
+    """σ: the per-coordinate noise std of every site's update, the same on every coordinate as DP-SGD's."""
+    values = np.concatenate([v.reshape(-1) for v in model.values()]).astype(np.float64)
+    return NOISE_FRACTION * (float(np.std(values)) or 1.0)
 
 
-def _site_update(model: dict[str, np.ndarray], scales: dict[str, float], site: int, seed: int) -> dict[str, np.ndarray]:
-    """Site ``site``'s model: the global one plus a local step of ~1 % of each layer's scale (reproducible)."""
+def _site_update(model: dict[str, np.ndarray], sigma: float, site: int, seed: int) -> dict[str, np.ndarray]:
+    """Site ``site``'s model: the global one plus N(0, σ²) on every coordinate (reproducible)."""
     rng = np.random.default_rng([seed + 1, site])
-    return {k: (v + rng.normal(0, scales[k], v.shape)).astype(np.float32) for k, v in model.items()}
+    return {k: (v + rng.normal(0, sigma, v.shape)).astype(np.float32) for k, v in model.items()}
 
 
-def _reference(model, scales, weights: Sequence[float], seed: int) -> tuple[dict[str, np.ndarray], float]:
+def _reference(model, sigma: float, weights: Sequence[float], seed: int) -> tuple[dict[str, np.ndarray], float]:
     """Exact FedAvg in float64, one site at a time; and the largest |value| any site sends."""
     total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in model.items()}
     peak = 0.0
     for i, w in enumerate(weights):
-        update = _site_update(model, scales, i, seed)
+        update = _site_update(model, sigma, i, seed)
         for k, v in update.items():
             total[k] += w * v.astype(np.float64)
             peak = max(peak, float(np.max(np.abs(v))))
@@ -134,12 +143,13 @@ def _reference(model, scales, weights: Sequence[float], seed: int) -> tuple[dict
     return {k: v / whole for k, v in total.items()}, peak
 
 
-def _max_rel_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+def _max_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(max |got − want|, max |want|)."""
     peak = max(float(np.max(np.abs(v))) for v in want.values())
     worst = max(
         float(np.max(np.abs(np.asarray(got[k], dtype=np.float64).reshape(v.shape) - v))) for k, v in want.items()
     )
-    return worst / peak
+    return worst, peak
 
 
 def _weights(sites: int) -> list[float]:
@@ -486,16 +496,33 @@ class _Ours(_Contender):
 
 
 class _OursCompact(_Ours):
-    """The training jobs' compact format (``clinfed.he.compact``) on the federation's own key."""
+    """The training jobs' compact format (``clinfed.he.compact``) on the federation's own key: on the
+    noise-tied grid (``spec.stochastic``) each site sends its change from the ``base`` (global) model,
+    and the decrypting site adds the average change back; on the fixed grid, its model."""
 
-    def __init__(self, sites: int, value_bound: float, weights: Sequence[float], workdir: Path, name: str = "ours"):
+    def __init__(self, spec, weights: Sequence[float], workdir: Path, name: str = "ours", base=None):
         from clinfed.he import DEFAULT_PARAMS
-        from clinfed.he.compact import CompactSpec
 
-        super().__init__(name, DEFAULT_PARAMS, sites, workdir)
-        self.spec = CompactSpec(value_bound, sites, pooled=True)
+        super().__init__(name, DEFAULT_PARAMS, spec.max_sites, workdir)
+        self.spec, self.base = spec, base if spec.stochastic else None
         self.spec_json = self.spec.to_json()
         self.whole = float(sum(weights))  # the admitted sites' total: each site sends its share
+        self.clamped = 0
+
+    def _outgoing(self, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What the site encrypts: its change from the global model, clamped to the grid's range."""
+        from clinfed.he.compact import clamp_update
+
+        if self.base is None:
+            return update
+        change, clamped = clamp_update({k: v - self.base[k] for k, v in update.items()}, self.spec)
+        self.clamped += clamped
+        return change
+
+    def _incoming(self, avg: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.base is None:
+            return avg
+        return {k: (self.base[k] + v).astype(self.base[k].dtype) for k, v in avg.items()}
 
     def start_round(self) -> None:
         from clinfed.he.compact import CompactSum
@@ -511,7 +538,7 @@ class _OursCompact(_Ours):
         from clinfed.he.compact import compact_encrypt
 
         share = weight / self.whole
-        cts, layout = compact_encrypt(self.site_ctx, update, share, self.spec)
+        cts, layout = compact_encrypt(self.site_ctx, self._outgoing(update), share, self.spec)
         data = {"ckks": cts, "layout": layout_to_json(layout), "fingerprint": self.fingerprint, "spec": self.spec_json}
         self.ct_per_update = len(cts)
         return fobs.dumps(DXO(DataKind.WEIGHT_DIFF, data=data, meta={"weight": share}).to_shareable()), sum(
@@ -535,8 +562,10 @@ class _OursCompact(_Ours):
 
         dxo = from_shareable(fobs.loads(back))
         layout = layout_from_json(dxo.data["layout"])
-        return compact_decrypt_average(
-            self.site_ctx, dxo.data["ckks"], dxo.get_meta_prop("total_weight"), layout, self.spec
+        return self._incoming(
+            compact_decrypt_average(
+                self.site_ctx, dxo.data["ckks"], dxo.get_meta_prop("total_weight"), layout, self.spec
+            )
         )
 
     def info(self) -> dict:
@@ -544,10 +573,13 @@ class _OursCompact(_Ours):
             "ciphertexts_per_update": self.ct_per_update,
             "value_bound": self.spec.value_bound,
             "quantum": self.spec.quantum,
+            "clamped_values": self.clamped,
             "context": {
                 **self.spec.params.as_dict(),
                 "max_sites": self.spec.max_sites,
                 "pooled": True,
+                "rounding": "stochastic" if self.spec.stochastic else "nearest",
+                "sends": "change from the global model" if self.base is not None else "model",
                 "encryption": "symmetric, seeded, integer fields, complex slots, bit-packed",
             },
         }
@@ -556,9 +588,9 @@ class _OursCompact(_Ours):
 class _OursSecAgg(_OursCompact):
     """``ours`` plus secure aggregation: masked uploads, signed reveals, unmasking at the site."""
 
-    def __init__(self, sites: int, value_bound: float, weights: Sequence[float], workdir: Path):
-        super().__init__(sites, value_bound, weights, workdir, "ours_secagg")
-        self.parties, self.setup = secagg_setup(sites, workdir / "kits")
+    def __init__(self, spec, weights: Sequence[float], workdir: Path, base=None):
+        super().__init__(spec, weights, workdir, "ours_secagg", base)
+        self.parties, self.setup = secagg_setup(spec.max_sites, workdir / "kits")
         self.round = -1
 
     def start_round(self) -> None:
@@ -576,7 +608,7 @@ class _OursSecAgg(_OursCompact):
 
         mask = MaskedStream(self.parties[site].mask(self.round, "train", self.members, ring_of(self.site_ctx)))
         share = weight / self.whole
-        cts, layout = compact_encrypt(self.site_ctx, update, share, self.spec, mask=mask)
+        cts, layout = compact_encrypt(self.site_ctx, self._outgoing(update), share, self.spec, mask=mask)
         data = {"ckks": cts, "layout": layout_to_json(layout), "fingerprint": self.fingerprint, "spec": self.spec_json}
         self.ct_per_update = len(cts)
         return fobs.dumps(DXO(DataKind.WEIGHT_DIFF, data=data, meta={"weight": share}).to_shareable()), sum(
@@ -607,9 +639,10 @@ class _OursSecAgg(_OursCompact):
         dxo = from_shareable(fobs.loads(back))
         decryptor = self.parties[self.members[0]]
         correction = MaskedStream(decryptor.correction(dxo.get_meta_prop("secagg_sum"), ring_of(self.site_ctx)))
-        cts = compact_unmasked(self.site_ctx, dxo.data["ckks"], correction)
+        cts = compact_unmasked(self.site_ctx, dxo.data["ckks"], correction, self.spec.params)
         layout = layout_from_json(dxo.data["layout"])
-        return compact_decrypt_average(self.site_ctx, cts, dxo.get_meta_prop("total_weight"), layout, self.spec)
+        total = dxo.get_meta_prop("total_weight")
+        return self._incoming(compact_decrypt_average(self.site_ctx, cts, total, layout, self.spec))
 
     def info(self) -> dict:
         return {**super().info(), "setup": self.setup}
@@ -644,7 +677,7 @@ def secagg_setup(sites: int, folder: Path) -> tuple[dict, dict]:
 
 
 # --- the round -----------------------------------------------------------------------------------------
-def _round(c: _Contender, model, scales, weights, seed: int, reference, mem: _Memory) -> dict:
+def _round(c: _Contender, model, sigma: float, weights, seed: int, reference, mem: _Memory) -> dict:
     """One streamed round of contender ``c``: per-role times, bytes, peak memory and error."""
     names = [f"site-{i + 1}" for i in range(len(weights))]
     c.start_round()
@@ -655,7 +688,7 @@ def _round(c: _Contender, model, scales, weights, seed: int, reference, mem: _Me
     site_peak = server_peak = 0.0
     up = ct_bytes = 0
     for i, (site, weight) in enumerate(zip(names, weights, strict=True)):
-        update = _site_update(model, scales, i, seed)
+        update = _site_update(model, sigma, i, seed)
         with mem.section() as peak:
             start = time.perf_counter()
             wire, cts = c.encrypt(site, update, weight)
@@ -681,13 +714,15 @@ def _round(c: _Contender, model, scales, weights, seed: int, reference, mem: _Me
         decrypt = time.perf_counter() - start
     site_peak = max(site_peak, peak[0] - base)
     params = sum(v.size for v in model.values())
+    worst, peak = _max_error(avg, reference)
     row = {
         "bytes_per_param": up / params,
         "download_bytes_per_param": c.size(back) / params,
         "encrypt_seconds": float(np.mean(enc_times)) if c.timed_sites else 0.0,
         "aggregate_seconds": aggregate,
         "decrypt_seconds": decrypt if c.timed_sites else 0.0,
-        "max_rel_error": _max_rel_error(avg, reference),
+        "max_rel_error": worst / peak,
+        "max_error_noise_std": worst / sigma,
         "server_peak_rss_mb": max(server_peak, 0.0),
         "site_peak_rss_mb": max(site_peak, 0.0),
     }
@@ -729,10 +764,12 @@ def run_he_bench(
     names = _parse_contenders(contenders)
     if sites < MIN_CONTRIBUTORS and any(n.startswith("ours") for n in names):
         raise ValueError(f"clinfed's sites refuse to decrypt a sum of fewer than {MIN_CONTRIBUTORS} updates")
+    from clinfed.he.compact import CompactSpec
+
     model = bench_model(params, seed)
-    scales = _layer_scales(model)
+    sigma = noise_std(model)
     weights = _weights(sites)
-    reference, peak_value = _reference(model, scales, weights, seed)
+    reference, peak_value = _reference(model, sigma, weights, seed)
     mem = _Memory()
     runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="clinfed-he-bench-") as tmp:
@@ -744,9 +781,11 @@ def run_he_bench(
             elif name == "flare_he":
                 built[name] = _FlareHE(sites, work)
             elif name == "ours":
-                built[name] = _OursCompact(sites, peak_value, weights, work)
+                built[name] = _OursCompact(CompactSpec.for_noise(sigma, sites), weights, work, base=model)
             elif name == "ours_secagg":
-                built[name] = _OursSecAgg(sites, peak_value, weights, work)
+                built[name] = _OursSecAgg(CompactSpec.for_noise(sigma, sites), weights, work, base=model)
+            elif name == "ours_fixed":
+                built[name] = _OursCompact(CompactSpec(peak_value, sites, pooled=True), weights, work, "ours_fixed")
             elif name == "ours_real":
                 from clinfed.he import DEFAULT_PARAMS
 
@@ -755,14 +794,16 @@ def run_he_bench(
                 built[name] = _Ours(name, CKKSParams(8192, (60, 40, 40), 40), sites, work)
         for _ in range(repeats):
             for name in names:
-                runs[name].append(_round(built[name], model, scales, weights, seed, reference, mem))
+                runs[name].append(_round(built[name], model, sigma, weights, seed, reference, mem))
         out = {}
         for name in names:
             rows = runs[name]
-            row: dict[str, Any] = {"contender": name, "params": params, "sites": sites, "repeats": repeats}
+            row: dict[str, Any] = {
+                "contender": name, "params": params, "sites": sites, "repeats": repeats, "noise_std": sigma,
+            }  # fmt: skip
             for key in rows[0]:
                 values = [r[key] for r in rows]
-                row[key] = max(values) if key == "max_rel_error" else float(statistics.median(values))
+                row[key] = max(values) if key.startswith("max_") else float(statistics.median(values))
             rounds = [r["encrypt_seconds"] + r["aggregate_seconds"] + r["decrypt_seconds"] for r in rows]
             row["round_seconds"] = row["encrypt_seconds"] + row["aggregate_seconds"] + row["decrypt_seconds"]
             row["round_seconds_runs"] = rounds
@@ -776,7 +817,7 @@ def format_table(result: dict) -> str:
     """One row per contender, then how ours compares with FLARE's HE and with plaintext."""
     header = (
         f"{'contender':<17} {'B/param':>8} {'ct B/p':>7} {'down B/p':>8} {'encrypt s':>9} {'aggregate s':>11} "
-        f"{'decrypt s':>9} {'round s':>8} {'max rel err':>11} {'server MB':>9} {'site MB':>8}"
+        f"{'decrypt s':>9} {'round s':>8} {'max rel err':>11} {'err/σ':>7} {'server MB':>9} {'site MB':>8}"
     )
     lines = [header, "-" * len(header)]
     for name, row in result.items():
@@ -785,7 +826,8 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{name:<17} {wire:>8.2f} {ct:>7.2f} {down:>8.2f} {row['encrypt_seconds']:>9.3f} "
             f"{row['aggregate_seconds']:>11.3f} {row['decrypt_seconds']:>9.3f} {row['round_seconds']:>8.3f} "
-            f"{row['max_rel_error']:>11.1e} {row.get('server_peak_rss_mb', math.nan):>9.1f} "
+            f"{row['max_rel_error']:>11.1e} {row.get('max_error_noise_std', math.nan):>7.3f} "
+            f"{row.get('server_peak_rss_mb', math.nan):>9.1f} "
             f"{row.get('site_peak_rss_mb', math.nan):>8.1f}"
         )
     first = next(iter(result.values()))
@@ -794,9 +836,12 @@ def format_table(result: dict) -> str:
         f"({first['params']:,} parameters, {first['sites']} sites, median of {repeats} round(s); seconds: one "
         "site's encrypt/decrypt, the server's aggregate for all sites;"
     )
-    lines.append(" B/param: one site's FLARE-serialised update; MB: peak RSS above the round's start, per role)")
+    lines.append(
+        " B/param: one site's FLARE-serialised update; err/σ: max error in the updates' noise std; "
+        "MB: peak RSS above the round's start, per role)"
+    )
     flare = result.get("flare_he")
-    for name in ("ours", "ours_secagg", "ours_flare_params", "ours_real"):
+    for name in ("ours", "ours_secagg", "ours_fixed", "ours_flare_params", "ours_real"):
         if name in result and flare is not None:
             ours = result[name]
             line = (

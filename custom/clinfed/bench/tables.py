@@ -39,14 +39,15 @@ def dp_table(result: dict) -> str:
 def he_table(result: dict) -> str:
     lines = [
         "| contender | B/param up | down | encrypt s | aggregate s | decrypt s | round s | max rel err | "
-        "server MB | site MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "max err / σ | server MB | site MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in result.items():
         lines.append(
             f"| {name} | {row['bytes_per_param']:.2f} | {row.get('download_bytes_per_param', math.nan):.2f} | "
             f"{row['encrypt_seconds']:.3f} | {row['aggregate_seconds']:.3f} | {row['decrypt_seconds']:.3f} | "
             f"{row['round_seconds']:.3f} | {row['max_rel_error']:.1e} | "
+            f"{row.get('max_error_noise_std', math.nan):.3f} | "
             f"{row.get('server_peak_rss_mb', math.nan):.1f} | {row.get('site_peak_rss_mb', math.nan):.1f} |"
         )
     first = next(iter(result.values()))
@@ -60,6 +61,15 @@ def he_table(result: dict) -> str:
             f" ours vs FLARE HE: {ours['bytes_per_param'] / flare['bytes_per_param']:.2f}× bytes, "
             f"{ours['round_seconds'] / flare['round_seconds']:.2f}× round time."
         )
+    if "noise_std" in first:
+        lines[-1] += f" Each site's update carries noise σ = {first['noise_std']:.2e} per coordinate"
+        if "quantum" in result.get("ours", {}):
+            ours = result["ours"]
+            lines[-1] += (
+                f"; ours rounds to δ = {ours['quantum']:.2e} (σ/{first['noise_std'] / ours['quantum']:.0f}) "
+                f"within ±{ours['value_bound']:.2e}, {ours.get('clamped_values', 0)} values clamped"
+            )
+        lines[-1] += "."
     return "\n".join(lines)
 
 

@@ -38,6 +38,14 @@ written out in ``docs/he-parameters.md``; in short:
   writes each ciphertext's values straight into the model's arrays: a site holds its float32 model
   plus one chunk, never a float64 copy of the whole model.
 
+**The noise-tied grid** (:data:`GRID_PARAMS`, :meth:`CompactSpec.for_noise`; issue 25, item 5): a
+DP-SGD update already carries Gaussian noise of std σ per coordinate, so a site sends its share of
+its *change* from the round's global model on δ = σ / (10·sites), rounded stochastically (unbiased,
+error < δ), in four 10-bit fields per half slot (16 384 values per ciphertext): 1.875 B/param up,
+3.75 down, the average's rounding error ≤ σ/10 and 1/400 of its noise variance. 10 bits hold
+log2(range/δ) + log2(sites) for a range ≥ 8σ up to 6 sites; more sites step to wider fields
+(:data:`GRID_LADDER`). Values past the range are clamped and counted (:func:`clamp_update`).
+
 A contributor count travels in the first field, as in :mod:`clinfed.he.aggregation`: sites refuse
 to decrypt a sum of fewer than ``MIN_CONTRIBUTORS`` updates, whatever the server says.
 """

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 
+# The training jobs' encrypted wire formats (`--he-format`; `clinfed.fl.recipe`): the compact format on
+# the grid tied to the DP noise (default), on the fixed grid, or real-valued CKKS.
+HE_FORMATS = ("compact", "compact-fixed", "real")
+
 
 def positive_int(text: str) -> int:
     try:

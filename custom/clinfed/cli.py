@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from clinfed.argtypes import channel_list, fraction, positive_float, positive_int
+from clinfed.argtypes import HE_FORMATS, channel_list, fraction, positive_float, positive_int
 from clinfed.jobs import JOB_NAMES, UnknownJob, available_jobs
 
 
@@ -122,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--he-format",
-        choices=["compact", "real"],
+        choices=list(HE_FORMATS),
         default=None,
-        help="training jobs: encrypted dense updates as compact integers (default, ~3.75 B/param) or CKKS reals (16)",
+        help="training jobs: encrypted dense updates as compact integers on the DP noise's grid (default, "
+        "~1.9 B/param for large models), on the fixed grid (compact-fixed, ~3.75) or as CKKS reals (real, 16)",
     )
     sim.add_argument(
         "--channels",
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--epsilon", type=positive_float, default=None)
     exp.add_argument("--compression", type=fraction, default=None, metavar="F")
     exp.add_argument("--channels", type=channel_list, default=None, metavar="A,B,C")
-    exp.add_argument("--he-format", choices=["compact", "real"], default=None)
+    exp.add_argument("--he-format", choices=list(HE_FORMATS), default=None)
     bench = sub.add_parser("bench", help="benchmarks: print a table, write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     he = bench_sub.add_parser("he", help="plaintext FedAvg vs FLARE's HE vs clinfed's CKKS aggregation")

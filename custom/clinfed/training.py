@@ -266,6 +266,30 @@ class SiteTrainer:
         """(noise multiplier, sample rate, steps) the next round will consume, for the budget check."""
         return self.noise_multiplier, self.sample_rate, self.train_cfg.local_epochs * self.batches_per_epoch
 
+    def update_noise_std(self) -> float:
+        """σ: the per-coordinate standard deviation of the Gaussian noise DP-SGD puts into one round's
+        model change at this site (0 without DP). The compact format's noise-tied grid is cut to it
+        (`clinfed.he.compact.CompactSpec.for_noise`): an estimate that runs high makes the grid coarser
+        than a tenth of the true noise, one that runs low narrows its range (more values clamped, counted).
+
+        Opacus adds N(0, (z·C)²) to the summed clipped gradients and divides by the expected batch
+        B = sample_rate · n, so each step's gradient carries z·C/B per coordinate. Over T steps of SGD
+        with momentum μ, step t's noise reaches the round's change with weight lr·(1 − μ^(T−t+1))/(1 − μ):
+        σ = lr·(z·C/B)·√Σ_t w_t². Adam divides each coordinate by its running RMS, in which the noise
+        (z·C/B, far above the clipped signal per coordinate) dominates: each step moves a coordinate by
+        about lr times a unit-variance draw, so σ ≈ lr·√T, an upper estimate when the signal is not small.
+        """
+        if self.engine is None or self.noise_multiplier <= 0:
+            return 0.0
+        steps = self.train_cfg.local_epochs * self.batches_per_epoch
+        lr = float(self.train_cfg.lr)
+        if self.train_cfg.optimizer == "adam":
+            return lr * math.sqrt(steps)
+        mu = float(self.train_cfg.momentum)
+        weights = [(1 - mu ** (steps - t)) / (1 - mu) if mu else 1.0 for t in range(steps)]
+        per_step = self.noise_multiplier * self.dp.max_grad_norm / (self.sample_rate * len(self.data.train))
+        return lr * per_step * math.sqrt(sum(w * w for w in weights))
+
     def planned_job(self) -> list[tuple[float, float, int]]:
         """The whole remaining job's spends, for admission: every round this run still plans."""
         if self.engine is None:

@@ -20,6 +20,9 @@ from clinfed.tasks.segmentation import SegmentationTask
 pytestmark = pytest.mark.slow
 
 TINY = {"image_size": 32, "n_train": 64, "n_test": 16, "batch_size": 16}
+# a UNet of 18,878 parameters: two ciphertexts of the noise-tied grid's 16,384 values, so an upload spans
+# more than one stream message (the default channels' 12,062 fit one ciphertext)
+CHANNELS = [8, 24, 40]
 SITES, EPSILON = 3, 8.0  # never fewer than 3 sites (a sum of two exposes each to the other)
 
 
@@ -36,7 +39,8 @@ def summary(out):
     saved = os.environ.get("CLINFED_STREAM_CHUNK_BYTES")
     os.environ["CLINFED_STREAM_CHUNK_BYTES"] = str(STREAM_CHUNK)  # read by the simulator's site and server processes
     try:
-        return run_simulation(SimulationRequest(job="segmentation_dp", sites=SITES, rounds=2, out=out, extra=TINY))
+        extra = {**TINY, "channels": CHANNELS}
+        return run_simulation(SimulationRequest(job="segmentation_dp", sites=SITES, rounds=2, out=out, extra=extra))
     finally:
         if saved is None:
             os.environ.pop("CLINFED_STREAM_CHUNK_BYTES", None)
@@ -46,7 +50,9 @@ def summary(out):
 
 def untrained_dice() -> float:
     """Mean held-out Dice of the network every site starts from (SiteTrainer seeds 0 before building it)."""
-    task = SegmentationTask(image_size=TINY["image_size"], n_train=TINY["n_train"], n_test=TINY["n_test"])
+    task = SegmentationTask(
+        image_size=TINY["image_size"], n_train=TINY["n_train"], n_test=TINY["n_test"], channels=CHANNELS
+    )
     torch.manual_seed(0)
     model = task.build_model()
     scores = [
@@ -100,16 +106,24 @@ def test_round_plot_is_drawn_from_the_summary(summary, tmp_path):
         assert png.format == "PNG"
 
 
-def test_updates_travel_in_the_compact_format_at_plaintext_size(summary):
-    """Dense encrypted updates use the compact format (8,192 values per ciphertext, ~3.75 B/value):
-    each upload is ⌈(P + 1) / 8192⌉ ciphertexts (the +1: the contributor count) where the
-    real-valued format needs ⌈(P + 1) / 2048⌉, and its bytes are within 4 per packed value."""
-    task = SegmentationTask(image_size=TINY["image_size"], n_train=TINY["n_train"], n_test=TINY["n_test"])
+def test_updates_travel_in_the_compact_format_on_the_noise_grid_at_half_plaintext_size(summary):
+    """Dense encrypted updates use the compact format on the grid tied to the sites' DP noise
+    (16,384 values per ciphertext, ~1.9 B/value): each upload is ⌈(P + 1) / 16384⌉ ciphertexts (the +1:
+    the contributor count) where the fixed grid needs ⌈(P + 1) / 8192⌉, within 2 bytes per packed
+    value; the quantum is a tenth of each share's noise std, and values past the range are counted."""
+    task = SegmentationTask(
+        image_size=TINY["image_size"], n_train=TINY["n_train"], n_test=TINY["n_test"], channels=CHANNELS
+    )
     size = sum(p.numel() for p in task.build_model().parameters())
     fmt = summary["he_format"]
-    assert fmt["format"] == "compact" and fmt["max_sites"] == SITES and fmt["value_bound"] == 16.0
-    cts = -(-(size + 1) // 8192)
+    assert fmt["format"] == "compact" and fmt["grid"] == "noise" and fmt["fields"] == "4x10"
+    assert fmt["max_sites"] == SITES
+    noise = min(e["update_noise_std"] for e in summary["admission"].values())
+    assert fmt["quantum"] == pytest.approx(noise / (10 * SITES))
+    cts = -(-(size + 1) // 16384)
     for r in summary["rounds"]:
         for site, entry in r["sites"].items():
             assert entry["stream"]["ciphertexts"] == cts, (site, entry["stream"])
-            assert entry["stream"]["bytes"] <= 4.0 * 8192 * cts, (site, entry["stream"])
+            assert entry["stream"]["bytes"] <= 2.0 * 16384 * cts, (site, entry["stream"])
+            assert 0 <= entry["clamped_values"] <= size
+    assert fmt["clamped_values"] == sum(e["clamped_values"] for r in summary["rounds"] for e in r["sites"].values())

@@ -56,3 +56,46 @@ def test_a_server_that_understates_the_admitted_total_is_refused_before_encrypti
     site._wire = (CompactSpec(2.0, 3).to_json(), 10.0)  # not pooled: not the format this federation uses
     with pytest.raises(ValueError, match="not the pooled format"):
         site._encode_compact({"w": np.zeros(4, dtype=np.float32)}, 300, round_num=0)
+
+
+def test_on_the_noise_grid_sites_send_changes_from_the_kept_global_model_and_fedavg_comes_back(tmp_path):
+    from types import SimpleNamespace
+
+    from clinfed.errors import SiteRefusal
+
+    secret, public = create_context_pair()
+    sigma = 0.01
+    spec = CompactSpec.for_noise(sigma, 3)
+    rng = np.random.default_rng(5)
+    base = {"w": rng.normal(0, 1.0, 50).astype(np.float32)}  # weights far past the grid's range (±17σ)
+    samples = [100, 300, 600]
+    models = [{"w": (base["w"] + rng.normal(0, sigma, 50)).astype(np.float32)} for _ in samples]
+    models[1]["w"][0] = base["w"][0] + 1.0  # a change of 100σ: past the range, clamped and counted
+    acc = CompactSum(public, spec)
+    for i, (n, model) in enumerate(zip(samples, models, strict=True)):
+        site = _site(f"site-{i + 1}", secret, tmp_path, spec, admitted=10.0)
+        site.root, site.run_key, site.encrypt = tmp_path / site.site, "run-1", True
+        site._trainer = SimpleNamespace(get_weights=lambda: {k: v.copy() for k, v in base.items()})
+        site._keep_base(4)  # what _train does before training round 4
+        params, share, extra = site._encode_compact({k: v.copy() for k, v in model.items()}, n, round_num=4)
+        assert extra == {"clamped_values": 1 if i == 1 else 0}
+        acc.add(
+            site.site, params[payload.CKKS_KEY], share, params[payload.FINGERPRINT_KEY], params[payload.COMPACT_KEY]
+        )
+    cts, total, _ = acc.result()
+    change = compact_decrypt_average(secret, cts, total, layout_from_json(params[payload.LAYOUT_KEY]), spec)["w"]
+    models[1]["w"][0] = base["w"][0] + spec.value_bound
+    want = sum(n / 1000 * m["w"].astype(np.float64) for n, m in zip(samples, models, strict=True))
+    assert np.abs(base["w"] + change - want).max() <= sigma / 10 + 1e-6  # ≤ sites·δ, plus float32 rounding
+    # a re-created executor finds the kept model on disk; another round's is refused, not guessed
+    again = _site("site-1", secret, tmp_path, spec, admitted=10.0)
+    again.root, again.run_key = tmp_path / "site-1", "run-1"
+    np.testing.assert_array_equal(again._base_for(4)["w"], base["w"])
+    with pytest.raises(SiteRefusal, match="round 5's global model, which this site does not hold"):
+        again._base_for(5)
+    # two rounds are kept on disk (a resumed server sends the sum of the round before), no more
+    for r in (5, 6):
+        again._trainer = SimpleNamespace(get_weights=lambda r=r: {"w": np.full(50, float(r), dtype=np.float32)})
+        again._keep_base(r)
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "site-1" / "grid").iterdir()) == ["5.npz", "6.npz"]
+    assert again._base_for(5)["w"][0] == 5.0 and again._base_for(6)["w"][0] == 6.0

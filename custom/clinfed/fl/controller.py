@@ -70,6 +70,7 @@ from clinfed.fl.secagg import (
 from clinfed.fl.summary import training_summary, write_summary
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
 from clinfed.sysinfo import current_rss_mb, peak_rss_mb, release_free_memory
+from clinfed.textio import one_line
 
 
 class SecureFedAvg(ModelController):
@@ -106,9 +107,11 @@ class SecureFedAvg(ModelController):
                 Without one, the FLARE job id is used, so nothing resumes across submissions.
             compression: the fraction of coordinates the sites send (0: dense updates); recorded in
                 summary.json and used to expect one index digest per round.
-            he_format: "compact" (dense updates at ~3.75 B/param, `clinfed.he.compact`) or "real"
-                (the real-valued CKKS path, 16 B/param). Compressed updates always use "real".
-            value_bound: the public bound on |model value| of the compact format: values beyond it are
+            he_format: "compact" (dense updates on the grid tied to the sites' DP noise, ~1.9 B/param
+                for large models, `CompactSpec.for_noise`; without DP noise, the fixed grid),
+                "compact-fixed" (the fixed grid, ~3.75 B/param) or "real" (the real-valued CKKS path,
+                16 B/param). Compressed updates always use "real".
+            value_bound: the public bound on |model value| of the fixed grid: values beyond it are
                 clipped at the site; the quantum is value_bound / 2^20.
         """
         super().__init__()
@@ -260,6 +263,8 @@ class SecureFedAvg(ModelController):
                 "epsilon": float(meta.get("epsilon", 0.0) or 0.0),
                 "bytes_sent": int(meta.get("bytes_sent", 0) or 0),
             }
+            if isinstance(meta.get("clamped_values"), int) and status == "ok":  # noise-tied grid only
+                entry["clamped_values"] = int(meta["clamped_values"])
             self._record_privacy(site, meta)
             if status == "ok":
                 params = result.params or {}
@@ -492,14 +497,27 @@ class SecureFedAvg(ModelController):
 
     def _compact_spec(self, admitted: list[str]):
         """The job's CompactSpec (None: the real-valued path): pooled over the admitted sites, whose
-        weights (sample counts, public as in FLARE's FedAvg) sum to the shares' denominator."""
-        if not (self.encrypted and self.he_format == "compact" and not self.compression and admitted):
+        weights (sample counts, public as in FLARE's FedAvg) sum to the shares' denominator. "compact"
+        ties the grid to the smallest update noise std the admitted sites state (the finest grid any
+        site's noise asks for, `CompactSpec.for_noise`); with no DP noise at some site, or with
+        "compact-fixed", it is the fixed grid on the public `value_bound`."""
+        if not (
+            self.encrypted and self.he_format in ("compact", "compact-fixed") and not self.compression and admitted
+        ):
             return None
-        from clinfed.he.compact import CompactSpec
+        from clinfed.he.compact import GRID_RANGE_STD, CompactSpec
 
         weights = [self._admission.get(s, {}).get("weight") for s in admitted]
         self._admitted_weight = float(sum(w for w in weights if isinstance(w, int | float) and w > 0))
-        return CompactSpec(float(self.value_bound), max(len(admitted), MIN_CONTRIBUTORS), pooled=True)
+        sites = max(len(admitted), MIN_CONTRIBUTORS)
+        noise = [self._admission.get(s, {}).get("update_noise_std") for s in admitted]
+        if self.he_format == "compact" and all(isinstance(n, int | float) and 0 < n < math.inf for n in noise):
+            try:
+                # the finest noise sets δ; the range must still hold ±8σ of the noisiest site's change
+                return CompactSpec.for_noise(min(noise), sites, range_std=GRID_RANGE_STD * max(noise) / min(noise))
+            except ValueError as exc:
+                self.warning(f"noise-tied grid unavailable ({one_line(exc)}); using the fixed grid")
+        return CompactSpec(float(self.value_bound), sites, pooled=True)
 
     def _format_block(self) -> dict | None:
         """summary.json's `he_format`: the wire format of the updates and its public parameters."""
@@ -513,13 +531,20 @@ class SecureFedAvg(ModelController):
             from clinfed.he.packing import layout_from_json
 
             size = layout_from_json(self._layout).size
-        return {
+        block = {
             "format": "compact",
+            "grid": "noise" if self._spec.stochastic else "fixed",
             "value_bound": self._spec.value_bound,
             "max_sites": self._spec.max_sites,
             "quantum": self._spec.quantum,
+            "fields": f"{self._spec.params.fields}x{self._spec.params.field_bits}",
             "upload_bytes_per_param": round(sent / size, 3) if sent is not None and size else None,
         }
+        if self._spec.stochastic:
+            block["clamped_values"] = sum(
+                int(e.get("clamped_values", 0)) for r in self._rounds for e in r["sites"].values()
+            )
+        return block
 
     def _stamped(self, model: FLModel) -> FLModel:
         """The outgoing message with the run key and the server's audit-chain head."""
@@ -549,6 +574,8 @@ class SecureFedAvg(ModelController):
                 entry = {"status": "accepted", "reason": "", "planned_epsilon": meta.get("planned_epsilon")}
                 if isinstance(meta.get("weight"), int | float):
                     entry["weight"] = float(meta["weight"])  # the site's sample weight (public, as in FedAvg)
+                if isinstance(meta.get("update_noise_std"), int | float):
+                    entry["update_noise_std"] = float(meta["update_noise_std"])  # the grid is cut to it
             else:
                 reason = meta.get("reason") or f"{site}: {meta.get('status', 'no answer')}"
                 entry = {"status": "refused", "reason": reason}

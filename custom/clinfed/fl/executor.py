@@ -17,8 +17,12 @@ the audit log) before training.
 Dense encrypted updates go in the compact format (`clinfed.he.compact`) when the train task carries
 the job's `CompactSpec`: the site sends its share w / W of the admitted sites' total weight W, values
 clipped to the spec's public `value_bound` (post-processing of the DP-trained model, so no privacy is
-spent; how many were clipped stays in the site's own audit log). Decryption is exact (integers), so
-the compact global model needs no noise flooding.
+spent; the site's audit log and the reply count how many were clipped). Decryption is exact
+(integers), so the compact global model needs no noise flooding. On the noise-tied grid
+(`CompactSpec.for_noise`, the default for DP jobs) the site sends its *change* from the round's
+global model, which it keeps (in memory and in `local/grid/`, per run) until the sum of that round
+comes back: it then adds the decrypted average change to it. Its admission reply states the noise
+std its DP-SGD puts in one round's change (`SiteTrainer.update_noise_std`), which the grid is cut to.
 
 With `compression` (a fraction F of the coordinates, `clinfed.fl.compression`) the site sends its
 model *change* at the round's shared coordinates only, keeps the rest in its error feedback, and
@@ -34,7 +38,9 @@ checking every member's signed reveal for it.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -146,6 +152,7 @@ class DPTrainExecutor(Executor):
         self._secagg: SiteSecAgg | None = None
         self._members: list[str] = []  # the member set this task's upload is masked for
         self._kept: tuple | None = None  # (round, update, n_train, extra): what a re-run encrypts again
+        self._base: tuple[int, dict[str, np.ndarray]] | None = None  # (round, the global model it trained from)
 
     # --- state that lives for the whole job at this site -------------------------------------------
     def _setup(self, fl_ctx: FLContext, incoming: FLModel) -> None:
@@ -227,6 +234,8 @@ class DPTrainExecutor(Executor):
                 "status": "accepted",
                 "reason": "",
                 "weight": self._sample_weight(),  # public, as in FLARE's FedAvg: the server sums the shares' base
+                # the noise DP-SGD puts in one round's change here (public: it follows from the job's settings)
+                "update_noise_std": self._trainer.update_noise_std(),
                 "planned_epsilon": self.ledger.epsilon_of_run_if(self.run_key, planned),
                 "projected_site_epsilon": projected,
             }
@@ -242,13 +251,57 @@ class DPTrainExecutor(Executor):
 
     def _compact_spec(self, text: str):
         """The job's CompactSpec as the server sent it, if this site can use it (ValueError otherwise):
-        pooled, on this federation's key's parameters. A wrong bound costs only accuracy, never privacy."""
-        from clinfed.he.compact import COMPACT_PARAMS, CompactSpec
+        pooled, on this federation's key's parameters (the fixed grid, or a width of the noise-tied
+        grid's ladder). A wrong bound or quantum costs only accuracy, never privacy."""
+        from clinfed.he.compact import COMPACT_PARAMS, GRID_LADDER, CompactSpec
 
         spec = CompactSpec.from_json(text)
-        if not spec.pooled or spec.params != COMPACT_PARAMS:
+        known = GRID_LADDER if spec.stochastic else (COMPACT_PARAMS,)
+        if not spec.pooled or spec.params not in known:
             raise ValueError(f"{self.site}: the job's compact spec is not the pooled format on this federation's key")
         return spec
+
+    def _grid_spec(self):
+        """This round's spec if it is the noise-tied grid (the site then sends its change), else None."""
+        if self._compressed is not None or self._wire is None or not self.encrypt:
+            return None
+        spec = self._compact_spec(self._wire[0])
+        return spec if spec.stochastic else None
+
+    def _base_path(self, round_num: int) -> Path:
+        folder = self.root / "grid"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return folder / f"{hashlib.sha256(self.run_key.encode()).hexdigest()[:24]}-{round_num}.npz"
+
+    def _keep_base(self, round_num: int) -> None:
+        """Keep the global model this round trains from: the change is sent against it, and the round's
+        sum (an average change) is added back to it. On disk too (written atomically; the site holds
+        this model anyway), the last two rounds', so a re-created executor or a restarted site
+        continues, and so does a server that resumes from the round before the one it died in."""
+        weights = {k: np.array(v, copy=True) for k, v in self._trainer.get_weights().items()}
+        self._base = (round_num, weights)
+        path = self._base_path(round_num)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **weights)
+        os.replace(tmp, path)
+        for old in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.npz"):
+            kept = old.stem.rsplit("-", 1)[1]
+            if kept.isdigit() and int(kept) < round_num - 1:
+                old.unlink(missing_ok=True)
+
+    def _base_for(self, round_num: int) -> dict[str, np.ndarray]:
+        """The global model round ``round_num`` trained from (SiteRefusal if this site does not hold it)."""
+        if self._base is not None and self._base[0] == round_num:
+            return self._base[1]
+        path = self._base_path(round_num)
+        if not path.exists():
+            raise SiteRefusal(
+                f"{self.site}: the noise-tied grid sends changes from round {round_num}'s global model, which this "
+                "site does not hold; it cannot rebuild the model from that round's sum"
+            )
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
 
     # --- the global model in ---------------------------------------------------------------------
     def _check_encrypted(self, params: dict) -> None:
@@ -305,6 +358,11 @@ class DPTrainExecutor(Executor):
 
                 spec = self._compact_spec(str(params[payload.COMPACT_KEY]))
                 weights = compact_decrypt_average(self._ctx, params[payload.CKKS_KEY], total, layout, spec)
+                if spec.stochastic:  # the sum is the round's average change: add it to that round's model
+                    info = (model.meta or {}).get(SUM_KEY) or {}
+                    of = int(info["round"]) if "round" in info else int(model.current_round or 0) - 1
+                    base = self._base_for(of)
+                    weights = {k: (base[k] + v).astype(base[k].dtype) for k, v in weights.items()}
             else:
                 weights = decrypt_average(self._ctx, params[payload.CKKS_KEY], total, layout)
         else:
@@ -418,8 +476,9 @@ class DPTrainExecutor(Executor):
 
     def _encode_compact(self, weights: dict[str, np.ndarray], n_train: int, round_num: int) -> tuple[dict, float, dict]:
         """The dense update in the compact format: the site's share of the admitted total weight,
-        values clipped to the job's public bound, encrypted straight into this round's spool."""
-        from clinfed.he.compact import compact_encrypt
+        values clipped to the job's public bound, encrypted straight into this round's spool. On the
+        noise-tied grid the update is the change from the round's global model (`_keep_base`)."""
+        from clinfed.he.compact import clamp_update, compact_encrypt
         from clinfed.he.packing import layout_to_json
 
         spec_json, admitted = self._wire
@@ -431,17 +490,16 @@ class DPTrainExecutor(Executor):
                 f"{own:g}; refusing to encrypt a share above the whole (it would overflow the sum)"
             )
         share = min(own / admitted, 1.0)
-        bound, clipped = spec.value_bound, 0
-        for name, arr in weights.items():
-            over = int(np.count_nonzero(np.abs(arr) > bound))
-            if over:
-                clipped += over
-                weights[name] = np.clip(arr, -bound, bound)
-        if clipped:  # post-processing of the DP-trained model; the count stays at the site
-            self.audit.append("update_clipped", job=self.job, round=round_num, values=clipped, bound=bound)
+        if spec.stochastic:
+            base = self._base_for(round_num)
+            weights = {k: np.subtract(v, base[k], dtype=np.float32) for k, v in weights.items()}
+        weights, clipped = clamp_update(weights, spec)
+        if clipped:  # post-processing of the DP-trained model: the count only, never a value
+            self.audit.append("update_clipped", job=self.job, round=round_num, values=clipped, bound=spec.value_bound)
         spool = streaming.Spool(self._spool_dir()) if self._cell is not None else None
         cts, layout = compact_encrypt(self._ctx, weights, share, spec, into=spool, mask=self._mask(round_num))
-        return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint, spec_json), share, {}
+        extra = {"clamped_values": clipped} if spec.stochastic else {}
+        return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint, spec_json), share, extra
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name not in SITE_TASKS:
@@ -558,6 +616,8 @@ class DPTrainExecutor(Executor):
         if self.dp_cfg.enabled:
             self._guard_spend(round_num, nm, sr, planned_steps)
         global_metrics = trainer.evaluate()
+        if self._grid_spec() is not None:
+            self._keep_base(round_num)  # the change this round sends is measured from here
         if self.dp_cfg.enabled:
             # reserved before training: a concurrent job cannot spend the same budget meanwhile
             self.ledger.reserve(

@@ -13,6 +13,7 @@ import secrets
 from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
+from clinfed.argtypes import HE_FORMATS
 from clinfed.fl.controller import SecureFedAvg
 from clinfed.fl.executor import SITE_TASKS, DPTrainExecutor
 from clinfed.he.aggregation import MIN_CONTRIBUTORS
@@ -44,12 +45,15 @@ class SecureFedAvgRecipe(Recipe):
 
         There is no fault-injection argument: faults are a simulator-only switch (`clinfed.faults`).
         `compression` F in (0, 1] sends only F of each update's coordinates (`clinfed.fl.compression`).
-        `he_format` "compact" (default) sends dense encrypted updates as integers on a grid of
-        `value_bound` / 2^20 (`clinfed.he.compact`, ~3.75 B/param); "real" as CKKS reals (16 B/param)."""
+        `he_format` "compact" (default) sends dense encrypted updates as integers on a grid tied to the
+        sites' DP noise (each site's change from the global model, `CompactSpec.for_noise`, ~1.9 B/param
+        for large models; the fixed grid when a site trains without DP noise); "compact-fixed" on the
+        fixed grid of `value_bound` / 2^20 (`clinfed.he.compact`, ~3.75 B/param); "real" as CKKS reals
+        (16 B/param)."""
         _validate(name, task, num_rounds, num_sites, min_clients, dp_args or {})
         _validate_compression(name, compression)
-        if he_format not in ("compact", "real"):
-            raise ValueError(f"{name}: he_format must be 'compact' or 'real', got {he_format!r}")
+        if he_format not in HE_FORMATS:
+            raise ValueError(f"{name}: he_format must be one of {', '.join(HE_FORMATS)}, got {he_format!r}")
         if not (isinstance(value_bound, int | float) and 0 < value_bound < float("inf")):
             raise ValueError(f"{name}: value_bound must be a positive number, got {value_bound!r}")
         min_clients = max(min_clients or num_sites, MIN_CONTRIBUTORS)  # the controller enforces it again

@@ -382,10 +382,15 @@ def clamp_update(arrays: Mapping[str, np.ndarray], spec: CompactSpec) -> tuple[d
     """
     bound, clamped, out = spec.value_bound, 0, {}
     for name, arr in arrays.items():
-        over = int(np.count_nonzero(np.abs(arr) > bound))
+        limit = bound
+        if np.issubdtype(np.asarray(arr).dtype, np.floating):  # the array's own largest value ≤ the bound
+            limit = np.asarray(bound, dtype=np.asarray(arr).dtype)
+            if float(limit) > bound:  # (compared in float64: NumPy would compare in the array's dtype)
+                limit = np.nextafter(limit, limit.dtype.type(0))
+        over = int(np.count_nonzero(np.abs(arr) > limit))
         if over:
             clamped += over
-            arr = np.clip(arr, -bound, bound)
+            arr = np.clip(arr, -limit, limit)
         out[name] = arr
     return out, clamped
 

@@ -63,7 +63,13 @@ def he_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"dp": dp_table, "he": he_table}
+def secagg_table(result: dict) -> str:
+    from clinfed.bench.secagg_bench import markdown_table
+
+    return markdown_table(result)
+
+
+TABLES = {"dp": dp_table, "he": he_table, "secagg": secagg_table}
 
 
 def render(text: str, root: Path) -> str:

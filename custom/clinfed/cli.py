@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def inject_spec(text: str) -> tuple[str, str]:
-    from clinfed.faults import FAULT_KINDS
+    from clinfed.fl.faults import FAULT_KINDS
 
     site, sep, kind = text.partition("=")
     if not sep or not site or kind not in FAULT_KINDS:

@@ -683,8 +683,9 @@ class DPTrainExecutor(Executor):
         party = self.__dict__.get("_roc_party")
         if party is None:
             party = self._roc_party = RocParty(
-                self.site, self._ctx, self._fingerprint, self._secagg, self.policy.min_cell, self.policy.min_sites
-            )
+                self.site, self._ctx, self._fingerprint, self._secagg, self.policy.min_cell, self.policy.min_sites,
+                audit=self.audit, job=self.job,
+            )  # fmt: skip
         return party
 
     def _keep_roc(self) -> None:

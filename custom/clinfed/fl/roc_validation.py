@@ -110,8 +110,11 @@ class RocParty:
         min_cell: int = 5,
         min_sites: int = MIN_CONTRIBUTORS,
         n_bins: int = DEFAULT_BINS,
+        audit: Any = None,
+        job: str = "",
     ):
         self.site, self.ctx, self.fingerprint, self.secagg = site, ctx, fingerprint, secagg
+        self.audit, self.job = audit, job  # the site's audit log: every step, never a payload
         self.min_cell, self.min_sites, self.n_bins = int(min_cell), max(int(min_sites), MIN_CONTRIBUTORS), n_bins
         self.vector: np.ndarray | None = None
         self.skip_reason = f"{site}: the final model was not validated here"
@@ -126,6 +129,19 @@ class RocParty:
 
     def handle(self, meta: dict, params: dict) -> FLModel:
         """Answer one `roc_release` task (its step in ``meta[STEP_KEY]``); refusals raise SiteRefusal."""
+        reply = self._answer(meta, params)
+        if self.audit is not None:
+            info = meta.get(SECAGG_KEY) or {}
+            self.audit.append(
+                "roc_" + str(meta.get(STEP_KEY)),
+                job=self.job,
+                round=info.get("round"),
+                members=sorted(info.get("members") or []),
+                status=reply.meta.get("status"),
+            )
+        return reply
+
+    def _answer(self, meta: dict, params: dict) -> FLModel:
         step = meta.get(STEP_KEY)
         if step not in STEPS:
             raise SiteRefusal(f"{self.site}: unknown ROC step {step!r}; refusing")

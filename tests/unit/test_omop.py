@@ -16,7 +16,7 @@ sm = pytest.importorskip("statsmodels.api")
 
 from lifelines import CoxPHFitter, KaplanMeierFitter  # noqa: E402
 
-from clinfed.analytics import cox, glm, km  # noqa: E402
+from clinfed.analytics import cox, glm, km, omop_source  # noqa: E402
 from clinfed.cli import main as cli_main  # noqa: E402
 from clinfed.data import omop  # noqa: E402
 from clinfed.errors import SiteRefusal  # noqa: E402
@@ -185,3 +185,51 @@ def test_cli_refuses_unknown_concepts_columns_and_missing_cohorts_in_one_line(tm
     assert "neither all, intersect nor an existing cohort definition file" in err
     err = _bad(tmp_path, capsys, ["breast_cancer_dp", "--data-dir", str(data), "--cohort", str(COHORT_FILE)])
     assert err == "clinfed simulate: --cohort FILE does not apply to breast_cancer_dp"
+
+
+# --- `--cohort FILE` for every clinical job (issue 24): the definition reaches the job's method config -------
+COHORT_JOBS = {
+    "survival_km": ["--group", "male", "--time-bin", "365"],
+    "cox_ph": ["--covariates", "age,male"],
+    "glm": ["--family", "poisson", "--outcome", "event", "--covariates", "age,male", "--offset", "log(time)"],
+    "cohort_stats": ["--features", "age,weight", "--group", "male"],
+    "crosstab": ["--rows", "male", "--cols", "hypertension"],
+    "ttest": ["--variable", "age", "--group", "male"],
+    "correlation": ["--variables", "age,weight"],
+    "cumulative_incidence": ["--cause", "hypertension:1", "--group", "male", "--time-bin", "365"],
+}
+
+
+def _config_from_cli(monkeypatch, data: Path, job: str, options: list[str], cohort: str = str(COHORT_FILE)) -> dict:
+    """The method config `clinfed simulate JOB --data-dir DIR --cohort FILE ...` hands to the job's recipe."""
+    from clinfed import cli
+    from clinfed.jobs import load_job
+
+    args = cli.build_parser().parse_args(["simulate", job, "--data-dir", str(data), "--cohort", cohort, *options])
+    cli._check_applies("simulate", args)
+    cli._check_toolbox_options("simulate", args)
+    extra = cli._analytics_options(args)
+    module = load_job(job)
+    seen: dict = {}
+    monkeypatch.setattr(module, "SumsRecipe", lambda **kw: seen.update(kw), raising=False)
+    module.make_recipe(sites=3, data_dir=str(data), **extra)
+    return seen["method"]
+
+
+@pytest.mark.parametrize("job", list(COHORT_JOBS))
+def test_every_clinical_job_takes_an_omop_cohort_into_its_method_config(monkeypatch, cdm, definition, job):
+    _, data = cdm
+    method = _config_from_cli(monkeypatch, data, job, COHORT_JOBS[job])
+    assert method[omop_source.CONFIG_KEY] == definition
+    if job == "glm":  # Poisson rates on the cohort's follow-up: the offset is log(time)
+        assert method["family"] == "poisson" and method["offset"] == "time" and method["offset_log"] is True
+
+
+def test_cohort_all_or_intersect_stays_cohort_stats_and_jobs_without_rows_refuse_a_cohort_file(monkeypatch, cdm):
+    from clinfed.cli import UsageError
+
+    _, data = cdm
+    with pytest.raises(UsageError, match="--cohort does not apply to crosstab"):
+        _config_from_cli(monkeypatch, data, "crosstab", COHORT_JOBS["crosstab"], cohort="all")
+    with pytest.raises(UsageError, match="--cohort FILE does not apply to psi_linkage"):
+        _config_from_cli(monkeypatch, data, "psi_linkage", [])

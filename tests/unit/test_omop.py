@@ -233,3 +233,38 @@ def test_cohort_all_or_intersect_stays_cohort_stats_and_jobs_without_rows_refuse
         _config_from_cli(monkeypatch, data, "crosstab", COHORT_JOBS["crosstab"], cohort="all")
     with pytest.raises(UsageError, match="--cohort FILE does not apply to psi_linkage"):
         _config_from_cli(monkeypatch, data, "psi_linkage", [])
+
+
+def _read_at_sites(cdm, method: dict) -> dict[str, dict]:
+    """Each site's rows as the job's method reads them (`Method.read`: the site's CDM with the job's cohort)."""
+    from clinfed.analytics.methods import SiteInfo
+    from clinfed.analytics.registry import make_method
+    from clinfed.fl.participant import SitePolicy
+
+    paths, data = cdm
+    policy = SitePolicy(data_dir=str(data))
+    return {s: make_method(method).read(SiteInfo(s, data / s, policy)) for s in paths}
+
+
+def test_crosstab_on_the_cohort_each_site_builds_equals_pandas_on_the_pooled_cohort(monkeypatch, cdm, reference):
+    from clinfed.analytics import crosstab
+    from clinfed.analytics.stats import level_text
+
+    method = _config_from_cli(monkeypatch, cdm[1], "crosstab", COHORT_JOBS["crosstab"])
+    tables = _read_at_sites(cdm, method)
+    ours = crosstab.fit_federated(tables, "male", "hypertension", method["row_levels"], method["col_levels"])
+    ref = pd.crosstab(reference["male"].map(level_text), reference["hypertension"].map(level_text))
+    assert np.array_equal(np.array(ours["table"]), ref.loc[method["row_levels"], method["col_levels"]].to_numpy())
+
+
+def test_poisson_glm_with_a_log_time_offset_on_the_cohort_equals_statsmodels(monkeypatch, cdm, reference):
+    method = _config_from_cli(monkeypatch, cdm[1], "glm", COHORT_JOBS["glm"])
+    tables = _read_at_sites(cdm, method)
+    logged = {s: {**t, "log_time": np.log(np.asarray(t["time"], dtype=float))} for s, t in tables.items()}
+    ours = glm.fit_federated(logged, family="poisson", outcome="event", covariates=["age", "male"], offset="log_time")
+    df = reference.dropna(subset=["age", "male"])
+    ref = sm.GLM(
+        df["event"], sm.add_constant(df[["age", "male"]]), family=sm.families.Poisson(), offset=np.log(df["time"])
+    ).fit(tol=1e-12)
+    for name, ref_name in [("intercept", "const"), ("age", "age"), ("male", "male")]:
+        assert abs(ours["coef"][name]["coef"] / ref.params[ref_name] - 1) < 1e-6, name

@@ -73,13 +73,17 @@ def test_pooled_roc_matches_sklearn_within_its_resolution_and_the_plain_sums(key
     scores = np.concatenate([d[0] for d in data.values()])
     labels = np.concatenate([d[1] for d in data.values()])
     reference = roc_auc_score(labels, scores)
-    assert abs(roc["auc"] - reference) <= roc["auc_resolution"] + 1e-9
+    assert abs(roc["auc"] - reference) <= roc["auc_resolution"] + 1e-6
     assert roc["n"] == {"negative": int((labels == 0).sum()), "positive": int(labels.sum())}
     # the largest min_cell of the members' policies is the one released under
     assert roc["min_cell"] == 8
     plain = fit_federated(data, min_cell=8)
-    assert roc["auc"] == pytest.approx(plain["auc"], abs=1e-9)
-    assert roc["fpr"] == pytest.approx(plain["fpr"], abs=1e-9) and roc["tpr"] == pytest.approx(plain["tpr"], abs=1e-9)
+    assert roc["auc"] == pytest.approx(plain["auc"], abs=1e-6)
+    assert roc["fpr"] == pytest.approx(plain["fpr"], abs=1e-6) and roc["tpr"] == pytest.approx(plain["tpr"], abs=1e-6)
+    # no CKKS error leaves the release site: every released float is on the 7-significant-digit grid
+    cal = roc["calibration"]
+    for v in [roc["auc"], roc["auc_resolution"], *roc["fpr"], *roc["tpr"], *cal["mean_predicted"], *cal["observed"]]:
+        assert float(f"{v:.6e}") == v
     assert np.all(np.diff(roc["fpr"]) >= 0) and np.all(np.diff(roc["tpr"]) >= 0)
     steps = np.diff(np.rint(np.array(roc["fpr"]) * roc["n"]["negative"]))
     assert np.all((steps == 0) | (steps >= 8))  # small cells merged at the members' strictest floor

@@ -195,8 +195,13 @@ class RocParty:
                 f"releases only a sum of ≥ {self.min_sites} sites that it is one of; refusing"
             )
         floor = max([self.min_cell, *(int(v) for v in [meta.get("min_cell")] if v is not None)])
-        block = roc_combine(summed[:-1], self.n_bins, min_cell=floor)
-        return {**block, "sites": named, "min_cell": floor}
+        # counts are rounded to integers in roc_combine; the Σ score per bin carries CKKS error, which must
+        # not be released (key recovery, docs/threat-model.md row 8): flooded, and the block rounded
+        from clinfed.analytics.sums_fl import round_release
+        from clinfed.he.aggregation import flood
+
+        block = roc_combine(flood(summed[:-1]), self.n_bins, min_cell=floor)
+        return {**round_release(block), "sites": named, "min_cell": floor}
 
 
 # --- server side ----------------------------------------------------------------------------------------

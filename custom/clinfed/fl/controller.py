@@ -638,7 +638,11 @@ class SecureFedAvg(ModelController):
 
         def ask(params: dict, meta: dict, targets: list[str], everyone: bool) -> list[FLModel]:
             model = self._stamped(FLModel(params=params, meta=meta, current_round=self.num_rounds))
-            return self._collect(ROC_TASK, model, targets, wait_for_all=everyone)
+            results = self._collect(ROC_TASK, model, targets, wait_for_all=everyone)
+            for result in results:  # every reply's audit-chain head, as for every other task
+                site = result_site(result)
+                payload.record_anchor(self.audit, result.meta, job=self.job, round_num=self.num_rounds, peer=site)
+            return results
 
         roc = federated_roc(ask, self._roster, self.ctx, self.fingerprint, self.num_rounds, validated, log=self.info)
         self.audit.append("roc", job=self.job, status=roc.get("status"), reason=roc.get("reason", ""))

@@ -128,3 +128,17 @@ def test_breast_cancer_scores_are_the_held_out_probabilities_and_stay_in_a_site_
     back = np.loadtxt(path, delimiter=",", skiprows=1)
     np.testing.assert_allclose(back[:, 0], scores, rtol=1e-8)
     assert held_out_scores(object(), model, data.test) is None  # segmentation: no `scores`
+
+
+def test_a_recreated_site_keeps_its_histogram_in_a_private_file(keys, tmp_path):
+    import stat
+
+    root, secret, _, fingerprint = keys
+    secagg = load_site(root / "site-1", "site-1", "r-file", persist=False)
+    path = tmp_path / "local" / "secagg" / "run.roc.npy"
+    first = RocParty("site-1", secret, fingerprint, secagg, state_file=path)
+    first.keep(scored(0), "breast_cancer")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = RocParty("site-1", secret, fingerprint, secagg, state_file=path)  # FLARE made a new executor
+    np.testing.assert_array_equal(again.vector, first.vector)
+    assert RocParty("site-1", secret, fingerprint, secagg, state_file=tmp_path / "other.npy").vector is None

@@ -56,7 +56,9 @@ from clinfed.fl import payload, streaming
 from clinfed.fl.compression import LAYER, CompressedSite
 from clinfed.fl.participant import SitePolicy, participant_root, site_context, site_index
 from clinfed.fl.roc_validation import ROC_TASK, RocParty, held_out_scores, write_scores
+from clinfed.fl.roc_validation import state_path as roc_state
 from clinfed.fl.secagg import HELLO_KEY, REMASK_TASK, REVEAL_TASK, SECAGG_KEY, SUM_KEY, SiteSecAgg, load_site
+from clinfed.fl.secagg import state_path as secagg_state
 from clinfed.he.aggregation import TooFewContributors
 from clinfed.privacy.ledger import BudgetExceeded, site_ledger
 from clinfed.sysinfo import current_rss_mb, limit_malloc_arenas, release_free_memory
@@ -684,7 +686,7 @@ class DPTrainExecutor(Executor):
         if party is None:
             party = self._roc_party = RocParty(
                 self.site, self._ctx, self._fingerprint, self._secagg, self.policy.min_cell, self.policy.min_sites,
-                audit=self.audit, job=self.job,
+                audit=self.audit, job=self.job, state_file=roc_state(secagg_state(self.root, self.run_key)),
             )  # fmt: skip
         return party
 

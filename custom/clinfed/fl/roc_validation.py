@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,11 @@ STEPS = ("upload", "remask", "reveal", "combine")
 ROC_KEY = "roc"  # reply meta of the combine step: the released block
 MIN_CELL_KEY = "min_cell_policy"  # upload reply meta: the site's min_cell, which the release site honours
 VEC_KEY = "roc"
+
+
+def state_path(secagg_state: Path) -> Path:
+    """Where a site keeps its held-out histogram for a run: beside the run's secure-aggregation state."""
+    return secagg_state.with_name(secagg_state.stem + ".roc.npy")
 
 
 def vector_size(n_bins: int = DEFAULT_BINS) -> int:
@@ -112,11 +119,17 @@ class RocParty:
         n_bins: int = DEFAULT_BINS,
         audit: Any = None,
         job: str = "",
+        state_file: Path | None = None,
     ):
+        """``state_file``: where the histogram outlives the executor (FLARE re-creates executors when more
+        simulated sites than run at once take turns; the secure-aggregation state is kept alike)."""
         self.site, self.ctx, self.fingerprint, self.secagg = site, ctx, fingerprint, secagg
         self.audit, self.job = audit, job  # the site's audit log: every step, never a payload
         self.min_cell, self.min_sites, self.n_bins = int(min_cell), max(int(min_sites), MIN_CONTRIBUTORS), n_bins
+        self.state_file = state_file
         self.vector: np.ndarray | None = None
+        if state_file is not None and state_file.is_file():
+            self.vector = np.load(state_file, allow_pickle=False)
         self.skip_reason = f"{site}: the final model was not validated here"
 
     def keep(self, scored: tuple[np.ndarray, np.ndarray] | None, task_name: str = "") -> None:
@@ -126,6 +139,13 @@ class RocParty:
             self.skip_reason = f"{self.site}: task {task_name or '?'} has no per-patient binary score"
             return
         self.vector = np.concatenate([roc_site_local(*scored, n_bins=self.n_bins), [1.0]])
+        if self.state_file is not None:  # 0600 and atomic, next to the run's secure-aggregation state
+            folder = self.state_file.parent
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = folder / f".{self.state_file.name}.{secrets.token_hex(4)}.tmp"
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                np.save(out, self.vector, allow_pickle=False)
+            os.replace(tmp, self.state_file)
 
     def handle(self, meta: dict, params: dict) -> FLModel:
         """Answer one `roc_release` task (its step in ``meta[STEP_KEY]``); refusals raise SiteRefusal."""

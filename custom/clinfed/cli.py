@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=cohort_arg,
         default=None,
         metavar="all|intersect|FILE",
-        help="cohort_stats: rows to describe (all, intersect); or an OMOP cohort definition file for --data-dir of "
-        "`clinfed data omop`",
+        help="cohort_stats: rows to describe (all, intersect); or, for every clinical job, an OMOP cohort definition "
+        "file for --data-dir of `clinfed data omop`",
     )
     # clinical analytics (survival_km, cox_ph, glm): variables by name, never tables or SQL
     sim.add_argument("--covariates", type=str, default=None, metavar="A,B", help="cox_ph / glm: covariate columns")
@@ -414,8 +414,9 @@ IMAGING_JOBS = ("segmentation_dp", "segmentation3d_dp")
 
 
 # jobs that build their rows from an OMOP cohort definition (`--cohort FILE`, docs/omop.md)
+# every clinical job: the toolbox's too (issue 24); not psi_linkage (it links ids, it reads no cohort)
 COHORT_FILE_JOBS = ("survival_km", "cox_ph", "glm", "cohort_stats")
-COHORT_FILE_JOBS += ("cumulative_incidence",)
+COHORT_FILE_JOBS += ("crosstab", "ttest", "correlation", "cumulative_incidence")
 
 
 def _check_channels(command: str, args: argparse.Namespace) -> None:
@@ -464,6 +465,8 @@ def _check_applies(command: str, args: argparse.Namespace) -> None:
 def _check_toolbox_options(command: str, args: argparse.Namespace) -> None:
     """An analytics option the job does not take exits 2 in one line (instead of being ignored)."""
     given = [n for n in ANALYTICS_OPTIONS if getattr(args, n, None) is not None]
+    if getattr(args, "cohort", None) not in (None, "all", "intersect"):
+        given.remove("cohort")  # a cohort definition file: checked against COHORT_FILE_JOBS where it is handed on
     allowed = TOOLBOX_OPTIONS.get(args.job)
     for name in given:
         jobs = OPTION_JOBS.get(name)

@@ -55,6 +55,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from clinfed.audit import AuditLog
 from clinfed.fl import checkpoint, payload, streaming
 from clinfed.fl.participant import participant_root, server_context
+from clinfed.fl.roc_validation import ROC_TASK, federated_roc
 from clinfed.fl.secagg import (
     HELLO_KEY,
     REMASK_TASK,
@@ -469,6 +470,7 @@ class SecureFedAvg(ModelController):
                     self._completed += 1
                 self._save_state(round_num + 1)
         final = self._final_validation(sorted(self._sites))
+        roc = self._pooled_roc(sorted(final["per_site"]))
         self._replace_global(None)  # the last stream ends, its spool goes
         self.audit.append("job_end", job=self.job, rounds_completed=self._completed)
         summary = training_summary(
@@ -482,7 +484,7 @@ class SecureFedAvg(ModelController):
             admission=self._admission,
             resumed_at=start,
             submission=self._submission,
-            extra={**self.extra_summary, "he_format": self._format_block()},
+            extra={**self.extra_summary, "he_format": self._format_block(), "roc": roc},
             compression=compression_block(self.compression, self._compression, self._rounds),
         )
         path = write_summary(self.get_run_dir(), summary)
@@ -626,6 +628,25 @@ class SecureFedAvg(ModelController):
             keys = set.intersection(*(set(m) for m in per_site.values()))
             metrics = {k: float(np.nanmean([m[k] for m in per_site.values()])) for k in sorted(keys)}
         return {"metrics": metrics, "per_site": per_site, "primary_metric": self.primary_metric}
+
+    def _pooled_roc(self, validated: list[str]) -> dict:
+        """summary.json's `roc`: the final model's ROC over the held-out patients of the sites that
+        validated it, from their encrypted score histograms (`clinfed.fl.roc_validation`)."""
+        if not self.encrypted:
+            return {"status": "skipped", "reason": "a plaintext job releases no pooled ROC (the server would see "
+                    "each site's score histogram)"}  # fmt: skip
+
+        def ask(params: dict, meta: dict, targets: list[str], everyone: bool) -> list[FLModel]:
+            model = self._stamped(FLModel(params=params, meta=meta, current_round=self.num_rounds))
+            results = self._collect(ROC_TASK, model, targets, wait_for_all=everyone)
+            for result in results:  # every reply's audit-chain head, as for every other task
+                site = result_site(result)
+                payload.record_anchor(self.audit, result.meta, job=self.job, round_num=self.num_rounds, peer=site)
+            return results
+
+        roc = federated_roc(ask, self._roster, self.ctx, self.fingerprint, self.num_rounds, validated, log=self.info)
+        self.audit.append("roc", job=self.job, status=roc.get("status"), reason=roc.get("reason", ""))
+        return roc
 
 
 def layout_json(params: dict) -> str | None:

@@ -54,7 +54,10 @@ from clinfed.errors import SiteRefusal
 from clinfed.fl import faults, payload, streaming
 from clinfed.fl.compression import LAYER, CompressedSite
 from clinfed.fl.participant import SitePolicy, participant_root, site_context, site_index
+from clinfed.fl.roc_validation import ROC_TASK, RocParty, held_out_scores, write_scores
+from clinfed.fl.roc_validation import state_path as roc_state
 from clinfed.fl.secagg import HELLO_KEY, REMASK_TASK, REVEAL_TASK, SECAGG_KEY, SUM_KEY, SiteSecAgg, load_site
+from clinfed.fl.secagg import state_path as secagg_state
 from clinfed.he.aggregation import TooFewContributors
 from clinfed.privacy.ledger import BudgetExceeded, site_ledger
 from clinfed.sysinfo import current_rss_mb, limit_malloc_arenas, release_free_memory
@@ -63,7 +66,7 @@ from clinfed.textio import one_line, safe_job_label
 from clinfed.training import DPConfig, SiteTrainer, TrainConfig
 
 ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK = payload.ADMIT_TASK, payload.TRAIN_TASK, payload.VALIDATE_TASK
-SITE_TASKS = (ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK, REMASK_TASK, REVEAL_TASK)  # what a training site answers
+SITE_TASKS = (ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK, REMASK_TASK, REVEAL_TASK, ROC_TASK)  # what a training site answers
 AUDIT_HEAD_KEY = payload.AUDIT_HEAD_KEY
 
 
@@ -455,6 +458,8 @@ class DPTrainExecutor(Executor):
             if task_name == ADMIT_TASK:
                 payload.check_own_anchor(self.audit, incoming.meta, site)  # a rolled-back folder refuses (issue 23)
                 return self._reply(FLModel(params={}, meta=dict(self._admit())))
+            if task_name == ROC_TASK:  # the pooled ROC of the model validate scored (fl.roc_validation)
+                return self._reply(self._roc().handle(incoming.meta or {}, incoming.params or {}))
             if self._secagg is not None:
                 done = self._secure_aggregation_step(task_name, incoming.meta or {}, round_num)
                 if done is not None:
@@ -473,6 +478,10 @@ class DPTrainExecutor(Executor):
                 streaming.release(incoming.params)
             if task_name == VALIDATE_TASK:
                 metrics = self.policy.release_metrics(self._trainer.evaluate())
+                try:
+                    self._keep_roc()
+                except Exception as exc:  # the pooled ROC is then skipped for this site, never the validation
+                    self.log_warning(fl_ctx, f"{site}: held-out scores for the ROC not kept: {one_line(exc)}")
                 try:
                     self._save_report()
                 except Exception as exc:  # a figure must never turn a good validation into a failure
@@ -667,6 +676,29 @@ class DPTrainExecutor(Executor):
                 "accepted; refusing"
             )
         trained.add(round_num)
+
+    def _roc(self) -> RocParty:
+        """This site's part in the pooled ROC (encrypted jobs only: plaintext histograms would reach the server)."""
+        if self._secagg is None:
+            raise SiteRefusal(f"{self.site}: a pooled ROC needs an encrypted job; this one runs in plaintext")
+        party = self.__dict__.get("_roc_party")
+        if party is None:
+            party = self._roc_party = RocParty(
+                self.site, self._ctx, self._fingerprint, self._secagg, self.policy.min_cell, self.policy.min_sites,
+                audit=self.audit, job=self.job, state_file=roc_state(secagg_state(self.root, self.run_key)),
+            )  # fmt: skip
+        return party
+
+    def _keep_roc(self) -> None:
+        """The validated model's held-out scores: their histogram for the ROC sum, the scores themselves
+        into the site's own reports/ folder (they never leave it)."""
+        trainer = self._trainer
+        trainer.model.eval()
+        scored = held_out_scores(trainer.task, trainer.network, trainer.data.test)
+        if self._secagg is not None:
+            self._roc().keep(scored, self.task)
+        if scored is not None:
+            write_scores(self.root / "reports" / f"{self.job}-{self.site}-heldout-scores.csv", *scored)
 
     def _save_report(self) -> None:
         """Tasks that can draw (segmentation) leave example predictions in the site's own reports/ folder:

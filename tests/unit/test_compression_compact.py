@@ -95,7 +95,7 @@ def test_the_sum_of_three_masked_uploads_equals_the_plaintext_sum(keys):
     plain, _ = _sum(server, [truncated_encrypt(secret, u, s, SPEC) for u, s in zip(updates, SHARES, strict=True)])
     assert count == 3
     assert np.array_equal(ints, truncated_decrypt_ints(secret, plain, size, SPEC)[0])  # exactly the unmasked sum
-    with pytest.raises(ValueError, match="whole numbers|head-room"):  # still masked: noise
+    with pytest.raises(ValueError, match=r"whole numbers|head-room"):  # still masked: noise
         truncated_decrypt_ints(secret, cts, size, SPEC)
 
 
@@ -111,13 +111,13 @@ def test_a_single_masked_upload_or_a_subset_decrypts_to_noise(keys):
     one = TruncatedSum(server, SPEC)
     one.add("site-1", uploads[0], SHARES[0], one.fingerprint)
     cts, _, _ = one.result()
-    with pytest.raises(ValueError, match="whole numbers|head-room") as err:
+    with pytest.raises(ValueError, match=r"whole numbers|head-room") as err:
         truncated_decrypt_ints(secret, truncated_unmasked(secret, cts, MaskedStream(correction)), 121, SPEC)
     assert "\n" not in str(err.value)
     two = TruncatedSum(server, SPEC)
     for i in (0, 1):
         two.add(f"site-{i + 1}", uploads[i], SHARES[i], two.fingerprint)
-    with pytest.raises(ValueError, match="whole numbers|head-room"):
+    with pytest.raises(ValueError, match=r"whole numbers|head-room"):
         truncated_decrypt_ints(secret, truncated_unmasked(secret, two.result()[0], MaskedStream(correction)), 121, SPEC)
 
 
@@ -164,7 +164,7 @@ def test_a_sum_under_another_key_is_refused(keys):
     secret, server = keys
     other, _ = create_context_pair()
     cts, _ = _sum(server, [truncated_encrypt(secret, np.zeros(50), s, SPEC) for s in SHARES])
-    with pytest.raises(ValueError, match="whole numbers|head-room") as err:
+    with pytest.raises(ValueError, match=r"whole numbers|head-room") as err:
         truncated_decrypt_ints(other, cts, 50, SPEC)
     assert "\n" not in str(err.value)
 

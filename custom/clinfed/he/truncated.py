@@ -387,7 +387,7 @@ def truncated_unmasked(
         sites = int.from_bytes(view[_HEADER : _HEADER + 2], "little") if len(view) >= _HEADER + 2 else 0
         start = _HEADER + 2 + sites * _SEED_BYTES
         t = max(1, (len(view) - start) * 8 // tools.bits)
-        seeds, coeffs = _parse(tools, data, _SUM, t, f"ciphertext {index + 1} of {len(cts)}")
+        _, coeffs = _parse(tools, data, _SUM, t, f"ciphertext {index + 1} of {len(cts)}")
         fix = np.asarray(correction(index)).reshape(tools.k, tools.n)[0, :t]
         return bytes(view[:start]) + _bitpack_any(_add_mod(coeffs, fix, tools.q), tools.bits)
 

@@ -15,6 +15,7 @@ from clinfed.he.compact import CompactSpec, compact_encrypt
 from clinfed.he.masking import Mask, MaskedStream, ring_of
 from clinfed.he.truncated import (
     TruncatedSum,
+    dense_compact_upload_bytes,
     is_truncated_upload,
     truncated_decrypt_average,
     truncated_decrypt_ints,
@@ -75,6 +76,7 @@ def test_the_upload_is_under_two_percent_of_the_dense_compact_one(keys):
     dense, _ = compact_encrypt(secret, {"w": np.zeros(12_062)}, 1.0, SPEC)
     compressed = truncated_encrypt(secret, np.zeros(121), 1.0, SPEC)
     ratio = sum(len(c) for c in compressed) / sum(len(c) for c in dense)
+    assert dense_compact_upload_bytes(12_062) == sum(len(c) for c in dense)
     assert ratio <= 0.02, ratio
     assert sum(len(c) for c in compressed) == 5 + 65 + 61 * 60 // 8 + 1  # header, seed, 61 coefficients
 

@@ -99,6 +99,15 @@ def upload_bytes(size: int, params: CompactParams = COMPACT_PARAMS) -> int:
     return sum(_HEADER + _SEED_BYTES + _packed_len(t, bits) for t in truncated_shape(size, params))
 
 
+def dense_compact_upload_bytes(size: int, params: CompactParams = COMPACT_PARAMS) -> int:
+    """Bytes of the ciphertexts of one site's *dense* compact upload of ``size`` values (the yardstick
+    of compression): the compact format's seeded ciphertexts, header, seed and N bit-packed residues
+    per data prime each (its wire layout, restated; a unit test checks it against the real thing)."""
+    count = math.ceil((size + 1) / params.values_per_ciphertext)
+    per = _HEADER + _SEED_BYTES + sum(_packed_len(params.poly_modulus_degree, b) for b in params.data_primes)
+    return count * per
+
+
 # --- SEAL plumbing ---------------------------------------------------------------------------------
 class _Tools:
     """SEAL objects and layout facts for one context (cached per context, like the compact format's)."""

@@ -179,3 +179,18 @@ def test_values_past_the_bound_or_nan_are_refused_before_encrypting(keys):
         truncated_encrypt(secret, np.array([np.nan]), 0.5, SPEC)
     with pytest.raises(ValueError, match="share"):
         truncated_encrypt(secret, np.zeros(4), 1.5, SPEC)
+
+
+def test_what_is_clipped_to_the_bound_waits_in_the_error_feedback():
+    from clinfed.fl.compression import CompressedSite
+
+    site = CompressedSite("key", 0.5, "site-1")
+    site.start(np.zeros(4))
+    values, _ = site.encode(0, np.array([3.0, -3.0, 0.5, 0.25]))
+    before = site.feedback.residual.copy()
+    clipped = np.clip(values, -1.0, 1.0)
+    site.hold_back(values - clipped)
+    idx = site.indices(0)
+    assert np.array_equal(site.feedback.residual[idx] - before[idx], values - clipped)
+    site.settle(0, [])  # the round was withheld: what was sent (clipped) goes back too, nothing is lost
+    assert np.array_equal(site.feedback.residual[idx] - before[idx], values)

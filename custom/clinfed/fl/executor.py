@@ -23,7 +23,8 @@ the compact global model needs no noise flooding.
 With `compression` (a fraction F of the coordinates, `clinfed.fl.compression`) the site sends its
 model *change* at the round's shared coordinates only, keeps the rest in its error feedback, and
 holds the global model itself: the server's sum is one round's k values, which each site decrypts and
-adds to its own copy (`CompressedSite`).
+adds to its own copy (`CompressedSite`). On a compact job the k values ride the compact key and grid
+in `clinfed.he.truncated` (3.75 B per value sent, exact integers, no flooding).
 
 Every encrypted upload is masked for secure aggregation (`clinfed.fl.secagg`): the site signs a fresh
 X25519 key at admission, masks each round's upload for the member set the task names, keeps the

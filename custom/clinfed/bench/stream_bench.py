@@ -271,12 +271,13 @@ def format_table(result: dict) -> str:
         f"download {r['download_bytes_per_param']:.2f} B/param",
         f"  site: encrypt {r['encrypt_seconds']:.1f} s, pull {r['download_seconds']:.1f} s, decrypt "
         f"{r['decrypt_seconds']:.1f} s; server: aggregate {r['aggregate_seconds'] or 0:.1f} s",
-        *(
-            [f"  compression F = {r['compression']:g}: k = {r['k']:,} values, upload {r['upload_bytes_ratio']:.2%} of "
-             f"the dense compact upload ({r['dense_upload_bytes']:,} B)"]
-            if r.get("compression") else []
-        ),
         f"  peak memory: server {r['server_peak_rss_mb'] or 0:.0f} MB, largest site {r['site_peak_rss_mb']:.0f} MB; "
         f"max rel. error {r['max_rel_error']:.1e}",
     ]
+    if r.get("compression"):
+        lines.insert(
+            -1,
+            f"  compression F = {r['compression']:g}: k = {r['k']:,} values, upload {r['upload_bytes_ratio']:.2%} "
+            f"of the dense compact upload ({r['dense_upload_bytes']:,} B)",
+        )
     return "\n".join(lines)

@@ -124,8 +124,10 @@ def markdown_table(result: dict) -> str:
     if s:
         lines[-1] += (
             f" The stream row: one round of `clinfed bench stream --params {s['params']} --compression "
-            f"{s['compression']:g}` ({s['sites']} sites, {s['wall_seconds']:.0f} s wall), against the dense compact "
-            "upload of all its values."
+            f"{s['compression']:g}` ({s['sites']} sites, {s['wall_seconds']:.0f} s wall): its upload against the "
+            "ciphertexts of the dense compact upload of all its values (`he.truncated.dense_compact_upload_bytes`, "
+            "checked against the format by the unit tests); the error is the decrypted average's at the sent "
+            "coordinates, relative to its largest value, within the compact grid's bound as in the dense bench."
         )
     return "\n".join(lines)
 

@@ -194,3 +194,12 @@ def test_what_is_clipped_to_the_bound_waits_in_the_error_feedback():
     assert np.array_equal(site.feedback.residual[idx] - before[idx], values - clipped)
     site.settle(0, [])  # the round was withheld: what was sent (clipped) goes back too, nothing is lost
     assert np.array_equal(site.feedback.residual[idx] - before[idx], values)
+
+
+@pytest.mark.parametrize(("params", "limit"), [(100_000, 0.02), (185_582, 0.02), (125_000_000, 0.012)])
+def test_from_100k_parameters_an_upload_at_f_001_is_under_the_issues_bounds(params, limit):
+    """Issue 25's bounds on the ciphertexts (≤ 2 % from 100 k parameters, ≤ 1.2 % at 125 M); `upload_bytes`
+    is the encrypted upload's exact size (round-trip test) and the dense one is checked against
+    `compact_encrypt` above."""
+    k = -(-params // 100)
+    assert upload_bytes(k) / dense_compact_upload_bytes(params) <= limit

@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def inject_spec(text: str) -> tuple[str, str]:
-    from clinfed.faults import FAULT_KINDS
+    from clinfed.fl.faults import FAULT_KINDS
 
     site, sep, kind = text.partition("=")
     if not sep or not site or kind not in FAULT_KINDS:
@@ -56,6 +56,17 @@ def he_contenders(text: str) -> list[str]:
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"unknown contender(s) {unknown or text!r} (known: {', '.join(CONTENDERS)})")
     return names
+
+
+def _site_counts(text: str) -> tuple[int, ...]:
+    """`--setup-sites 3,10,20`: site counts of at least 3 (argparse: exit 2 otherwise)."""
+    try:
+        counts = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected site counts like 3,10,20, got {text!r}") from None
+    if not counts or min(counts) < 3:
+        raise argparse.ArgumentTypeError(f"secure aggregation needs at least 3 sites per count, got {text!r}")
+    return counts
 
 
 def dp_models(text: str) -> tuple[str, ...]:
@@ -190,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="send only F of the values (compressed wire format) and compare with the dense compact upload",
     )  # fmt: skip
     stream.add_argument("--json", type=Path, default=None)
+    secagg = bench_sub.add_parser(
+        "secagg", help="secure aggregation's cost: a round beside FLARE's HE and ours, setup per site vs sites"
+    )
+    secagg.add_argument("--params", type=positive_int, default=1_000_000)
+    secagg.add_argument("--sites", type=positive_int, default=3)
+    secagg.add_argument("--repeats", type=positive_int, default=3)
+    secagg.add_argument("--setup-sites", type=_site_counts, default=(3, 10, 20), metavar="3,10,20")
+    secagg.add_argument("--large-params", type=positive_int, default=None, help="also one round this size (25000000)")
+    secagg.add_argument("--large-sites", type=positive_int, default=20)
+    secagg.add_argument("--json", type=Path, default=None)
     soak = bench_sub.add_parser("soak", help="many rounds in the simulator, RSS per round")
     soak.add_argument("--rounds", type=positive_int, default=30)
     soak.add_argument("--sites", type=positive_int, default=3)
@@ -241,6 +262,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = run_stream_bench(
             params=args.params, sites=args.sites, out=args.out, compression=args.compression or 0.0
+        )
+    elif args.bench == "secagg":
+        from clinfed.bench.secagg_bench import format_table, run_secagg_bench
+
+        result = run_secagg_bench(
+            params=args.params,
+            sites=args.sites,
+            repeats=args.repeats,
+            setup_sites=args.setup_sites,
+            large_params=args.large_params,
+            large_sites=args.large_sites,
         )
     else:
         from clinfed.bench.soak import format_table, run_soak

@@ -50,10 +50,9 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from clinfed import faults
 from clinfed.audit import AuditLog
 from clinfed.errors import SiteRefusal
-from clinfed.fl import payload, streaming
+from clinfed.fl import faults, payload, streaming
 from clinfed.fl.compression import LAYER, CompressedSite
 from clinfed.fl.participant import SitePolicy, participant_root, site_context, site_index
 from clinfed.fl.secagg import HELLO_KEY, REMASK_TASK, REVEAL_TASK, SECAGG_KEY, SUM_KEY, SiteSecAgg, load_site

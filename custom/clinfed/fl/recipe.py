@@ -42,7 +42,7 @@ class SecureFedAvgRecipe(Recipe):
         resume point by, so only a resubmission of this very job folder (after a server restart) resumes
         it; a new export of the same job starts at round 0 with a fresh run key.
 
-        There is no fault-injection argument: faults are a simulator-only switch (`clinfed.faults`).
+        There is no fault-injection argument: faults are a simulator-only switch (`clinfed.fl.faults`).
         `compression` F in (0, 1] sends only F of each update's coordinates (`clinfed.fl.compression`).
         `he_format` "compact" (default) sends dense encrypted updates as integers on a grid of
         `value_bound` / 2^20 (`clinfed.he.compact`, ~3.75 B/param); "real" as CKKS reals (16 B/param)."""

@@ -203,3 +203,44 @@ def test_from_100k_parameters_an_upload_at_f_001_is_under_the_issues_bounds(para
     `compact_encrypt` above."""
     k = -(-params // 100)
     assert upload_bytes(k) / dense_compact_upload_bytes(params) <= limit
+
+
+def test_three_executors_compressed_updates_sum_to_the_weighted_change_and_the_excess_waits(tmp_path, keys):
+    """The site's path (`DPTrainExecutor._encode_update` on a compact job): k = ⌈F·P⌉ values in the
+    truncated format, its share of the admitted weight, a value past the bound clipped with the excess
+    kept in its error feedback and only the count in its audit log."""
+    from clinfed.audit import AuditLog
+    from clinfed.audit.log import read_records
+    from clinfed.fl import payload
+    from clinfed.fl.compression import CompressedSite
+    from clinfed.fl.executor import DPTrainExecutor
+    from clinfed.he import context_fingerprint
+    from clinfed.he.packing import layout_from_json
+
+    secret, server = keys
+    spec = CompactSpec(2.0, 3, pooled=True)
+    samples = [100, 300, 600]  # shares 0.1, 0.3, 0.6 of the admitted 10
+    models = [np.full(10, float(i + 1) / 4) for i in range(3)]
+    models[2][:] = 5.0  # past the bound: 2.0 is sent, 3.0 waits at the site
+    acc, sites = TruncatedSum(server, spec), []
+    for i, (n, model) in enumerate(zip(samples, models, strict=True)):
+        ex = DPTrainExecutor(weight_unit=100.0, compression=0.5)
+        ex.site, ex.job, ex._ctx, ex._fingerprint = f"site-{i + 1}", "job", secret, context_fingerprint(secret)
+        ex.audit = AuditLog(tmp_path / ex.site, ex.site)
+        ex._wire = (spec.to_json(), 10.0)
+        ex._compressed = CompressedSite("shared", 0.5, ex.site, slots=2047)  # slots: the real path's; unused here
+        ex._compressed.start(np.zeros(10))
+        params, share, extra = ex._encode_update({"w": model.astype(np.float32)}, n, round_num=0)
+        info = extra["compression"]
+        assert info["format"] == "truncated" and info["k"] == info["k_nominal"] == 5 and info["ciphertexts"] == 1
+        assert info["dense_upload_bytes"] == dense_compact_upload_bytes(10)
+        acc.add(ex.site, params[payload.CKKS_KEY], share, params[payload.FINGERPRINT_KEY], params[payload.COMPACT_KEY])
+        sites.append(ex)
+    cts, total, _ = acc.result()
+    size = layout_from_json(params[payload.LAYOUT_KEY]).size
+    avg = truncated_decrypt_average(secret, cts, size, total, spec)
+    np.testing.assert_allclose(avg, np.full(5, 0.1 * 0.25 + 0.3 * 0.5 + 0.6 * 2.0), atol=3 * spec.quantum)
+    idx = sites[2]._compressed.indices(0)
+    assert np.allclose(sites[2]._compressed.feedback.residual[idx], 3.0)  # the excess waits at the site
+    clipped = read_records(tmp_path / "site-3" / "audit" / "site-3.jsonl", "update_clipped")
+    assert [(r["values"], r["bound"]) for r in clipped] == [(5, 2.0)]

@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--params", type=positive_int, default=1_000_000, help="values (125000000: a 500 MB model)")
     stream.add_argument("--sites", type=positive_int, default=3)
     stream.add_argument("--out", type=Path, default=None, help="folder for the run and stream_bench.json")
+    stream.add_argument(
+        "--compression", type=fraction, default=None, metavar="F",
+        help="send only F of the values (compressed wire format) and compare with the dense compact upload",
+    )  # fmt: skip
     stream.add_argument("--json", type=Path, default=None)
     secagg = bench_sub.add_parser(
         "secagg", help="secure aggregation's cost: a round beside FLARE's HE and ours, setup per site vs sites"
@@ -256,7 +260,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.bench == "stream":
         from clinfed.bench.stream_bench import format_table, run_stream_bench
 
-        result = run_stream_bench(params=args.params, sites=args.sites, out=args.out)
+        result = run_stream_bench(
+            params=args.params, sites=args.sites, out=args.out, compression=args.compression or 0.0
+        )
     elif args.bench == "secagg":
         from clinfed.bench.secagg_bench import format_table, run_secagg_bench
 

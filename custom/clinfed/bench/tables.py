@@ -69,7 +69,13 @@ def secagg_table(result: dict) -> str:
     return markdown_table(result)
 
 
-TABLES = {"dp": dp_table, "he": he_table, "secagg": secagg_table}
+def compression_table(result: dict) -> str:
+    from clinfed.bench.compression_bench import markdown_table
+
+    return markdown_table(result)
+
+
+TABLES = {"dp": dp_table, "he": he_table, "secagg": secagg_table, "compression": compression_table}
 
 
 def render(text: str, root: Path) -> str:

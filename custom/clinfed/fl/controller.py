@@ -108,7 +108,8 @@ class SecureFedAvg(ModelController):
             compression: the fraction of coordinates the sites send (0: dense updates); recorded in
                 summary.json and used to expect one index digest per round.
             he_format: "compact" (dense updates at ~3.75 B/param, `clinfed.he.compact`) or "real"
-                (the real-valued CKKS path, 16 B/param). Compressed updates always use "real".
+                (the real-valued CKKS path, 16 B/param). Compressed updates follow it: "compact" sends
+                them in `clinfed.he.truncated` (3.75 B per value sent), "real" one real-valued ciphertext.
             value_bound: the public bound on |model value| of the compact format: values beyond it are
                 clipped at the site; the quantum is value_bound / 2^20.
         """
@@ -145,6 +146,10 @@ class SecureFedAvg(ModelController):
         from clinfed.he.packing import layout_from_json
 
         layout = layout_from_json(layout_json) if layout_json else None
+        if self._spec is not None and self.compression:  # k values in c0's first coefficients
+            from clinfed.he.truncated import TruncatedSum
+
+            return TruncatedSum(self.ctx, self._spec, self.fingerprint, size=layout.size if layout else None)
         if self._spec is not None:
             from clinfed.he.compact import CompactSum
 
@@ -320,8 +325,10 @@ class SecureFedAvg(ModelController):
         """What summary.json says of the compressed updates (k, model size, ciphertexts per upload)."""
         info = meta.get("compression")
         if self.compression and isinstance(info, dict) and not self._compression:
-            keys = ("k", "k_nominal", "size", "ciphertexts", "dense_ciphertexts")
+            keys = ("k", "k_nominal", "size", "ciphertexts", "dense_ciphertexts", "dense_upload_bytes")
             self._compression = {k: int(info[k]) for k in keys if isinstance(info.get(k), int | float)}
+            if info.get("format") in ("truncated", "real"):
+                self._compression["format"] = info["format"]
 
     def _accept(self, acc, site: str, params: dict, meta: dict) -> None:
         weight = float(meta.get("weight", 0.0) or 0.0)
@@ -495,7 +502,7 @@ class SecureFedAvg(ModelController):
     def _compact_spec(self, admitted: list[str]):
         """The job's CompactSpec (None: the real-valued path): pooled over the admitted sites, whose
         weights (sample counts, public as in FLARE's FedAvg) sum to the shares' denominator."""
-        if not (self.encrypted and self.he_format == "compact" and not self.compression and admitted):
+        if not (self.encrypted and self.he_format == "compact" and admitted):
             return None
         from clinfed.he.compact import CompactSpec
 
@@ -515,8 +522,10 @@ class SecureFedAvg(ModelController):
             from clinfed.he.packing import layout_from_json
 
             size = layout_from_json(self._layout).size
+        if self.compression:  # the layout is the k values sent; bytes are per parameter of the model
+            size = int(self._compression.get("size") or 0)
         return {
-            "format": "compact",
+            "format": "truncated" if self.compression else "compact",
             "value_bound": self._spec.value_bound,
             "max_sites": self._spec.max_sites,
             "quantum": self._spec.quantum,
@@ -675,4 +684,6 @@ def compression_block(fraction: float, info: dict, rounds: list[dict]) -> dict |
     block["bytes_per_site_round"] = int(mean_bytes_sent(rounds) or 0)
     if info.get("ciphertexts") and info.get("dense_ciphertexts"):
         block["ciphertext_fraction"] = info["ciphertexts"] / info["dense_ciphertexts"]
+    if info.get("dense_upload_bytes"):
+        block["bytes_fraction"] = block["bytes_per_site_round"] / info["dense_upload_bytes"]
     return block

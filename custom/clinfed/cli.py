@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def inject_spec(text: str) -> tuple[str, str]:
-    from clinfed.faults import FAULT_KINDS
+    from clinfed.fl.faults import FAULT_KINDS
 
     site, sep, kind = text.partition("=")
     if not sep or not site or kind not in FAULT_KINDS:
@@ -56,6 +56,17 @@ def he_contenders(text: str) -> list[str]:
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"unknown contender(s) {unknown or text!r} (known: {', '.join(CONTENDERS)})")
     return names
+
+
+def _site_counts(text: str) -> tuple[int, ...]:
+    """`--setup-sites 3,10,20`: site counts of at least 3 (argparse: exit 2 otherwise)."""
+    try:
+        counts = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected site counts like 3,10,20, got {text!r}") from None
+    if not counts or min(counts) < 3:
+        raise argparse.ArgumentTypeError(f"secure aggregation needs at least 3 sites per count, got {text!r}")
+    return counts
 
 
 def dp_models(text: str) -> tuple[str, ...]:
@@ -93,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=cohort_arg,
         default=None,
         metavar="all|intersect|FILE",
-        help="cohort_stats: rows to describe (all, intersect); or an OMOP cohort definition file for --data-dir of "
-        "`clinfed data omop`",
+        help="cohort_stats: rows to describe (all, intersect); or, for every clinical job, an OMOP cohort definition "
+        "file for --data-dir of `clinfed data omop`",
     )
     # clinical analytics (survival_km, cox_ph, glm): variables by name, never tables or SQL
     sim.add_argument("--covariates", type=str, default=None, metavar="A,B", help="cox_ph / glm: covariate columns")
@@ -186,7 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--params", type=positive_int, default=1_000_000, help="values (125000000: a 500 MB model)")
     stream.add_argument("--sites", type=positive_int, default=3)
     stream.add_argument("--out", type=Path, default=None, help="folder for the run and stream_bench.json")
+    stream.add_argument(
+        "--compression", type=fraction, default=None, metavar="F",
+        help="send only F of the values (compressed wire format) and compare with the dense compact upload",
+    )  # fmt: skip
     stream.add_argument("--json", type=Path, default=None)
+    secagg = bench_sub.add_parser(
+        "secagg", help="secure aggregation's cost: a round beside FLARE's HE and ours, setup per site vs sites"
+    )
+    secagg.add_argument("--params", type=positive_int, default=1_000_000)
+    secagg.add_argument("--sites", type=positive_int, default=3)
+    secagg.add_argument("--repeats", type=positive_int, default=3)
+    secagg.add_argument("--setup-sites", type=_site_counts, default=(3, 10, 20), metavar="3,10,20")
+    secagg.add_argument("--large-params", type=positive_int, default=None, help="also one round this size (25000000)")
+    secagg.add_argument("--large-sites", type=positive_int, default=20)
+    secagg.add_argument("--json", type=Path, default=None)
     soak = bench_sub.add_parser("soak", help="many rounds in the simulator, RSS per round")
     soak.add_argument("--rounds", type=positive_int, default=30)
     soak.add_argument("--sites", type=positive_int, default=3)
@@ -236,7 +261,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.bench == "stream":
         from clinfed.bench.stream_bench import format_table, run_stream_bench
 
-        result = run_stream_bench(params=args.params, sites=args.sites, out=args.out)
+        result = run_stream_bench(
+            params=args.params, sites=args.sites, out=args.out, compression=args.compression or 0.0
+        )
+    elif args.bench == "secagg":
+        from clinfed.bench.secagg_bench import format_table, run_secagg_bench
+
+        result = run_secagg_bench(
+            params=args.params,
+            sites=args.sites,
+            repeats=args.repeats,
+            setup_sites=args.setup_sites,
+            large_params=args.large_params,
+            large_sites=args.large_sites,
+        )
     else:
         from clinfed.bench.soak import format_table, run_soak
 
@@ -383,8 +421,9 @@ IMAGING_JOBS = ("segmentation_dp", "segmentation3d_dp")
 
 
 # jobs that build their rows from an OMOP cohort definition (`--cohort FILE`, docs/omop.md)
+# every clinical job: the toolbox's too (issue 24); not psi_linkage (it links ids, it reads no cohort)
 COHORT_FILE_JOBS = ("survival_km", "cox_ph", "glm", "cohort_stats")
-COHORT_FILE_JOBS += ("cumulative_incidence",)
+COHORT_FILE_JOBS += ("crosstab", "ttest", "correlation", "cumulative_incidence")
 
 
 def _check_channels(command: str, args: argparse.Namespace) -> None:
@@ -433,6 +472,8 @@ def _check_applies(command: str, args: argparse.Namespace) -> None:
 def _check_toolbox_options(command: str, args: argparse.Namespace) -> None:
     """An analytics option the job does not take exits 2 in one line (instead of being ignored)."""
     given = [n for n in ANALYTICS_OPTIONS if getattr(args, n, None) is not None]
+    if getattr(args, "cohort", None) not in (None, "all", "intersect"):
+        given.remove("cohort")  # a cohort definition file: checked against COHORT_FILE_JOBS where it is handed on
     allowed = TOOLBOX_OPTIONS.get(args.job)
     for name in given:
         jobs = OPTION_JOBS.get(name)

@@ -74,6 +74,49 @@ def plot_rounds(summary: dict, path: Path, metric: str) -> Path:
     return path
 
 
+def plot_roc(roc: dict, path: Path) -> Path:
+    """The pooled ROC curve with its AUC (and the bins' resolution), and beside it the calibration curve
+    when the block has one (`clinfed.analytics.roc.roc_combine`: mean predicted vs observed per group)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cal = roc.get("calibration")
+    calibrated = isinstance(cal, dict) and cal.get("mean_predicted")
+    fig = Figure(figsize=(10 if calibrated else 5, 5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if calibrated else 1)
+    ax_roc = axes[0] if calibrated else axes
+    auc, resolution = roc.get("auc"), roc.get("auc_resolution")
+    label = "AUC " + (f"{float(auc):.4f}" if isinstance(auc, int | float) else "?")
+    if isinstance(resolution, int | float):
+        label += f" (± {float(resolution):.1e}, binned scores)"
+    # straight lines between the released points (ties within a merged step count half, as the AUC does);
+    # (1, 1) is every curve's end, drawn even where the last few patients' step was merged away
+    ax_roc.plot([*roc["fpr"], 1.0], [*roc["tpr"], 1.0], marker=".", label=label)
+    ax_roc.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax_roc.set_xlabel("false positive rate")
+    ax_roc.set_ylabel("true positive rate")
+    ax_roc.set_title("ROC of the final model, all sites' held-out patients")
+    ax_roc.legend(loc="lower right")
+    if calibrated:
+        ax_cal = axes[1]
+        ax_cal.plot(cal["mean_predicted"], cal["observed"], marker="o", label="pooled sites")
+        ax_cal.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+        ax_cal.set_xlabel("mean predicted probability")
+        ax_cal.set_ylabel("observed fraction of positives")
+        ax_cal.set_title("calibration")
+        ax_cal.legend(loc="upper left")
+    for ax in axes if calibrated else [axes]:
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def plot_km(km: dict, path: Path) -> Path:
     """Kaplan–Meier step curves per group (released bins only) with a numbers-at-risk table below.
 

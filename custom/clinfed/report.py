@@ -353,22 +353,15 @@ def _rounds(summary: dict) -> str:
 
 
 def _roc(roc: dict) -> str:
+    """The pooled ROC curve and calibration (training jobs' `roc`), or why none was released."""
     fpr, tpr = roc.get("fpr"), roc.get("tpr")
     out = "<h2>ROC</h2>"
     if isinstance(fpr, list) and isinstance(tpr, list) and fpr and len(fpr) == len(tpr):
+        from clinfed.plots import plot_roc
 
-        def draw(path: Path) -> None:
-            fig = _agg_figure(5, 5)
-            ax = fig.subplots()
-            ax.plot(fpr, tpr, label=f"AUC {roc.get('auc', float('nan')):.3f}")
-            ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-            ax.set_xlabel("false positive rate")
-            ax.set_ylabel("true positive rate")
-            ax.legend(loc="lower right")
-            fig.tight_layout()
-            fig.savefig(path, dpi=100)
-
-        out += _figure(draw, "ROC curve")
+        out += _figure(lambda p: plot_roc(roc, p), "ROC curve")
+    elif roc.get("status") in ("skipped", "withheld"):
+        return out + f"<p class=note>No ROC released ({_e(roc['status'])}): {_e(roc.get('reason', ''))}</p>"
     return out + _generic(roc)
 
 

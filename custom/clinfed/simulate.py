@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clinfed.faults import INJECT_ENV, encode_faults
+from clinfed.fl.faults import INJECT_ENV, encode_faults
 from clinfed.fl.participant import SERVER_CONTEXT_FILE, SIM_ROOT_ENV, SITE_CONTEXT_FILE, write_site_policy
 from clinfed.jobs import load_job
 
@@ -186,7 +186,7 @@ def run_simulation(req: SimulationRequest, recipe=None) -> dict:
     allow_clinfed_components(flare_ws)
     # One process per site, each with its own torch thread pool: more threads than cores only thrash.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // req.sites)))
-    # Faults are a property of the simulated site processes, never of the job (see clinfed.faults).
+    # Faults are a property of the simulated site processes, never of the job (see clinfed.fl.faults).
     overrides = {SIM_ROOT_ENV: str(root), INJECT_ENV: encode_faults(req.inject)}
     previous = {name: os.environ.get(name) for name in overrides}
     os.environ.update(overrides)

@@ -8,7 +8,8 @@ Run it:
 `clinfed simulate correlation --sites 3 --data-dir data/flchain --variables age,kappa,lambda,creatinine`.
 """
 
-from clinfed.analytics.splits import check_split, split_manifest
+from clinfed.analytics.omop_source import job_manifest, method_fields
+from clinfed.analytics.splits import check_split
 from clinfed.analytics.sums_fl import SumsRecipe
 
 DEFAULTS = {"sites": 3, "rounds": 1, "min_cell": 5}
@@ -22,6 +23,7 @@ def make_recipe(
     epsilon: float | None = None,
     min_cell: int | None = None,
     data_dir: str | None = None,
+    cohort_file: str | None = None,
     variables: str | list[str] | None = None,
     **_: object,
 ) -> SumsRecipe:
@@ -34,9 +36,13 @@ def make_recipe(
     names = [n for n in names if n]
     if len(names) < 2 or len(set(names)) != len(names) or len(names) > MAX_VARIABLES:
         raise ValueError(f"correlation needs 2 to {MAX_VARIABLES} different columns: --variables A,B,C")
-    frame = check_split(split_manifest(data_dir), sites, names, names, False)
+    manifest = job_manifest(data_dir, cohort_file)  # split.json, or a CDM folder's with its cohort
+    frame = check_split(manifest, sites, names, names, False)
     if frame is None:
-        raise ValueError("correlation needs --data-dir of a `clinfed data split` folder (the public centres)")
+        raise ValueError(
+            "correlation needs --data-dir of a `clinfed data split` folder (the public centres), or of a "
+            "`clinfed data omop` folder with --cohort FILE"
+        )
     method = {
         "method": "correlation",
         "variables": names,
@@ -45,7 +51,7 @@ def make_recipe(
     return SumsRecipe(
         name="correlation",
         num_sites=sites,
-        method=method,
+        method={**method, **method_fields(manifest)},
         min_cell=DEFAULTS["min_cell"] if min_cell is None else int(min_cell),
         encrypt=encrypt,
     )

@@ -10,7 +10,8 @@ Run it:
 """
 
 from clinfed.analytics.methods import dp_config
-from clinfed.analytics.splits import check_split, split_manifest
+from clinfed.analytics.omop_source import job_manifest, method_fields
+from clinfed.analytics.splits import check_split
 from clinfed.analytics.stats import level_text
 from clinfed.analytics.sums_fl import SumsRecipe
 from clinfed.analytics.toolbox_methods import CrossTab
@@ -33,6 +34,7 @@ def make_recipe(
     epsilon: float | None = None,
     min_cell: int | None = None,
     data_dir: str | None = None,
+    cohort_file: str | None = None,
     rows: str | None = None,
     cols: str | None = None,
     delta: float | None = None,
@@ -41,9 +43,13 @@ def make_recipe(
     """`rounds` is ignored (one round of counts and a release)."""
     if not rows or not cols or rows == cols:
         raise ValueError("crosstab needs two different columns: --rows COL --cols COL")
-    frame = check_split(split_manifest(data_dir), sites, [rows, cols], [], False)
+    manifest = job_manifest(data_dir, cohort_file)  # split.json, or a CDM folder's with its cohort
+    frame = check_split(manifest, sites, [rows, cols], [], False)
     if frame is None:
-        raise ValueError("crosstab needs --data-dir of a `clinfed data split` folder (the public levels)")
+        raise ValueError(
+            "crosstab needs --data-dir of a `clinfed data split` folder (the public levels), or of a "
+            "`clinfed data omop` folder with --cohort FILE"
+        )
     method = {
         "method": "crosstab",
         "rows": rows,
@@ -56,7 +62,7 @@ def make_recipe(
     return SumsRecipe(
         name="crosstab",
         num_sites=sites,
-        method=method,
+        method={**method, **method_fields(manifest)},
         min_cell=DEFAULTS["min_cell"] if min_cell is None else int(min_cell),
         encrypt=encrypt,
     )

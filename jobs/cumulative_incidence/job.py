@@ -18,7 +18,8 @@ outcome, so one is derived from its cause of death (`chapter`). Run it:
 from clinfed.analytics.cif import OTHER
 from clinfed.analytics.km import n_bins_for
 from clinfed.analytics.methods import dp_config, level_text
-from clinfed.analytics.splits import check_split, split_manifest
+from clinfed.analytics.omop_source import job_manifest, method_fields
+from clinfed.analytics.splits import check_split
 from clinfed.analytics.sums_fl import SumsRecipe
 from clinfed.analytics.toolbox_methods import CumulativeIncidence
 
@@ -32,6 +33,7 @@ def make_recipe(
     epsilon: float | None = None,
     min_cell: int | None = None,
     data_dir: str | None = None,
+    cohort_file: str | None = None,
     group: str | None = None,
     cause: str | None = None,
     time_bin: float | None = None,
@@ -46,11 +48,13 @@ def make_recipe(
     column = column.strip()
     time_bin = float(time_bin or DEFAULTS["time_bin"])
     group = None if group in (None, "", "none") else group
-    frame = check_split(
-        split_manifest(data_dir), sites, ["time", "event", column, *([group] if group else [])], [], False
-    )
+    manifest = job_manifest(data_dir, cohort_file)  # split.json, or a CDM folder's with its cohort
+    frame = check_split(manifest, sites, ["time", "event", column, *([group] if group else [])], [], False)
     if frame is None:
-        raise ValueError("cumulative_incidence needs --data-dir of a `clinfed data split` folder")
+        raise ValueError(
+            "cumulative_incidence needs --data-dir of a `clinfed data split` folder, or of a "
+            "`clinfed data omop` folder with --cohort FILE"
+        )
     known = sorted({t for t in (level_text(v) for v in frame.loc[frame["event"] > 0, column]) if t is not None})
     unknown = [c for c in causes if c not in known]
     if unknown or OTHER in causes or len(set(causes)) != len(causes):
@@ -72,7 +76,7 @@ def make_recipe(
     return SumsRecipe(
         name="cumulative_incidence",
         num_sites=sites,
-        method=method,
+        method={**method, **method_fields(manifest)},
         min_cell=DEFAULTS["min_cell"] if min_cell is None else int(min_cell),
         encrypt=encrypt,
     )

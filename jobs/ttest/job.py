@@ -8,7 +8,8 @@ Run it:
 `clinfed simulate ttest --sites 3 --data-dir data/gbsg2 --variable age --group horTh`.
 """
 
-from clinfed.analytics.splits import check_split, split_manifest
+from clinfed.analytics.omop_source import job_manifest, method_fields
+from clinfed.analytics.splits import check_split
 from clinfed.analytics.stats import level_text
 from clinfed.analytics.sums_fl import SumsRecipe
 
@@ -23,6 +24,7 @@ def make_recipe(
     epsilon: float | None = None,
     min_cell: int | None = None,
     data_dir: str | None = None,
+    cohort_file: str | None = None,
     variable: str | None = None,
     group: str | None = None,
     **_: object,
@@ -34,9 +36,13 @@ def make_recipe(
         )
     if not variable or not group or variable == group:
         raise ValueError("ttest needs --variable COL (numeric) and --group COL (categorical)")
-    frame = check_split(split_manifest(data_dir), sites, [variable, group], [variable], False)
+    manifest = job_manifest(data_dir, cohort_file)  # split.json, or a CDM folder's with its cohort
+    frame = check_split(manifest, sites, [variable, group], [variable], False)
     if frame is None:
-        raise ValueError("ttest needs --data-dir of a `clinfed data split` folder (the public levels and centre)")
+        raise ValueError(
+            "ttest needs --data-dir of a `clinfed data split` folder (the public levels and centre), or of a "
+            "`clinfed data omop` folder with --cohort FILE"
+        )
     levels = sorted({t for t in (level_text(v) for v in frame[group].tolist()) if t is not None})
     if not 2 <= len(levels) <= MAX_LEVELS:
         raise ValueError(f"--group {group} has {len(levels)} levels: a t-test or ANOVA needs 2 to {MAX_LEVELS}")
@@ -50,7 +56,7 @@ def make_recipe(
     return SumsRecipe(
         name="ttest",
         num_sites=sites,
-        method=method,
+        method={**method, **method_fields(manifest)},
         min_cell=DEFAULTS["min_cell"] if min_cell is None else int(min_cell),
         encrypt=encrypt,
     )

@@ -82,3 +82,9 @@ def test_the_privacy_filter_refuses_a_stream_of_plaintext_weights():
     upload, _ = compact_encrypt(secret, {"w": weights}, 0.5, CompactSpec(8.0, 3, pooled=True))
     compact, _held2 = _offered("compact", upload)
     assert _filter_verdict(compact) is None
+    from clinfed.he.truncated import truncated_encrypt
+
+    compressed, _held3 = _offered(
+        "truncated", truncated_encrypt(secret, weights[:40], 0.5, CompactSpec(8.0, 3, pooled=True))
+    )
+    assert _filter_verdict(compressed) is None

@@ -41,6 +41,26 @@ def test_default_run_is_encrypted_complete_and_accurate(dp_run):
     assert summary["final"]["metrics"]["auc"] >= 0.97
 
 
+def test_pooled_roc_of_the_final_model_matches_sklearn_on_every_sites_held_out_patients(dp_run):
+    """summary.json's `roc` (encrypted score histograms, fl.roc_validation) against sklearn's AUC on the
+    pooled held-out scores, which each site keeps in its own reports/ folder."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    out, summary = dp_run
+    roc = summary["roc"]
+    assert roc["status"] == "ok" and roc["sites"] == ["site-1", "site-2", "site-3"], roc
+    files = sorted((out / "workspace").glob("site-*/reports/*-heldout-scores.csv"))
+    assert [f.parent.parent.name for f in files] == roc["sites"]
+    rows = np.concatenate([np.loadtxt(f, delimiter=",", skiprows=1, ndmin=2) for f in files])
+    reference = roc_auc_score(rows[:, 1].astype(int), rows[:, 0])
+    print(f"pooled ROC: AUC {roc['auc']:.5f}, sklearn {reference:.5f}, resolution {roc['auc_resolution']:.3g}")
+    assert abs(roc["auc"] - reference) <= roc["auc_resolution"] + 1e-6
+    assert roc["n"] == {"negative": int((rows[:, 1] == 0).sum()), "positive": int(rows[:, 1].sum())}
+    assert roc["min_cell"] >= 5 and roc["fpr"][0] == 0.0 and roc["tpr"][0] == 0.0
+    assert "ROC curve" in (out / "report.html").read_text()
+
+
 def test_epsilon_grows_every_round_and_stays_within_target(dp_run):
     _, summary = dp_run
     for site in summary["sites"]:

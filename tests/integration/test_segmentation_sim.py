@@ -64,6 +64,8 @@ def untrained_dice() -> float:
 def test_every_round_completes_encrypted(summary):
     assert summary["job"] == "segmentation_dp" and summary["encrypted"] is True
     assert summary["rounds_completed"] == 2
+    # Dice has no per-patient binary score: the pooled ROC is skipped, saying why (fl.roc_validation)
+    assert summary["roc"]["status"] == "skipped" and "no per-patient binary score" in summary["roc"]["reason"]
     assert {e["status"] for r in summary["rounds"] for e in r["sites"].values()} == {"ok"}
 
 

@@ -14,6 +14,7 @@ CASES = [
     (["simulate", "breast_cancer_dp", "--inject", "site-2=meteor"], "--inject"),
     (["simulate", "segmentation_dp", "--compression", "0"], "--compression: expected a fraction in (0, 1]"),
     (["simulate", "segmentation_dp", "--compression", "1.5"], "--compression: expected a fraction in (0, 1]"),
+    (["bench", "stream", "--params", "1000", "--compression", "2"], "--compression: expected a fraction in (0, 1]"),
     (["simulate", "segmentation_dp", "--channels", "32"], "--channels: expected at least 2 comma-separated"),
     (["simulate", "segmentation_dp", "--channels", "32,x,128"], "--channels: expected at least 2 comma-separated"),
     (["simulate", "segmentation3d_dp", "--channels", "8,0,32"], "--channels: expected at least 2 comma-separated"),

@@ -16,7 +16,7 @@ sm = pytest.importorskip("statsmodels.api")
 
 from lifelines import CoxPHFitter, KaplanMeierFitter  # noqa: E402
 
-from clinfed.analytics import cox, glm, km  # noqa: E402
+from clinfed.analytics import cox, glm, km, omop_source  # noqa: E402
 from clinfed.cli import main as cli_main  # noqa: E402
 from clinfed.data import omop  # noqa: E402
 from clinfed.errors import SiteRefusal  # noqa: E402
@@ -185,3 +185,86 @@ def test_cli_refuses_unknown_concepts_columns_and_missing_cohorts_in_one_line(tm
     assert "neither all, intersect nor an existing cohort definition file" in err
     err = _bad(tmp_path, capsys, ["breast_cancer_dp", "--data-dir", str(data), "--cohort", str(COHORT_FILE)])
     assert err == "clinfed simulate: --cohort FILE does not apply to breast_cancer_dp"
+
+
+# --- `--cohort FILE` for every clinical job (issue 24): the definition reaches the job's method config -------
+COHORT_JOBS = {
+    "survival_km": ["--group", "male", "--time-bin", "365"],
+    "cox_ph": ["--covariates", "age,male"],
+    "glm": ["--family", "poisson", "--outcome", "event", "--covariates", "age,male", "--offset", "log(time)"],
+    "cohort_stats": ["--features", "age,weight", "--group", "male"],
+    "crosstab": ["--rows", "male", "--cols", "hypertension"],
+    "ttest": ["--variable", "age", "--group", "male"],
+    "correlation": ["--variables", "age,weight"],
+    "cumulative_incidence": ["--cause", "hypertension:1", "--group", "male", "--time-bin", "365"],
+}
+
+
+def _config_from_cli(monkeypatch, data: Path, job: str, options: list[str], cohort: str = str(COHORT_FILE)) -> dict:
+    """The method config `clinfed simulate JOB --data-dir DIR --cohort FILE ...` hands to the job's recipe."""
+    from clinfed import cli
+    from clinfed.jobs import load_job
+
+    args = cli.build_parser().parse_args(["simulate", job, "--data-dir", str(data), "--cohort", cohort, *options])
+    cli._check_applies("simulate", args)
+    cli._check_toolbox_options("simulate", args)
+    extra = cli._analytics_options(args)
+    module = load_job(job)
+    seen: dict = {}
+    monkeypatch.setattr(module, "SumsRecipe", lambda **kw: seen.update(kw), raising=False)
+    module.make_recipe(sites=3, data_dir=str(data), **extra)
+    return seen["method"]
+
+
+@pytest.mark.parametrize("job", list(COHORT_JOBS))
+def test_every_clinical_job_takes_an_omop_cohort_into_its_method_config(monkeypatch, cdm, definition, job):
+    _, data = cdm
+    method = _config_from_cli(monkeypatch, data, job, COHORT_JOBS[job])
+    assert method[omop_source.CONFIG_KEY] == definition
+    if job == "glm":  # Poisson rates on the cohort's follow-up: the offset is log(time)
+        assert method["family"] == "poisson" and method["offset"] == "time" and method["offset_log"] is True
+
+
+def test_cohort_all_or_intersect_stays_cohort_stats_and_jobs_without_rows_refuse_a_cohort_file(monkeypatch, cdm):
+    from clinfed.cli import UsageError
+
+    _, data = cdm
+    with pytest.raises(UsageError, match="--cohort does not apply to crosstab"):
+        _config_from_cli(monkeypatch, data, "crosstab", COHORT_JOBS["crosstab"], cohort="all")
+    with pytest.raises(UsageError, match="--cohort FILE does not apply to psi_linkage"):
+        _config_from_cli(monkeypatch, data, "psi_linkage", [])
+
+
+def _read_at_sites(cdm, method: dict) -> dict[str, dict]:
+    """Each site's rows as the job's method reads them (`Method.read`: the site's CDM with the job's cohort)."""
+    from clinfed.analytics.methods import SiteInfo
+    from clinfed.analytics.registry import make_method
+    from clinfed.fl.participant import SitePolicy
+
+    paths, data = cdm
+    policy = SitePolicy(data_dir=str(data))
+    return {s: make_method(method).read(SiteInfo(s, data / s, policy)) for s in paths}
+
+
+def test_crosstab_on_the_cohort_each_site_builds_equals_pandas_on_the_pooled_cohort(monkeypatch, cdm, reference):
+    from clinfed.analytics import crosstab
+    from clinfed.analytics.stats import level_text
+
+    method = _config_from_cli(monkeypatch, cdm[1], "crosstab", COHORT_JOBS["crosstab"])
+    tables = _read_at_sites(cdm, method)
+    ours = crosstab.fit_federated(tables, "male", "hypertension", method["row_levels"], method["col_levels"])
+    ref = pd.crosstab(reference["male"].map(level_text), reference["hypertension"].map(level_text))
+    assert np.array_equal(np.array(ours["table"]), ref.loc[method["row_levels"], method["col_levels"]].to_numpy())
+
+
+def test_poisson_glm_with_a_log_time_offset_on_the_cohort_equals_statsmodels(monkeypatch, cdm, reference):
+    method = _config_from_cli(monkeypatch, cdm[1], "glm", COHORT_JOBS["glm"])
+    tables = _read_at_sites(cdm, method)
+    logged = {s: {**t, "log_time": np.log(np.asarray(t["time"], dtype=float))} for s, t in tables.items()}
+    ours = glm.fit_federated(logged, family="poisson", outcome="event", covariates=["age", "male"], offset="log_time")
+    df = reference.dropna(subset=["age", "male"])
+    ref = sm.GLM(
+        df["event"], sm.add_constant(df[["age", "male"]]), family=sm.families.Poisson(), offset=np.log(df["time"])
+    ).fit(tol=1e-12)
+    for name, ref_name in [("intercept", "const"), ("age", "age"), ("male", "male")]:
+        assert abs(ours["coef"][name]["coef"] / ref.params[ref_name] - 1) < 1e-6, name

@@ -190,3 +190,21 @@ def test_report_renders_in_headless_chromium(tmp_path, kind):
     image = Image.open(shot).convert("L")
     dark = sum(1 for v in image.getdata() if v < 128)
     assert image.size == (1200, 1600) and dark > 5000  # text, tables and the figure were drawn, not a blank page
+
+
+def test_a_training_runs_pooled_roc_is_drawn_with_its_auc_and_calibration_or_its_reason():
+    import numpy as np
+
+    from clinfed.analytics.roc import fit_federated
+
+    rng = np.random.default_rng(3)
+    sites = {}
+    for s in SITES:
+        y = (rng.random(80) < 0.4).astype(int)
+        sites[s] = (1 / (1 + np.exp(-(rng.normal(0, 1, 80) + 2 * y - 1))), y)
+    roc = {"status": "ok", **fit_federated(sites, min_cell=5), "sites": SITES}
+    page = render_report({**TRAINING, "roc": roc})
+    assert _images(page) == ["ROC curve", "auc and ε per round"]
+    assert "<h2>ROC</h2>" in page and "auc_resolution" in page and "mean_predicted" in page
+    skipped = render_report({**TRAINING, "roc": {"status": "skipped", "reason": "site-1: task segmentation has no"}})
+    assert _images(skipped) == ["auc and ε per round"] and "No ROC released (skipped): site-1: task" in skipped

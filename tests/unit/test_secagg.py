@@ -229,7 +229,13 @@ def test_old_runs_state_files_are_pruned(fed):
 
     root = fed[0]
     stale = load_site(root / "site-5", "site-5", "persist-old").state_file
+    histogram = stale.with_name(stale.name.split(".")[0] + ".roc.npy")  # kept beside it (fl.roc_validation)
+    histogram.write_bytes(b"counts")
     old = time.time() - 8 * 24 * 3600
-    os.utime(stale, (old, old))
+    for path in (stale, histogram):
+        os.utime(path, (old, old))
     fresh = load_site(root / "site-5", "site-5", "persist-new").state_file
-    assert fresh.is_file() and not stale.exists()
+    fresh.with_name(fresh.name.split(".")[0] + ".roc.npy").write_bytes(b"counts")
+    again = load_site(root / "site-5", "site-5", "persist-new").state_file
+    assert again == fresh and fresh.is_file() and fresh.with_name(fresh.name.split(".")[0] + ".roc.npy").is_file()
+    assert not stale.exists() and not histogram.exists()

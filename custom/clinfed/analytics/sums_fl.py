@@ -76,14 +76,13 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
-from clinfed import faults
 from clinfed.analytics.methods import FIXED_POINT_BITS, Method, SiteInfo
 from clinfed.analytics.registry import make_method
 from clinfed.analytics.release_log import FIT_BLOCKS, FitDefinition, ReleaseLog, rows_digest, value_digests
 from clinfed.analytics.splits import check_split, split_manifest  # noqa: F401  (the jobs' import path)
 from clinfed.audit import AuditLog, payload_digest
 from clinfed.errors import SiteRefusal
-from clinfed.fl import payload
+from clinfed.fl import faults, payload
 from clinfed.fl.node_policy import check_node_policy
 from clinfed.fl.participant import SitePolicy, participant_root, server_context, site_context
 from clinfed.fl.secagg import (
@@ -437,7 +436,7 @@ class SumsExecutor(Executor):
             if task_name == ADMIT_TASK:
                 payload.check_own_anchor(self.audit, meta, self.site)  # a rolled-back folder refuses (issue 23)
                 return self._reply({}, round_num, start, {"admission": self._admit(), HELLO_KEY: self._secagg.hello()})
-            fault = faults.injected_fault(self.site)  # simulator only (`clinfed.faults`)
+            fault = faults.injected_fault(self.site)  # simulator only (`clinfed.fl.faults`)
             if (fault == "crash" and task_name == SUMS_TASK) or (
                 fault == "vanish" and task_name in (REMASK_TASK, REVEAL_TASK)
             ):

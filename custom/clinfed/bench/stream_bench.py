@@ -8,6 +8,13 @@ and decrypts the global sum. No training: each site sends a seeded random update
 float32 values (a stand-in for a 500 MB UNet's update; DP-SGD on such a model is not what is being
 measured), so every site can also recompute the exact average and report the decryption's error.
 
+With ``compression`` F (`clinfed bench stream --compression F`) each site sends only the k = ⌈F·P⌉
+values at a set of coordinates every site draws from one public seed, in the compressed wire format
+(`he.truncated`: k values in the first ⌈(k+1)/2⌉ coefficients of one ciphertext's c0 per 2·N values),
+and checks the decrypted sum at those coordinates; `upload_bytes_ratio` is its upload against the
+dense compact upload of all P values. (The coordinates, error feedback and top-k of a training run
+are `clinfed.fl.compression`'s; here the transport and the cryptography are what is measured.)
+
 Reported per role: wall seconds of each phase, bytes pulled per site, download-service messages,
 and the peak resident memory of each process (`ru_maxrss`), i.e. what a hospital's machine and the
 server need for a model of that size.
@@ -40,6 +47,12 @@ SCALE = 0.1  # magnitude of the synthetic update: a trained layer's weights (Fed
 VALUE_BOUND = 1.0  # the job's public bound on |value| (10 σ of the synthetic update)
 
 
+def bench_indices(params: int, fraction: float) -> np.ndarray:
+    """The k = ⌈fraction·params⌉ coordinates every site sends (sorted; one public seed for all)."""
+    k = min(params, max(1, int(np.ceil(fraction * params))))
+    return np.sort(np.random.default_rng(20_250).choice(params, size=k, replace=False))
+
+
 def synthetic_update(index: int, params: int) -> np.ndarray:
     """Site ``index``'s stand-in update: seeded, so every site can recompute the true average."""
     update = np.random.default_rng(10_000 + index).standard_normal(params, dtype=np.float32)
@@ -50,9 +63,9 @@ def synthetic_update(index: int, params: int) -> np.ndarray:
 class StreamBenchExecutor(Executor):
     """A site that sends one encrypted, streamed update of ``params`` values and checks the sum it gets back."""
 
-    def __init__(self, params: int, num_sites: int):
+    def __init__(self, params: int, num_sites: int, compression: float = 0.0):
         super().__init__()
-        self.params, self.num_sites = int(params), int(num_sites)
+        self.params, self.num_sites, self.compression = int(params), int(num_sites), float(compression)
         self._secagg = None  # secure aggregation, as every training site runs it (`clinfed.fl.secagg`)
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -91,15 +104,38 @@ class StreamBenchExecutor(Executor):
         update = synthetic_update(site_index(site) or 0, self.params)
         start = time.monotonic()
         spool = streaming.Spool(spool_dir)
-        _, layout = compact_encrypt(ctx, {LAYER: update}, share, CompactSpec.from_json(spec), into=spool, mask=mask)
+        extra: dict = {}
+        if self.compression:
+            from clinfed.he.packing import layout_of
+            from clinfed.he.truncated import dense_compact_upload_bytes, truncated_encrypt
+
+            values = update[bench_indices(self.params, self.compression)].astype(np.float64)
+            del update
+            compact = CompactSpec.from_json(spec)
+            truncated_encrypt(ctx, values, share, compact, into=spool, mask=mask)
+            layout = layout_of({LAYER: values})
+            extra = {
+                payload.DIGEST_KEY: f"bench-{self.compression!r}",  # the same coordinates at every site
+                "compression": {
+                    "fraction": self.compression, "k": int(values.size), "k_nominal": int(values.size),
+                    "size": self.params, "format": "truncated", "ciphertexts": len(spool),
+                    "dense_ciphertexts": -(-(self.params + 1) // compact.params.values_per_ciphertext),
+                    "dense_upload_bytes": dense_compact_upload_bytes(self.params, compact.params),
+                },
+            }  # fmt: skip
+        else:
+            _, layout = compact_encrypt(ctx, {LAYER: update}, share, CompactSpec.from_json(spec), into=spool, mask=mask)
+            del update
         seconds = time.monotonic() - start
-        del update
         release_free_memory()
-        params = streaming.offer(
-            cell, payload.encrypted_params(spool, layout_to_json(layout), fingerprint, spec), ["server"], spool.close
-        )
-        metrics = {"encrypt_seconds": seconds, "upload_bytes": spool.nbytes, "peak_rss_mb": peak_rss_mb()}
-        meta = {"status": "ok", "weight": share, "bytes_sent": spool.nbytes, "metrics": metrics}
+        params = payload.encrypted_params(spool, layout_to_json(layout), fingerprint, spec)
+        nbytes = spool.nbytes
+        if streaming.worth_streaming(spool):
+            params = streaming.offer(cell, params, ["server"], spool.close)
+        else:  # a small compressed update rides in the reply, as the training executor sends it
+            params[payload.CKKS_KEY] = streaming.into_memory(spool)
+        metrics = {"encrypt_seconds": seconds, "upload_bytes": nbytes, "peak_rss_mb": peak_rss_mb()}
+        meta = {"status": "ok", "weight": share, "bytes_sent": nbytes, "metrics": metrics, **extra}
         return FLModelUtils.to_shareable(FLModel(params=params, meta=meta))
 
     def _check(self, site: str, ctx, cell, spool_dir: Path, incoming: FLModel, abort_signal: Signal) -> Shareable:
@@ -119,15 +155,22 @@ class StreamBenchExecutor(Executor):
             start = time.monotonic()
             spec = CompactSpec.from_json(str(params[payload.COMPACT_KEY]))
             correction = MaskedStream(self._secagg.correction(incoming.meta.get(SUM_KEY), ring_of(ctx)))
-            cts = compact_unmasked(ctx, params[payload.CKKS_KEY], correction)
-            got = compact_decrypt_average(ctx, cts, total, layout, spec)[LAYER]  # float32
+            if self.compression:
+                from clinfed.he.truncated import truncated_decrypt_average, truncated_unmasked
+
+                cts = truncated_unmasked(ctx, params[payload.CKKS_KEY], correction)
+                got = truncated_decrypt_average(ctx, cts, layout.size, total, spec)
+            else:
+                cts = compact_unmasked(ctx, params[payload.CKKS_KEY], correction)
+                got = compact_decrypt_average(ctx, cts, total, layout, spec)[LAYER]  # float32
             decrypt_seconds = time.monotonic() - start
             site_peak = peak_rss_mb()  # through encrypt, pull and decrypt; the check below is the bench's own
         finally:
             streaming.release(params)
-        want = np.zeros(self.params, dtype=np.float64)
+        idx = bench_indices(self.params, self.compression) if self.compression else slice(None)
+        want = np.zeros(got.size, dtype=np.float64)
         for i in range(self.num_sites):
-            want += synthetic_update(i, self.params)
+            want += synthetic_update(i, self.params)[idx]
         want /= self.num_sites
         error = float(np.max(np.abs(got.astype(np.float64) - want)) / np.max(np.abs(want)))
         metrics = {
@@ -146,8 +189,9 @@ def _sent(entry: dict) -> float:
     return float(entry.get("stream", {}).get("bytes", entry.get("bytes_sent", 0)))
 
 
-def run_stream_bench(params: int, sites: int, out: str | Path | None = None) -> dict:
-    """One round of a ``params``-value encrypted update from ``sites`` sites in FLARE's simulator."""
+def run_stream_bench(params: int, sites: int, out: str | Path | None = None, compression: float = 0.0) -> dict:
+    """One round of a ``params``-value encrypted update from ``sites`` sites in FLARE's simulator
+    (``compression`` F: only ⌈F·params⌉ values each, in the compressed wire format)."""
     import secrets
 
     from nvflare.job_config.api import FedJob
@@ -167,11 +211,12 @@ def run_stream_bench(params: int, sites: int, out: str | Path | None = None) -> 
             primary_metric="max_rel_error",
             submission=secrets.token_hex(8),
             value_bound=VALUE_BOUND,
+            compression=compression,
         ),
         id="controller",
     )
     job.to_clients(
-        StreamBenchExecutor(params, sites),
+        StreamBenchExecutor(params, sites, compression),
         id="executor",
         tasks=[payload.ADMIT_TASK, payload.TRAIN_TASK, payload.VALIDATE_TASK, REVEAL_TASK],
     )
@@ -204,6 +249,15 @@ def run_stream_bench(params: int, sites: int, out: str | Path | None = None) -> 
         "site_peak_rss_mb": float(max(m["peak_rss_mb"] for m in checks.values())),
         "model_mb": params * 4 / 2**20,
     }
+    if compression:
+        from clinfed.he.compact import COMPACT_PARAMS
+        from clinfed.he.truncated import dense_compact_upload_bytes
+
+        dense = dense_compact_upload_bytes(params, COMPACT_PARAMS)
+        result["compression"] = compression
+        result["k"] = int(summary["compression"]["k"]) if summary.get("compression") else None
+        result["dense_upload_bytes"] = dense
+        result["upload_bytes_ratio"] = float(np.mean([_sent(e) for e in ups.values()])) / dense
     (out / "stream_bench.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -220,4 +274,10 @@ def format_table(result: dict) -> str:
         f"  peak memory: server {r['server_peak_rss_mb'] or 0:.0f} MB, largest site {r['site_peak_rss_mb']:.0f} MB; "
         f"max rel. error {r['max_rel_error']:.1e}",
     ]
+    if r.get("compression"):
+        lines.insert(
+            -1,
+            f"  compression F = {r['compression']:g}: k = {r['k']:,} values, upload {r['upload_bytes_ratio']:.2%} "
+            f"of the dense compact upload ({r['dense_upload_bytes']:,} B)",
+        )
     return "\n".join(lines)

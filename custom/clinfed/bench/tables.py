@@ -73,7 +73,19 @@ def he_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"dp": dp_table, "he": he_table}
+def secagg_table(result: dict) -> str:
+    from clinfed.bench.secagg_bench import markdown_table
+
+    return markdown_table(result)
+
+
+def compression_table(result: dict) -> str:
+    from clinfed.bench.compression_bench import markdown_table
+
+    return markdown_table(result)
+
+
+TABLES = {"dp": dp_table, "he": he_table, "secagg": secagg_table, "compression": compression_table}
 
 
 def render(text: str, root: Path) -> str:

@@ -177,6 +177,16 @@ class CompressedSite:
         self._sent = _Sent(round_num, idx, values.copy())
         return values, index_digest(self.key, round_num, idx)
 
+    def hold_back(self, excess: np.ndarray) -> None:
+        """Take ``excess`` (at this round's sent coordinates) off what was sent and keep it in the error
+        feedback: the part of a value past the job's public bound, sent in a later round instead."""
+        sent = self._sent
+        if sent is None or self.feedback is None:
+            raise ValueError(f"{self.site}: nothing sent this round to hold back from")
+        excess = np.asarray(excess, dtype=np.float64).reshape(-1)
+        self.feedback.residual[sent.indices] += excess
+        sent.values -= excess
+
     def settle(self, sum_round: int, contributors: list[str] | tuple[str, ...]) -> None:
         """Give back to the error feedback what this site sent if the latest sum does not hold it."""
         sent = self._sent

@@ -55,6 +55,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from clinfed.audit import AuditLog
 from clinfed.fl import checkpoint, payload, streaming
 from clinfed.fl.participant import participant_root, server_context
+from clinfed.fl.roc_validation import ROC_TASK, federated_roc
 from clinfed.fl.secagg import (
     HELLO_KEY,
     REMASK_TASK,
@@ -110,7 +111,9 @@ class SecureFedAvg(ModelController):
             he_format: "compact" (dense updates on the grid tied to the sites' DP noise, ~1.9 B/param
                 for large models, `CompactSpec.for_noise`; without DP noise, the fixed grid),
                 "compact-fixed" (the fixed grid, ~3.75 B/param) or "real" (the real-valued CKKS path,
-                16 B/param). Compressed updates always use "real".
+                16 B/param). Compressed updates follow it: either compact format sends them in
+                `clinfed.he.truncated` on the fixed grid (3.75 B per value sent), "real" one real-valued
+                ciphertext.
             value_bound: the public bound on |model value| of the fixed grid: values beyond it are
                 clipped at the site; the quantum is value_bound / 2^20.
         """
@@ -147,6 +150,10 @@ class SecureFedAvg(ModelController):
         from clinfed.he.packing import layout_from_json
 
         layout = layout_from_json(layout_json) if layout_json else None
+        if self._spec is not None and self.compression:  # k values in c0's first coefficients
+            from clinfed.he.truncated import TruncatedSum
+
+            return TruncatedSum(self.ctx, self._spec, self.fingerprint, size=layout.size if layout else None)
         if self._spec is not None:
             from clinfed.he.compact import CompactSum
 
@@ -324,8 +331,10 @@ class SecureFedAvg(ModelController):
         """What summary.json says of the compressed updates (k, model size, ciphertexts per upload)."""
         info = meta.get("compression")
         if self.compression and isinstance(info, dict) and not self._compression:
-            keys = ("k", "k_nominal", "size", "ciphertexts", "dense_ciphertexts")
+            keys = ("k", "k_nominal", "size", "ciphertexts", "dense_ciphertexts", "dense_upload_bytes")
             self._compression = {k: int(info[k]) for k in keys if isinstance(info.get(k), int | float)}
+            if info.get("format") in ("truncated", "real"):
+                self._compression["format"] = info["format"]
 
     def _accept(self, acc, site: str, params: dict, meta: dict) -> None:
         weight = float(meta.get("weight", 0.0) or 0.0)
@@ -474,6 +483,7 @@ class SecureFedAvg(ModelController):
                     self._completed += 1
                 self._save_state(round_num + 1)
         final = self._final_validation(sorted(self._sites))
+        roc = self._pooled_roc(sorted(final["per_site"]))
         self._replace_global(None)  # the last stream ends, its spool goes
         self.audit.append("job_end", job=self.job, rounds_completed=self._completed)
         summary = training_summary(
@@ -487,7 +497,7 @@ class SecureFedAvg(ModelController):
             admission=self._admission,
             resumed_at=start,
             submission=self._submission,
-            extra={**self.extra_summary, "he_format": self._format_block()},
+            extra={**self.extra_summary, "he_format": self._format_block(), "roc": roc},
             compression=compression_block(self.compression, self._compression, self._rounds),
         )
         path = write_summary(self.get_run_dir(), summary)
@@ -499,11 +509,10 @@ class SecureFedAvg(ModelController):
         """The job's CompactSpec (None: the real-valued path): pooled over the admitted sites, whose
         weights (sample counts, public as in FLARE's FedAvg) sum to the shares' denominator. "compact"
         ties the grid to the smallest update noise std the admitted sites state (the finest grid any
-        site's noise asks for, `CompactSpec.for_noise`); with no DP noise at some site, or with
-        "compact-fixed", it is the fixed grid on the public `value_bound`."""
-        if not (
-            self.encrypted and self.he_format in ("compact", "compact-fixed") and not self.compression and admitted
-        ):
+        site's noise asks for, `CompactSpec.for_noise`); with no DP noise at some site, with
+        "compact-fixed", or for compressed updates (`clinfed.he.truncated`), it is the fixed grid on the
+        public `value_bound`."""
+        if not (self.encrypted and self.he_format in ("compact", "compact-fixed") and admitted):
             return None
         from clinfed.he.compact import GRID_RANGE_STD, CompactSpec
 
@@ -511,7 +520,8 @@ class SecureFedAvg(ModelController):
         self._admitted_weight = float(sum(w for w in weights if isinstance(w, int | float) and w > 0))
         sites = max(len(admitted), MIN_CONTRIBUTORS)
         noise = [self._admission.get(s, {}).get("update_noise_std") for s in admitted]
-        if self.he_format == "compact" and all(isinstance(n, int | float) and 0 < n < math.inf for n in noise):
+        tied = self.he_format == "compact" and not self.compression  # truncated updates keep the fixed grid
+        if tied and all(isinstance(n, int | float) and 0 < n < math.inf for n in noise):
             try:
                 # the finest noise sets δ; the range must still hold ±8σ of the noisiest site's change
                 return CompactSpec.for_noise(min(noise), sites, range_std=GRID_RANGE_STD * max(noise) / min(noise))
@@ -531,8 +541,10 @@ class SecureFedAvg(ModelController):
             from clinfed.he.packing import layout_from_json
 
             size = layout_from_json(self._layout).size
+        if self.compression:  # the layout is the k values sent; bytes are per parameter of the model
+            size = int(self._compression.get("size") or 0)
         block = {
-            "format": "compact",
+            "format": "truncated" if self.compression else "compact",
             "grid": "noise" if self._spec.stochastic else "fixed",
             "value_bound": self._spec.value_bound,
             "max_sites": self._spec.max_sites,
@@ -654,6 +666,25 @@ class SecureFedAvg(ModelController):
             metrics = {k: float(np.nanmean([m[k] for m in per_site.values()])) for k in sorted(keys)}
         return {"metrics": metrics, "per_site": per_site, "primary_metric": self.primary_metric}
 
+    def _pooled_roc(self, validated: list[str]) -> dict:
+        """summary.json's `roc`: the final model's ROC over the held-out patients of the sites that
+        validated it, from their encrypted score histograms (`clinfed.fl.roc_validation`)."""
+        if not self.encrypted:
+            return {"status": "skipped", "reason": "a plaintext job releases no pooled ROC (the server would see "
+                    "each site's score histogram)"}  # fmt: skip
+
+        def ask(params: dict, meta: dict, targets: list[str], everyone: bool) -> list[FLModel]:
+            model = self._stamped(FLModel(params=params, meta=meta, current_round=self.num_rounds))
+            results = self._collect(ROC_TASK, model, targets, wait_for_all=everyone)
+            for result in results:  # every reply's audit-chain head, as for every other task
+                site = result_site(result)
+                payload.record_anchor(self.audit, result.meta, job=self.job, round_num=self.num_rounds, peer=site)
+            return results
+
+        roc = federated_roc(ask, self._roster, self.ctx, self.fingerprint, self.num_rounds, validated, log=self.info)
+        self.audit.append("roc", job=self.job, status=roc.get("status"), reason=roc.get("reason", ""))
+        return roc
+
 
 def layout_json(params: dict) -> str | None:
     """Canonical layout (names, shapes, dtypes) of an update, encrypted or not; None if unreadable."""
@@ -681,4 +712,6 @@ def compression_block(fraction: float, info: dict, rounds: list[dict]) -> dict |
     block["bytes_per_site_round"] = int(mean_bytes_sent(rounds) or 0)
     if info.get("ciphertexts") and info.get("dense_ciphertexts"):
         block["ciphertext_fraction"] = info["ciphertexts"] / info["dense_ciphertexts"]
+    if info.get("dense_upload_bytes"):
+        block["bytes_fraction"] = block["bytes_per_site_round"] / info["dense_upload_bytes"]
     return block

@@ -27,7 +27,8 @@ std its DP-SGD puts in one round's change (`SiteTrainer.update_noise_std`), whic
 With `compression` (a fraction F of the coordinates, `clinfed.fl.compression`) the site sends its
 model *change* at the round's shared coordinates only, keeps the rest in its error feedback, and
 holds the global model itself: the server's sum is one round's k values, which each site decrypts and
-adds to its own copy (`CompressedSite`).
+adds to its own copy (`CompressedSite`). On a compact job the k values ride the compact key and grid
+in `clinfed.he.truncated` (3.75 B per value sent, exact integers, no flooding).
 
 Every encrypted upload is masked for secure aggregation (`clinfed.fl.secagg`): the site signs a fresh
 X25519 key at admission, masks each round's upload for the member set the task names, keeps the
@@ -55,13 +56,15 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from clinfed import faults
 from clinfed.audit import AuditLog
 from clinfed.errors import SiteRefusal
-from clinfed.fl import payload, streaming
+from clinfed.fl import faults, payload, streaming
 from clinfed.fl.compression import LAYER, CompressedSite
 from clinfed.fl.participant import SitePolicy, participant_root, site_context, site_index
+from clinfed.fl.roc_validation import ROC_TASK, RocParty, held_out_scores, write_scores
+from clinfed.fl.roc_validation import state_path as roc_state
 from clinfed.fl.secagg import HELLO_KEY, REMASK_TASK, REVEAL_TASK, SECAGG_KEY, SUM_KEY, SiteSecAgg, load_site
+from clinfed.fl.secagg import state_path as secagg_state
 from clinfed.he.aggregation import TooFewContributors
 from clinfed.privacy.ledger import BudgetExceeded, site_ledger
 from clinfed.sysinfo import current_rss_mb, limit_malloc_arenas, release_free_memory
@@ -70,7 +73,7 @@ from clinfed.textio import one_line, safe_job_label
 from clinfed.training import DPConfig, SiteTrainer, TrainConfig
 
 ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK = payload.ADMIT_TASK, payload.TRAIN_TASK, payload.VALIDATE_TASK
-SITE_TASKS = (ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK, REMASK_TASK, REVEAL_TASK)  # what a training site answers
+SITE_TASKS = (ADMIT_TASK, TRAIN_TASK, VALIDATE_TASK, REMASK_TASK, REVEAL_TASK, ROC_TASK)  # what a training site answers
 AUDIT_HEAD_KEY = payload.AUDIT_HEAD_KEY
 
 
@@ -211,13 +214,13 @@ class DPTrainExecutor(Executor):
         fraction = self.compression
         if not (isinstance(fraction, int | float) and 0 < fraction <= 1):
             raise SiteRefusal(f"{self.site}: job setting compression={fraction!r} is not a fraction in (0, 1]; refused")
-        key, slots = self.run_key, None
+        key, self._slots = self.run_key, None
         if self._ctx is not None:
             from clinfed.he.ckks import slot_count
             from clinfed.he.context import site_secret
 
-            key, slots = site_secret(self._ctx, f"compression|{self.run_key}").hex(), slot_count(self._ctx)
-        return CompressedSite(key, float(fraction), self.site, slots=slots)
+            key, self._slots = site_secret(self._ctx, f"compression|{self.run_key}").hex(), slot_count(self._ctx)
+        return CompressedSite(key, float(fraction), self.site, slots=self._slots)
 
     def _admit(self) -> dict:
         """Accept or refuse the whole job once: its planned spend against what is left of the budget."""
@@ -314,7 +317,7 @@ class DPTrainExecutor(Executor):
                 f"{fingerprint[:12]}…, this site's {self._fingerprint[:12]}…); refusing it"
             )
 
-    def _unmasked(self, params: dict, meta: dict, before_round: int) -> object:
+    def _unmasked(self, params: dict, meta: dict, before_round: int, truncated: bool = False) -> object:
         """The sum's ciphertexts with the members' self-masks removed as they are read, after checking
         every member's signed reveal for exactly this sum (`SiteSecAgg.correction`)."""
         from clinfed.he.masking import MaskedStream, ring_of
@@ -327,6 +330,10 @@ class DPTrainExecutor(Executor):
                 f"{self.site}: the server sent round {info['round']}'s sum as the model of round {before_round}"
             )
         cts = params[payload.CKKS_KEY]
+        if truncated:  # a compressed sum on the compact key (he.truncated)
+            from clinfed.he.truncated import truncated_unmasked
+
+            return truncated_unmasked(self._ctx, cts, correction)
         if params.get(payload.COMPACT_KEY):
             from clinfed.he.compact import compact_unmasked
 
@@ -401,7 +408,8 @@ class DPTrainExecutor(Executor):
         from clinfed.he.packing import layout_from_json
 
         before = int(meta.get(payload.SUM_ROUND_KEY, -1)) + 1
-        params = {**params, payload.CKKS_KEY: self._unmasked(params, meta, before)}
+        truncated = bool(params.get(payload.COMPACT_KEY))
+        params = {**params, payload.CKKS_KEY: self._unmasked(params, meta, before, truncated)}
 
         total = float(meta.get("total_weight", 0.0))
         if not (math.isfinite(total) and total > 0):
@@ -409,6 +417,12 @@ class DPTrainExecutor(Executor):
         layout = layout_from_json(params[payload.LAYOUT_KEY])
         if LAYER not in layout.names:
             raise ValueError(f"{self.site}: expected a compressed global update, got layers {list(layout.names)[:3]}")
+        if truncated:  # exact integers on the job's grid: identical at every site, no flooding needed
+            from clinfed.he.truncated import truncated_decrypt_average
+
+            spec = self._compact_spec(str(params[payload.COMPACT_KEY]))
+            average = truncated_decrypt_average(self._ctx, params[payload.CKKS_KEY], layout.size, total, spec)
+            return average, average
         vec, _ = decrypt_sum_exact(self._ctx, params[payload.CKKS_KEY], layout)  # refuses < 3 contributors
         start, stop = layout.offsets()[LAYER]
         exact = vec[start:stop]
@@ -434,12 +448,23 @@ class DPTrainExecutor(Executor):
         if self._compressed is not None:
             from clinfed.he.packing import flatten
 
+            # compact jobs send exactly ⌈F·P⌉ values (he.truncated: bytes grow with k); the real-valued
+            # path fills its last ciphertext, whose slots cost the same bytes used or not
+            self._compressed.slots = None if self._wire is not None else getattr(self, "_slots", None)
             values, digest = self._compressed.encode(round_num, flatten(weights)[0])
+            if self._wire is not None:  # the job's public bound; the excess waits in the error feedback
+                bound = self._compact_spec(self._wire[0]).value_bound
+                clipped = np.clip(values, -bound, bound)
+                if not np.array_equal(clipped, values):
+                    self._compressed.hold_back(values - clipped)
+                    over = int(np.count_nonzero(clipped != values))
+                    self.audit.append("update_clipped", job=self.job, round=round_num, values=over, bound=bound)
+                    values = clipped
             weights = {LAYER: values}
             extra[payload.DIGEST_KEY] = digest
             extra["compression"] = {
                 "fraction": self._compressed.fraction,
-                "k": int(values.size),  # ⌈F·P⌉ rounded up to fill the last ciphertext
+                "k": int(values.size),  # ⌈F·P⌉ (real-valued path: rounded up to fill the last ciphertext)
                 "k_nominal": math.ceil(self._compressed.fraction * self._compressed.size),
                 "size": self._compressed.size,
             }
@@ -450,6 +475,8 @@ class DPTrainExecutor(Executor):
             return weights, float(n_train), extra
         if self._compressed is None and self._wire is not None:
             return self._encode_compact(weights, n_train, round_num)
+        if self._wire is not None:
+            return self._encode_truncated(weights, n_train, round_num, extra)
         from clinfed.he.aggregation import weighted_encrypt
         from clinfed.he.ckks import expected_ciphertext_count
         from clinfed.he.packing import layout_to_json
@@ -461,6 +488,7 @@ class DPTrainExecutor(Executor):
             self._ctx, weights, weight, sites=self.num_sites, into=spool, mask=self._mask(round_num)
         )
         if "compression" in extra:  # +1: the contributor count travels in every upload
+            extra["compression"]["format"] = "real"
             extra["compression"]["ciphertexts"] = len(cts)
             extra["compression"]["dense_ciphertexts"] = expected_ciphertext_count(self._ctx, self._compressed.size + 1)
         return payload.encrypted_params(cts, layout_to_json(layout), self._fingerprint), weight, extra
@@ -474,13 +502,8 @@ class DPTrainExecutor(Executor):
             return None
         return MaskedStream(self._secagg.mask(round_num, "train", self._members, ring_of(self._ctx)))
 
-    def _encode_compact(self, weights: dict[str, np.ndarray], n_train: int, round_num: int) -> tuple[dict, float, dict]:
-        """The dense update in the compact format: the site's share of the admitted total weight,
-        values clipped to the job's public bound, encrypted straight into this round's spool. On the
-        noise-tied grid the update is the change from the round's global model (`_keep_base`)."""
-        from clinfed.he.compact import clamp_update, compact_encrypt
-        from clinfed.he.packing import layout_to_json
-
+    def _share(self, n_train: int) -> tuple[str, object, float]:
+        """(the job's spec JSON, the spec, this site's share of the admitted total weight)."""
         spec_json, admitted = self._wire
         spec = self._compact_spec(spec_json)
         own = n_train / self.weight_unit
@@ -489,7 +512,37 @@ class DPTrainExecutor(Executor):
                 f"{self.site}: the server's admitted weight total {admitted!r} is below this site's own weight "
                 f"{own:g}; refusing to encrypt a share above the whole (it would overflow the sum)"
             )
-        share = min(own / admitted, 1.0)
+        return spec_json, spec, min(own / admitted, 1.0)
+
+    def _encode_truncated(self, weights: dict, n_train: int, round_num: int, extra: dict) -> tuple[dict, float, dict]:
+        """The compressed update on the compact key and grid (`clinfed.he.truncated`): the k values,
+        times this site's share, in the first ⌈(k+1)/2⌉ coefficients of c0."""
+        from clinfed.he.packing import layout_of, layout_to_json
+        from clinfed.he.truncated import dense_compact_upload_bytes, truncated_encrypt
+
+        spec_json, spec, share = self._share(n_train)
+        clipped = np.asarray(weights[LAYER], dtype=np.float64)  # within the bound: see _compress
+        spool = streaming.Spool(self._spool_dir()) if self._cell is not None else None
+        cts = truncated_encrypt(self._ctx, clipped, share, spec, into=spool, mask=self._mask(round_num))
+        if "compression" in extra:
+            size = self._compressed.size
+            extra["compression"].update(
+                format="truncated",
+                ciphertexts=len(cts),
+                dense_ciphertexts=-(-(size + 1) // spec.params.values_per_ciphertext),
+                dense_upload_bytes=dense_compact_upload_bytes(size, spec.params),
+            )
+        layout = layout_to_json(layout_of({LAYER: clipped}))
+        return payload.encrypted_params(cts, layout, self._fingerprint, spec_json), share, extra
+
+    def _encode_compact(self, weights: dict[str, np.ndarray], n_train: int, round_num: int) -> tuple[dict, float, dict]:
+        """The dense update in the compact format: the site's share of the admitted total weight,
+        values clipped to the job's public bound, encrypted straight into this round's spool. On the
+        noise-tied grid the update is the change from the round's global model (`_keep_base`)."""
+        from clinfed.he.compact import clamp_update, compact_encrypt
+        from clinfed.he.packing import layout_to_json
+
+        spec_json, spec, share = self._share(n_train)
         if spec.stochastic:
             base = self._base_for(round_num)
             weights = {k: np.subtract(v, base[k], dtype=np.float32) for k, v in weights.items()}
@@ -514,6 +567,8 @@ class DPTrainExecutor(Executor):
             if task_name == ADMIT_TASK:
                 payload.check_own_anchor(self.audit, incoming.meta, site)  # a rolled-back folder refuses (issue 23)
                 return self._reply(FLModel(params={}, meta=dict(self._admit())))
+            if task_name == ROC_TASK:  # the pooled ROC of the model validate scored (fl.roc_validation)
+                return self._reply(self._roc().handle(incoming.meta or {}, incoming.params or {}))
             if self._secagg is not None:
                 done = self._secure_aggregation_step(task_name, incoming.meta or {}, round_num)
                 if done is not None:
@@ -532,6 +587,10 @@ class DPTrainExecutor(Executor):
                 streaming.release(incoming.params)
             if task_name == VALIDATE_TASK:
                 metrics = self.policy.release_metrics(self._trainer.evaluate())
+                try:
+                    self._keep_roc()
+                except Exception as exc:  # the pooled ROC is then skipped for this site, never the validation
+                    self.log_warning(fl_ctx, f"{site}: held-out scores for the ROC not kept: {one_line(exc)}")
                 try:
                     self._save_report()
                 except Exception as exc:  # a figure must never turn a good validation into a failure
@@ -728,6 +787,29 @@ class DPTrainExecutor(Executor):
                 "accepted; refusing"
             )
         trained.add(round_num)
+
+    def _roc(self) -> RocParty:
+        """This site's part in the pooled ROC (encrypted jobs only: plaintext histograms would reach the server)."""
+        if self._secagg is None:
+            raise SiteRefusal(f"{self.site}: a pooled ROC needs an encrypted job; this one runs in plaintext")
+        party = self.__dict__.get("_roc_party")
+        if party is None:
+            party = self._roc_party = RocParty(
+                self.site, self._ctx, self._fingerprint, self._secagg, self.policy.min_cell, self.policy.min_sites,
+                audit=self.audit, job=self.job, state_file=roc_state(secagg_state(self.root, self.run_key)),
+            )  # fmt: skip
+        return party
+
+    def _keep_roc(self) -> None:
+        """The validated model's held-out scores: their histogram for the ROC sum, the scores themselves
+        into the site's own reports/ folder (they never leave it)."""
+        trainer = self._trainer
+        trainer.model.eval()
+        scored = held_out_scores(trainer.task, trainer.network, trainer.data.test)
+        if self._secagg is not None:
+            self._roc().keep(scored, self.task)
+        if scored is not None:
+            write_scores(self.root / "reports" / f"{self.job}-{self.site}-heldout-scores.csv", *scored)
 
     def _save_report(self) -> None:
         """Tasks that can draw (segmentation) leave example predictions in the site's own reports/ folder:

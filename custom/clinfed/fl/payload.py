@@ -18,7 +18,8 @@ in `params["compact_spec"]`, and the server's sum carries it back.
 Plaintext (`--no-encrypt`, for comparison) is ordinary FedAvg: params are the arrays themselves.
 
 Compressed (`--compression F`, `clinfed.fl.compression`), the update is one layer of k = ⌈F·P⌉ values
-(the same coordinates at every site) and meta carries the keyed digest of those coordinates
+(the same coordinates at every site; on a compact job in `clinfed.he.truncated`'s ciphertexts, with
+the job's spec in `params["compact_spec"]`) and meta carries the keyed digest of those coordinates
 (`index_digest`); the sum the server sends back is tagged with the round it holds (`sum_round`), the
 round it follows (`after_round`) and whose updates it holds (`contributors`), so each site can add it
 to its own copy of the model exactly once and take back what the sum does not hold.

@@ -43,7 +43,7 @@ class SecureFedAvgRecipe(Recipe):
         resume point by, so only a resubmission of this very job folder (after a server restart) resumes
         it; a new export of the same job starts at round 0 with a fresh run key.
 
-        There is no fault-injection argument: faults are a simulator-only switch (`clinfed.faults`).
+        There is no fault-injection argument: faults are a simulator-only switch (`clinfed.fl.faults`).
         `compression` F in (0, 1] sends only F of each update's coordinates (`clinfed.fl.compression`).
         `he_format` "compact" (default) sends dense encrypted updates as integers on a grid tied to the
         sites' DP noise (each site's change from the global model, `CompactSpec.for_noise`, ~1.9 B/param

@@ -415,11 +415,13 @@ def state_path(root: Path, run: str) -> Path:
 
 def prune_states(folder: Path, keep: Path, older_than_s: float = STATE_TTL_S) -> None:
     """Remove other runs' state files not touched for ``older_than_s`` (a run's X25519 key has no use
-    once the run is over; keeping it only widens what a stolen disk gives away)."""
+    once the run is over; keeping it only widens what a stolen disk gives away), and the files kept
+    beside them under the same name (a run's ROC histogram, ``<name>.roc.npy``)."""
     now = time.time()
-    for path in folder.glob("*.json"):
+    mine = keep.name.split(".")[0]
+    for path in folder.glob("*"):
         with contextlib.suppress(OSError):
-            if path != keep and now - path.stat().st_mtime > older_than_s:
+            if path.is_file() and path.name.split(".")[0] != mine and now - path.stat().st_mtime > older_than_s:
                 path.unlink()
 
 

@@ -229,8 +229,8 @@ def is_streamed(params: dict | None) -> bool:
 def offered_ciphertexts(params: dict) -> str | None:
     """Why the stream ``params`` refer to must not leave (None when it may): the site's privacy filter
     cannot see inside a stream the server will pull later, so it checks here that the reference is
-    one `offer` made in this process and that every item it serves is a SEAL-serialised object or a
-    compact-format upload (`he.compact`)."""
+    one `offer` made in this process and that every item it serves is a SEAL-serialised object, a
+    compact-format upload (`he.compact`) or a compressed one (`he.truncated`)."""
     ref = (params.get(STREAM_KEY) or {}).get("ref")
     source = _offered.get(str(ref)) if ref else None
     if source is None:
@@ -239,10 +239,11 @@ def offered_ciphertexts(params: dict) -> str | None:
     if cts is None:
         return "refers to a stream already released"
     from clinfed.he.compact import UPLOAD_HEAD, is_compact_upload
+    from clinfed.he.truncated import is_truncated_upload
 
     for i in range(len(cts)):
         head = cts.head(i, len(UPLOAD_HEAD)) if isinstance(cts, Spool) else bytes(cts[i][: len(UPLOAD_HEAD)])
-        if not (head.startswith(SEAL_MAGIC) or is_compact_upload(head)):
+        if not (head.startswith(SEAL_MAGIC) or is_compact_upload(head) or is_truncated_upload(head)):
             return f"streams item {i + 1} of {len(cts)}, which is not a SEAL or compact-format ciphertext"
     return None
 

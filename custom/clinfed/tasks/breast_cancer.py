@@ -67,6 +67,12 @@ class BreastCancerTask(Task):
     def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return nn.functional.binary_cross_entropy_with_logits(output, target, reduction="none")
 
+    def scores(self, model: nn.Module, test: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """(P(malignant), label) of every held-out patient: what the pooled ROC bins (fl.roc_validation)."""
+        x, y = test.tensors  # type: ignore[attr-defined]
+        with torch.no_grad():
+            return torch.sigmoid(model(x)).numpy().ravel(), y.numpy().ravel().astype(int)
+
     def evaluate(self, model: nn.Module, test: Dataset) -> dict[str, float]:
         x, y = test.tensors  # type: ignore[attr-defined]
         logits = model(x)

@@ -85,7 +85,28 @@ def compression_table(result: dict) -> str:
     return markdown_table(result)
 
 
-TABLES = {"dp": dp_table, "he": he_table, "secagg": secagg_table, "compression": compression_table}
+def grid_table(result: dict) -> str:
+    """The noise-tied grid against the fixed grid, per job (`scripts/grid_utility.py`)."""
+    lines = [
+        "| job | settings | format | grid | fields | quantum | clamped | upload B/param | metric |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for job, entry in result.items():
+        settings = ", ".join(f"{k} {v}" for k, v in {"sites": entry.get("sites"), "rounds": entry.get("rounds")}.items()
+                             if v is not None)  # fmt: skip
+        rest = [f"{k} {v}" for k, v in (entry.get("settings") or {}).items()] or ["job defaults"]
+        settings = ", ".join(filter(None, [settings, *rest]))
+        for fmt, row in entry["formats"].items():
+            he = row.get("he_format") or {}
+            lines.append(
+                f"| {job} | {settings or 'defaults'} | {fmt} | {he.get('grid', '?')} | {he.get('fields', '?')} | "
+                f"{he.get('quantum', math.nan):.2e} | {he.get('clamped_values', '–')} | "
+                f"{he.get('upload_bytes_per_param') or math.nan:.2f} | {row['metric']} {row['value']:.4f} |"
+            )
+    return "\n".join(lines)
+
+
+TABLES = {"dp": dp_table, "he": he_table, "grid": grid_table, "secagg": secagg_table, "compression": compression_table}
 
 
 def render(text: str, root: Path) -> str:

@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--extra", default="{}", help="job settings as JSON (the simulator's extra)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/clinfed-grid-utility"))
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "grid.json")
+    parser.add_argument("--label", default=None, help="the row's key in the JSON (default: the job)")
     args = parser.parse_args()
     extra = json.loads(args.extra)
     rows = {}
@@ -52,7 +53,8 @@ def main() -> int:
         }
         print(fmt, json.dumps(rows[fmt]), flush=True)
     doc = json.loads(args.json.read_text()) if args.json.exists() else {}
-    doc[args.job] = {"sites": args.sites, "rounds": args.rounds, "settings": extra, "formats": rows}
+    entry = {"job": args.job, "sites": args.sites, "rounds": args.rounds, "settings": extra, "formats": rows}
+    doc[args.label or args.job] = entry
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return subprocess.call([sys.executable, str(ROOT / "scripts" / "bench_tables.py")])
 

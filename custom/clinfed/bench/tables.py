@@ -99,7 +99,8 @@ def grid_table(result: dict) -> str:
         for fmt, row in entry["formats"].items():
             he = row.get("he_format") or {}
             lines.append(
-                f"| {job} | {settings or 'defaults'} | {fmt} | {he.get('grid', '?')} | {he.get('fields', '?')} | "
+                f"| {entry.get('job', job)} | {settings or 'defaults'} | {fmt} | {he.get('grid', '?')} | "
+                f"{he.get('fields', '?')} | "
                 f"{he.get('quantum', math.nan):.2e} | {he.get('clamped_values', '–')} | "
                 f"{he.get('upload_bytes_per_param') or math.nan:.2f} | {row['metric']} {row['value']:.4f} |"
             )

@@ -224,7 +224,9 @@ class CompactSpec:
     δ = value_bound / M, M = ⌊(2^(field_bits−1) − 1) / max_sites⌋. ``pooled`` (the training jobs),
     each site sends its share s ≤ 1 of the round's total weight (Σ s ≤ 1) times values
     |x| ≤ ``value_bound``, so the bound holds for the whole sum and δ = value_bound / M with
-    M = 2^(field_bits−1) − 1 − ⌈max_sites / 2⌉ (each site's rounding may add ½).
+    M = 2^(field_bits−1) − 1 − ⌈max_sites / 2⌉ (each site's rounding may add ½). ``stochastic`` (the
+    noise-tied grid, :meth:`for_noise`): values are rounded up or down at random, unbiased, so each
+    site's rounding may add < 1 and M = 2^(field_bits−1) − 1 − max_sites.
     """
 
     value_bound: float

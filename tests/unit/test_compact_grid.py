@@ -156,3 +156,26 @@ def test_the_fixed_grid_is_untouched():
     spec = CompactSpec(1.0, 20, pooled=True)
     assert not spec.stochastic and spec.per_site_limit == 2**20 - 1 - 10
     assert spec.sum_error_bound(20) == pytest.approx(10 * spec.quantum)
+
+
+@pytest.mark.parametrize(("optimizer", "lr", "momentum"), [("sgd", 0.5, 0.0), ("sgd", 0.1, 0.9), ("adam", 0.01, 0.0)])
+def test_the_noise_a_site_states_is_the_noise_dp_sgd_puts_in_its_round_change(optimizer, lr, momentum):
+    """Two runs of one round from the same model differ by two independent draws of the DP noise (and of
+    the Poisson batches): their difference's std / √2 is what `update_noise_std` states, within 30 %."""
+    from clinfed.tasks import build_task
+    from clinfed.training import DPConfig, SiteTrainer, TrainConfig
+
+    def trainer(dp: bool = True) -> SiteTrainer:
+        task = build_task("breast_cancer", hidden=16)
+        config = TrainConfig(rounds=2, batch_size=32, lr=lr, optimizer=optimizer, momentum=momentum)
+        return SiteTrainer(task, task.load_site_data("site-1", 0, 3, None), config, DPConfig(enabled=dp))
+
+    a, b = trainer(), trainer()
+    start = a.get_weights()
+    changes = []
+    for t in (a, b):
+        t.train_round()
+        changes.append(np.concatenate([(t.get_weights()[k] - start[k]).ravel() for k in sorted(start)]))
+    measured = float(np.std(changes[0] - changes[1])) / np.sqrt(2)
+    assert 0.8 * a.update_noise_std() <= measured <= 1.3 * a.update_noise_std()
+    assert trainer(dp=False).update_noise_std() == 0.0  # no DP noise: the job keeps the fixed grid

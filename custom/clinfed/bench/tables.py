@@ -63,7 +63,23 @@ def he_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"dp": dp_table, "he": he_table}
+def baselines_table(result: dict) -> str:
+    from clinfed.bench.baselines import hard_n_train, markdown_table
+
+    setup = result.get("setup", {})
+    sizes = ", ".join(
+        f"{dim.upper()} {entry['n_train'] or hard_n_train(entry['job'])} training samples per site"
+        for dim, entry in result.get("dims", {}).items()
+    )
+    return (
+        markdown_table(result)
+        + f"\n\n{setup.get('sites', '?')} sites, `--difficulty hard`, {sizes}; one torch thread, "
+        f"{setup.get('cpu_cores', '?')} cores, load average {setup.get('load_average', math.nan):.1f} at the end. "
+        f"{setup.get('federation', '')}."
+    )
+
+
+TABLES = {"dp": dp_table, "he": he_table, "baselines": baselines_table}
 
 
 def render(text: str, root: Path) -> str:

@@ -1,0 +1,253 @@
+"""Honest non-private baselines for the `hard` imaging task (issue 25, item 4).
+
+The DP table compared DP-SGD, whose settings (Adam lr 0.03, per-sample clip 0.1) were tuned for it,
+against a non-private run with the same optimiser and no tuning at all. That says nothing about what
+DP costs. Here the non-private run gets the same care: a small sweep of learning rate, local epochs
+and gradient clipping *without noise* (`TrainConfig.clip_norm`), chosen on seed 0 only, and then the
+best non-private setting and the DP run (the job's defaults, ε = 8) are each trained on seeds 1-3,
+which none of the choices saw. A seed fixes the sites' synthetic data and the initial weights
+(`--seed`); DP noise and batch order always come from OS entropy (`clinfed.training`).
+
+Each run is the job's own configuration (`make_recipe(...).executor`: task, data, optimiser, DP
+settings) trained by the sites' own `SiteTrainer`, federated by plain FedAvg (weights by training
+samples, as the server's) inside one process, and scored as the server's final validation scores
+(every site's held-out Dice of the last global model, averaged). FLARE and encryption are left out
+for speed: neither changes the model (docs/benchmarks.md: Dice and ε identical with and without
+`--no-encrypt`), and `clinfed simulate JOB --difficulty hard --seed S --lr X --clip C --no-dp`
+runs any row of the table through the simulator.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+#: the two imaging jobs, by dimension
+JOBS = {"2d": "segmentation_dp", "3d": "segmentation3d_dp"}
+#: the sweep (non-private, seed 0): learning rate × batch-gradient clip (None: none) × local epochs
+LRS: tuple[float, ...] = (0.01, 0.03, 0.1)
+CLIPS: tuple[float | None, ...] = (None, 0.1, 1.0)
+EPOCHS: tuple[int, ...] = (1, 2)
+SWEEP_SEED = 0
+SEEDS: tuple[int, ...] = (1, 2, 3)
+EPSILON = 8.0
+
+
+def sweep_grid(
+    lrs: Sequence[float] = LRS, clips: Sequence[float | None] = CLIPS, epochs: Sequence[int] = EPOCHS
+) -> list[dict]:
+    """Every non-private setting of the sweep, as keyword arguments of `federated_run`."""
+    return [
+        {"lr": float(lr), "clip": None if clip is None else float(clip), "local_epochs": int(e)}
+        for lr, clip, e in itertools.product(lrs, clips, epochs)
+    ]
+
+
+def federated_run(
+    job: str,
+    seed: int,
+    epsilon: float | None,
+    lr: float | None = None,
+    clip: float | None = None,
+    local_epochs: int = 1,
+    sites: int = 3,
+    rounds: int | None = None,
+    n_train: int | None = None,
+) -> dict:
+    """One `--difficulty hard` run of `job`: `rounds` of FedAvg over `sites` sites; the final Dice.
+
+    `epsilon` None trains without DP (`clip`: the batch gradient's norm); otherwise DP-SGD at that
+    target ε (`clip`: the per-sample norm; None: the job's). `lr` None: the job's.
+    """
+    from clinfed.jobs import load_job
+    from clinfed.tasks import build_task
+    from clinfed.training import DPConfig, SiteTrainer, TrainConfig
+
+    module = load_job(job)
+    rounds = rounds or module.DEFAULTS["rounds"]
+    options = {"seed": seed, "local_epochs": local_epochs, "difficulty": "hard", "clip_norm": clip}
+    options |= {k: v for k, v in (("lr", lr), ("n_train", n_train)) if v is not None}
+    recipe = module.make_recipe(sites=sites, rounds=rounds, encrypt=False, epsilon=epsilon, **options)
+    executor = recipe.executor
+    task = build_task(executor.task, **executor.task_args)
+    train, dp = TrainConfig(**executor.train_args), DPConfig(**executor.dp_args)
+    started = time.perf_counter()
+    trainers = [
+        SiteTrainer(task, task.load_site_data(f"site-{i + 1}", i, sites, None), train, dp) for i in range(sites)
+    ]
+    weights = trainers[0].get_weights()  # every site built the same seeded initialisation
+    for _ in range(rounds):
+        updates, counts = [], []
+        for trainer in trainers:
+            trainer.set_weights(weights)
+            trainer.train_round()
+            updates.append(trainer.get_weights())
+            counts.append(len(trainer.data.train))
+        total = sum(counts)
+        weights = {k: sum(u[k] * (n / total) for u, n in zip(updates, counts, strict=True)) for k in weights}
+    site_dice = []
+    for trainer in trainers:
+        trainer.set_weights(weights)
+        site_dice.append(float(trainer.evaluate()["dice"]))
+    row = {
+        "seed": seed,
+        "lr": train.lr,
+        "clip": dp.max_grad_norm if dp.enabled else train.clip_norm,
+        "local_epochs": train.local_epochs,
+        "dice": statistics.fmean(site_dice),
+        "site_dice": site_dice,
+        "seconds": time.perf_counter() - started,
+    }
+    if dp.enabled:
+        row["epsilon"] = max(t.engine.accountant.get_epsilon(delta=dp.delta) for t in trainers)
+    return row
+
+
+def hard_n_train(job: str) -> int:
+    """Training samples per site of `job` at `--difficulty hard` (the job's default, as the bench ran it)."""
+    from clinfed.jobs import load_job
+
+    recipe = load_job(job).make_recipe(sites=3, rounds=1, encrypt=False, epsilon=None, difficulty="hard")
+    return int(recipe.executor.task_args["n_train"])
+
+
+def _best(sweep: list[dict]) -> dict:
+    best = max(sweep, key=lambda r: r["dice"])
+    return {k: best[k] for k in ("lr", "clip", "local_epochs")}
+
+
+def run_baselines(
+    dims: Sequence[str] = tuple(JOBS),
+    grid: list[dict] | None = None,
+    seeds: Sequence[int] = SEEDS,
+    epsilon: float = EPSILON,
+    sites: int = 3,
+    rounds: int | None = None,
+    n_train: int | None = None,
+    json_path: Path | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """The sweep on `SWEEP_SEED`, then the best non-private setting and DP at `epsilon` on `seeds`.
+
+    With `json_path` the result so far is written after every run, so an interrupted bench keeps
+    what it measured. Returns ``{"setup": {...}, "dims": {DIM: {"sweep": [...], "best": {...},
+    "nonprivate": [...], "dp": [...]}}}`` (rows of `federated_run`).
+    """
+    import torch
+
+    torch.set_num_threads(1)  # as a simulated site runs; the machine is shared
+    grid = grid if grid is not None else sweep_grid()
+    result: dict = {
+        "setup": {
+            "difficulty": "hard",
+            "sites": sites,
+            "epsilon": epsilon,
+            "sweep_seed": SWEEP_SEED,
+            "seeds": list(seeds),
+            "grid": grid,
+            "federation": "in-process FedAvg of the sites' SiteTrainer, plaintext (no FLARE, no encryption)",
+            "cpu_cores": os.cpu_count(),
+            "torch_threads": 1,
+        },
+        "dims": {},
+    }
+
+    def save() -> None:
+        result["setup"]["load_average"] = os.getloadavg()[0]
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(result, indent=2))
+
+    for dim in dims:
+        job = JOBS[dim]
+        from clinfed.jobs import load_job
+
+        module = load_job(job)
+        entry: dict = {
+            "job": job,
+            "rounds": rounds or module.DEFAULTS["rounds"],
+            "n_train": n_train,  # None: the job's `hard` default
+            "sweep": [],
+            "nonprivate": [],
+            "dp": [],
+        }
+        result["dims"][dim] = entry
+        common = {"sites": sites, "rounds": rounds, "n_train": n_train}
+        for setting in grid:
+            row = federated_run(job, SWEEP_SEED, None, **setting, **common)
+            entry["sweep"].append(row)
+            progress(f"{dim} sweep lr {row['lr']} clip {row['clip']} epochs {row['local_epochs']}: {row['dice']:.3f}")
+            save()
+        entry["best"] = _best(entry["sweep"])
+        for seed in seeds:
+            row = federated_run(job, seed, None, **entry["best"], **common)
+            entry["nonprivate"].append(row)
+            progress(f"{dim} seed {seed} no DP (best): {row['dice']:.3f}")
+            save()
+            row = federated_run(job, seed, epsilon, **common)
+            entry["dp"].append(row)
+            progress(f"{dim} seed {seed} DP ε={epsilon:g}: {row['dice']:.3f} (ε {row['epsilon']:.2f})")
+            save()
+    save()
+    return result
+
+
+def spread(rows: list[dict]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the rows' Dice (sd 0 for one row)."""
+    dice = [r["dice"] for r in rows]
+    return statistics.fmean(dice), statistics.stdev(dice) if len(dice) > 1 else 0.0
+
+
+def _clip(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"
+
+
+def markdown_table(result: dict) -> str:
+    """DP against the best non-private run per dimension, each seed and mean ± sd; then the sweep."""
+    setup = result["setup"]
+    seeds = setup["seeds"]
+    eps = setup["epsilon"]
+    lines = [
+        "| task | run | lr | clip | local epochs | " + " | ".join(f"Dice seed {s}" for s in seeds) + " | mean ± sd |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(seeds) + "---:|",
+    ]
+    notes = []
+    for dim, entry in result["dims"].items():
+        label = f"{dim.upper()} hard, {entry['rounds']} rounds"
+        for name, rows in (
+            (f"no DP, best of sweep (seed {setup['sweep_seed']})", entry["nonprivate"]),
+            (f"DP-SGD ε = {eps:g}", entry["dp"]),
+        ):
+            if not rows:
+                continue
+            first = rows[0]
+            by_seed = {r["seed"]: f"{r['dice']:.3f}" for r in rows}
+            mean, sd = spread(rows)
+            lines.append(
+                f"| {label} | {name} | {first['lr']:g} | {_clip(first['clip'])} | {first['local_epochs']} | "
+                + " | ".join(by_seed.get(s, "-") for s in seeds)
+                + f" | {mean:.3f} ± {sd:.3f} |"
+            )
+        if entry["nonprivate"] and entry["dp"]:
+            (np_mean, _), (dp_mean, _) = spread(entry["nonprivate"]), spread(entry["dp"])
+            notes.append(f"{dim.upper()}: DP − no DP = {dp_mean - np_mean:+.3f} Dice")
+    lines += ["", "Sweep (no DP, seed 0; best in bold):", ""]
+    lines += ["| task | lr | clip | local epochs | Dice |", "|---|---:|---:|---:|---:|"]
+    for dim, entry in result["dims"].items():
+        best = entry.get("best") or (_best(entry["sweep"]) if entry["sweep"] else None)
+        for row in entry["sweep"]:
+            chosen = best is not None and all(row[k] == best[k] for k in ("lr", "clip", "local_epochs"))
+            dice = f"**{row['dice']:.3f}**" if chosen else f"{row['dice']:.3f}"
+            lines.append(f"| {dim.upper()} | {row['lr']:g} | {_clip(row['clip'])} | {row['local_epochs']} | {dice} |")
+    if notes:
+        lines += ["", "; ".join(notes) + " (means over the seeds above)."]
+    return "\n".join(lines)
+
+
+def format_table(result: dict) -> str:
+    return markdown_table(result)

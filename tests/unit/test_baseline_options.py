@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from clinfed.bench.baselines import markdown_table, run_baselines, spread, sweep_grid
+from clinfed.bench.baselines import markdown_table, merge_results, run_baselines, spread, sweep_grid
 from clinfed.bench.tables import render
 from clinfed.cli import UsageError, _analytics_options, _check_applies, build_parser
 from clinfed.jobs import load_job
@@ -143,7 +143,7 @@ def test_table_reports_each_seed_and_the_spread():
     assert f"{label} no DP, best of sweep (seed 0) | 0.003 | 0.1 | 2 | 0.500 | 0.600 | 0.700 | 0.600 ± 0.100 |" in table
     assert f"{label} DP-SGD ε = 8 | 0.03 | 0.1 | 1 | 0.800 | 0.800 | 0.800 | 0.800 ± 0.000 |" in table
     assert "| 2D | 0.003 | 0.1 | 2 | **0.550** |" in table and "| 2D | 0.01 | none | 1 | 0.400 |" in table
-    assert "2D: DP − no DP = +0.200 Dice" in table
+    assert "2D: DP − best no DP = +0.200 Dice" in table
 
 
 def test_generated_block_renders_from_the_json(tmp_path):
@@ -167,4 +167,38 @@ def test_bench_runs_the_job_settings_end_to_end(tmp_path):
     assert entry["nonprivate"][0]["clip"] == 0.1 and "epsilon" not in entry["nonprivate"][0]
     dp = entry["dp"][0]
     assert dp["lr"] == 0.03 and dp["clip"] == 0.1 and 0 < dp["epsilon"] <= 8.0 + 1e-6
-    assert all(0.0 <= r["dice"] <= 1.0 for r in (*entry["sweep"], *entry["nonprivate"], dp))
+    quiet = entry["dp_no_noise"][0]  # the DP run minus its noise: clipped per sample, no ε to report
+    assert quiet["noise"] is False and "epsilon" not in quiet and quiet["clip"] == 0.1
+    assert all(0.0 <= r["dice"] <= 1.0 for r in (*entry["sweep"], *entry["nonprivate"], dp, quiet))
+
+
+def test_benches_run_apart_merge_per_dimension():
+    other = {
+        "setup": {**FAKE["setup"], "load_average": 9.0},
+        "dims": {
+            "2d": {
+                "job": "segmentation_dp",
+                "rounds": 5,
+                "n_train": 16,
+                "sweep": [],
+                "nonprivate": [],
+                "dp": [],
+                "dp_no_noise": [_row(1, 0.9, clip=0.1)],
+            },
+            "3d": {
+                "job": "segmentation3d_dp",
+                "rounds": 3,
+                "n_train": 16,
+                "sweep": [],
+                "nonprivate": [],
+                "dp": [],
+                "dp_no_noise": [_row(1, 0.4)],
+            },
+        },
+    }
+    merged = merge_results(FAKE, other)
+    two = merged["dims"]["2d"]
+    assert two["sweep"] == FAKE["dims"]["2d"]["sweep"] and two["dp"] == FAKE["dims"]["2d"]["dp"]
+    assert two["dp_no_noise"] == other["dims"]["2d"]["dp_no_noise"] and two["best"]["lr"] == 0.003
+    assert merged["dims"]["3d"]["dp_no_noise"][0]["dice"] == 0.4 and merged["setup"]["load_average"] == 9.0
+    assert "DP − its clipping without noise = -0.100" in markdown_table(merged)

@@ -36,6 +36,8 @@ EPOCHS: tuple[int, ...] = (1, 2)
 SWEEP_SEED = 0
 SEEDS: tuple[int, ...] = (1, 2, 3)
 EPSILON = 8.0
+#: the runs on `SEEDS`: the best non-private setting, DP-SGD, and DP-SGD's clipping without its noise
+KINDS = ("nonprivate", "dp", "dp_no_noise")
 
 
 def sweep_grid(
@@ -58,11 +60,14 @@ def federated_run(
     sites: int = 3,
     rounds: int | None = None,
     n_train: int | None = None,
+    noise: bool = True,
 ) -> dict:
     """One `--difficulty hard` run of `job`: `rounds` of FedAvg over `sites` sites; the final Dice.
 
     `epsilon` None trains without DP (`clip`: the batch gradient's norm); otherwise DP-SGD at that
-    target ε (`clip`: the per-sample norm; None: the job's). `lr` None: the job's.
+    target ε (`clip`: the per-sample norm; None: the job's). `lr` None: the job's. `noise=False`
+    (with an ε): DP-SGD's per-sample clipping with the noise switched off in Opacus' optimizer, the
+    DP run minus its noise, which tells what the clipping does from what the noise costs (no ε).
     """
     from clinfed.jobs import load_job
     from clinfed.tasks import build_task
@@ -80,6 +85,9 @@ def federated_run(
     trainers = [
         SiteTrainer(task, task.load_site_data(f"site-{i + 1}", i, sites, None), train, dp) for i in range(sites)
     ]
+    if not noise:
+        for trainer in trainers:
+            trainer.optimizer.noise_multiplier = 0.0  # Opacus adds N(0, (σ·C)²): σ = 0, clipping only
     weights = trainers[0].get_weights()  # every site built the same seeded initialisation
     for _ in range(rounds):
         updates, counts = [], []
@@ -103,8 +111,10 @@ def federated_run(
         "site_dice": site_dice,
         "seconds": time.perf_counter() - started,
     }
-    if dp.enabled:
+    if dp.enabled and noise:
         row["epsilon"] = max(t.engine.accountant.get_epsilon(delta=dp.delta) for t in trainers)
+    elif dp.enabled:
+        row["noise"] = False
     return row
 
 
@@ -131,12 +141,15 @@ def run_baselines(
     n_train: int | None = None,
     json_path: Path | None = None,
     progress: Callable[[str], None] = print,
+    kinds: Sequence[str] = KINDS,
 ) -> dict:
-    """The sweep on `SWEEP_SEED`, then the best non-private setting and DP at `epsilon` on `seeds`.
+    """The sweep on `SWEEP_SEED`, then on `seeds` the best non-private setting, DP at `epsilon`, and
+    the DP run without its noise (`kinds` picks among the three; no "nonprivate": no sweep either).
 
     With `json_path` the result so far is written after every run, so an interrupted bench keeps
     what it measured. Returns ``{"setup": {...}, "dims": {DIM: {"sweep": [...], "best": {...},
-    "nonprivate": [...], "dp": [...]}}}`` (rows of `federated_run`).
+    "nonprivate": [...], "dp": [...], "dp_no_noise": [...]}}}`` (rows of `federated_run`);
+    `merge_results` joins benches run apart (e.g. one process per dimension).
     """
     import torch
 
@@ -175,26 +188,47 @@ def run_baselines(
             "sweep": [],
             "nonprivate": [],
             "dp": [],
+            "dp_no_noise": [],
         }
         result["dims"][dim] = entry
         common = {"sites": sites, "rounds": rounds, "n_train": n_train}
-        for setting in grid:
+        for setting in grid if "nonprivate" in kinds else []:
             row = federated_run(job, SWEEP_SEED, None, **setting, **common)
             entry["sweep"].append(row)
             progress(f"{dim} sweep lr {row['lr']} clip {row['clip']} epochs {row['local_epochs']}: {row['dice']:.3f}")
             save()
-        entry["best"] = _best(entry["sweep"])
+        if entry["sweep"]:
+            entry["best"] = _best(entry["sweep"])
         for seed in seeds:
-            row = federated_run(job, seed, None, **entry["best"], **common)
-            entry["nonprivate"].append(row)
-            progress(f"{dim} seed {seed} no DP (best): {row['dice']:.3f}")
-            save()
-            row = federated_run(job, seed, epsilon, **common)
-            entry["dp"].append(row)
-            progress(f"{dim} seed {seed} DP ε={epsilon:g}: {row['dice']:.3f} (ε {row['epsilon']:.2f})")
-            save()
+            if "nonprivate" in kinds:
+                row = federated_run(job, seed, None, **entry["best"], **common)
+                entry["nonprivate"].append(row)
+                progress(f"{dim} seed {seed} no DP (best): {row['dice']:.3f}")
+                save()
+            if "dp" in kinds:
+                row = federated_run(job, seed, epsilon, **common)
+                entry["dp"].append(row)
+                progress(f"{dim} seed {seed} DP ε={epsilon:g}: {row['dice']:.3f} (ε {row['epsilon']:.2f})")
+                save()
+            if "dp_no_noise" in kinds:
+                row = federated_run(job, seed, epsilon, noise=False, **common)
+                entry["dp_no_noise"].append(row)
+                progress(f"{dim} seed {seed} DP clipping, no noise: {row['dice']:.3f}")
+                save()
     save()
     return result
+
+
+def merge_results(*results: dict) -> dict:
+    """One result from benches run apart (one process per dimension, or the no-noise rows added later):
+    per dimension, every non-empty part of each; the setup of the first, with the highest load seen."""
+    merged: dict = {"setup": dict(results[0]["setup"]), "dims": {}}
+    merged["setup"]["load_average"] = max(r["setup"].get("load_average", 0.0) for r in results)
+    for result in results:
+        for dim, entry in result["dims"].items():
+            target = merged["dims"].setdefault(dim, {})
+            target.update({k: v for k, v in entry.items() if v not in ([], None) or k not in target})
+    return merged
 
 
 def spread(rows: list[dict]) -> tuple[float, float]:
@@ -222,6 +256,7 @@ def markdown_table(result: dict) -> str:
         for name, rows in (
             (f"no DP, best of sweep (seed {setup['sweep_seed']})", entry["nonprivate"]),
             (f"DP-SGD ε = {eps:g}", entry["dp"]),
+            ("DP-SGD's per-sample clipping, no noise", entry.get("dp_no_noise", [])),
         ):
             if not rows:
                 continue
@@ -235,7 +270,11 @@ def markdown_table(result: dict) -> str:
             )
         if entry["nonprivate"] and entry["dp"]:
             (np_mean, _), (dp_mean, _) = spread(entry["nonprivate"]), spread(entry["dp"])
-            notes.append(f"{dim.upper()}: DP − no DP = {dp_mean - np_mean:+.3f} Dice")
+            note = f"{dim.upper()}: DP − best no DP = {dp_mean - np_mean:+.3f} Dice"
+            if entry.get("dp_no_noise"):
+                clip_mean, _ = spread(entry["dp_no_noise"])
+                note += f", DP − its clipping without noise = {dp_mean - clip_mean:+.3f}"
+            notes.append(note)
     lines += ["", "Sweep (no DP, seed 0; best in bold):", ""]
     lines += ["| task | lr | clip | local epochs | Dice |", "|---|---:|---:|---:|---:|"]
     for dim, entry in result["dims"].items():

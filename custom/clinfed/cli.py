@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--rounds", type=positive_int, default=None, help="rounds per run (default: the job's)")
     base.add_argument("--n-train", type=positive_int, default=None, help="training images per site (default: hard's)")
     base.add_argument("--epsilon", type=positive_float, default=8.0, help="the DP run's target ε per site")
+    base.add_argument("--resume", action="store_true", help="keep the runs --json FILE already holds")
     stream = bench_sub.add_parser(
         "stream", help="one encrypted, streamed round of a model-sized update through FLARE's simulator"
     )
@@ -304,6 +305,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             n_train=args.n_train,
             json_path=args.json,
+            resume=json.loads(args.json.read_text()) if args.resume and args.json and args.json.is_file() else None,
             **({"seeds": args.seeds} if args.seeds else {}),
         )
     elif args.bench == "stream":

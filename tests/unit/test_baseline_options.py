@@ -202,3 +202,31 @@ def test_benches_run_apart_merge_per_dimension():
     assert two["dp_no_noise"] == other["dims"]["2d"]["dp_no_noise"] and two["best"]["lr"] == 0.003
     assert merged["dims"]["3d"]["dp_no_noise"][0]["dice"] == 0.4 and merged["setup"]["load_average"] == 9.0
     assert "DP − its clipping without noise = -0.100" in markdown_table(merged)
+
+
+def test_resume_keeps_the_runs_an_interrupted_bench_wrote(monkeypatch):
+    """Every run the earlier result holds (same kind, seed and setting) is kept; only the rest run."""
+    import clinfed.bench.baselines as baselines
+
+    ran = []
+
+    def fake_run(job, seed, epsilon, lr=None, clip=None, local_epochs=1, noise=True, **_):
+        ran.append((seed, epsilon, lr))
+        return _row(seed, 0.1, lr=lr or 0.03, clip=clip, epochs=local_epochs)
+
+    monkeypatch.setattr(baselines, "federated_run", fake_run)
+    earlier = json.loads(json.dumps(FAKE))
+    grid = [{"lr": r["lr"], "clip": r["clip"], "local_epochs": r["local_epochs"]} for r in FAKE["dims"]["2d"]["sweep"]]
+    grid.append({"lr": 0.1, "clip": None, "local_epochs": 1})
+    result = run_baselines(
+        dims=("2d",),
+        grid=grid,
+        kinds=("nonprivate", "dp"),
+        n_train=16,
+        rounds=5,
+        resume=earlier,
+        progress=lambda _: None,
+    )
+    assert ran == [(0, None, 0.1)]  # the one new setting; the seeds' runs were all kept
+    assert result["dims"]["2d"]["sweep"][:3] == FAKE["dims"]["2d"]["sweep"]
+    assert result["dims"]["2d"]["nonprivate"] == FAKE["dims"]["2d"]["nonprivate"]

@@ -126,6 +126,14 @@ def hard_n_train(job: str) -> int:
     return int(recipe.executor.task_args["n_train"])
 
 
+def _earlier_row(earlier: dict, kind: str, seed: int, setting: dict) -> dict | None:
+    """The row of an earlier result with this kind, seed and setting, if it has one."""
+    for row in earlier.get(kind, []):
+        if row["seed"] == seed and all(row[k] == v for k, v in setting.items()):
+            return row
+    return None
+
+
 def _best(sweep: list[dict]) -> dict:
     best = max(sweep, key=lambda r: r["dice"])
     return {k: best[k] for k in ("lr", "clip", "local_epochs")}
@@ -142,6 +150,7 @@ def run_baselines(
     json_path: Path | None = None,
     progress: Callable[[str], None] = print,
     kinds: Sequence[str] = KINDS,
+    resume: dict | None = None,
 ) -> dict:
     """The sweep on `SWEEP_SEED`, then on `seeds` the best non-private setting, DP at `epsilon`, and
     the DP run without its noise (`kinds` picks among the three; no "nonprivate": no sweep either).
@@ -149,7 +158,9 @@ def run_baselines(
     With `json_path` the result so far is written after every run, so an interrupted bench keeps
     what it measured. Returns ``{"setup": {...}, "dims": {DIM: {"sweep": [...], "best": {...},
     "nonprivate": [...], "dp": [...], "dp_no_noise": [...]}}}`` (rows of `federated_run`);
-    `merge_results` joins benches run apart (e.g. one process per dimension).
+    `merge_results` joins benches run apart (e.g. one process per dimension). `resume`: an earlier
+    (interrupted) result of the same bench; a run it already holds, same dimension, kind, seed and
+    setting, is kept instead of run again.
     """
     import torch
 
@@ -192,8 +203,16 @@ def run_baselines(
         }
         result["dims"][dim] = entry
         common = {"sites": sites, "rounds": rounds, "n_train": n_train}
+        earlier = (resume or {}).get("dims", {}).get(dim, {})
+        if earlier and (earlier.get("rounds"), earlier.get("n_train")) != (entry["rounds"], n_train):
+            earlier = {}  # another size of run: nothing to keep
+
+        def run(kind: str, seed: int, eps: float | None, setting: dict, noise: bool = True, done=earlier) -> dict:
+            kept = _earlier_row(done, kind, seed, setting)
+            return kept or federated_run(job, seed, eps, **setting, **common, noise=noise)  # noqa: B023
+
         for setting in grid if "nonprivate" in kinds else []:
-            row = federated_run(job, SWEEP_SEED, None, **setting, **common)
+            row = run("sweep", SWEEP_SEED, None, setting)
             entry["sweep"].append(row)
             progress(f"{dim} sweep lr {row['lr']} clip {row['clip']} epochs {row['local_epochs']}: {row['dice']:.3f}")
             save()
@@ -201,17 +220,17 @@ def run_baselines(
             entry["best"] = _best(entry["sweep"])
         for seed in seeds:
             if "nonprivate" in kinds:
-                row = federated_run(job, seed, None, **entry["best"], **common)
+                row = run("nonprivate", seed, None, entry["best"])
                 entry["nonprivate"].append(row)
                 progress(f"{dim} seed {seed} no DP (best): {row['dice']:.3f}")
                 save()
             if "dp" in kinds:
-                row = federated_run(job, seed, epsilon, **common)
+                row = run("dp", seed, epsilon, {})
                 entry["dp"].append(row)
                 progress(f"{dim} seed {seed} DP ε={epsilon:g}: {row['dice']:.3f} (ε {row['epsilon']:.2f})")
                 save()
             if "dp_no_noise" in kinds:
-                row = federated_run(job, seed, epsilon, noise=False, **common)
+                row = run("dp_no_noise", seed, epsilon, {}, noise=False)
                 entry["dp_no_noise"].append(row)
                 progress(f"{dim} seed {seed} DP clipping, no noise: {row['dice']:.3f}")
                 save()

@@ -282,10 +282,11 @@ def markdown_table(result: dict) -> str:
             first = rows[0]
             by_seed = {r["seed"]: f"{r['dice']:.3f}" for r in rows}
             mean, sd = spread(rows)
+            summary = f"{mean:.3f} ± {sd:.3f}" if len(rows) > 1 else f"{mean:.3f} (one seed)"
             lines.append(
                 f"| {label} | {name} | {first['lr']:g} | {_clip(first['clip'])} | {first['local_epochs']} | "
                 + " | ".join(by_seed.get(s, "-") for s in seeds)
-                + f" | {mean:.3f} ± {sd:.3f} |"
+                + f" | {summary} |"
             )
         if entry["nonprivate"] and entry["dp"]:
             (np_mean, _), (dp_mean, _) = spread(entry["nonprivate"]), spread(entry["dp"])

@@ -75,7 +75,9 @@ def baselines_table(result: dict) -> str:
         markdown_table(result)
         + f"\n\n{setup.get('sites', '?')} sites, `--difficulty hard`, {sizes}; one torch thread, "
         f"{setup.get('cpu_cores', '?')} cores, load average {setup.get('load_average', math.nan):.1f} at the end. "
-        f"{setup.get('federation', '')}."
+        f"Federation: {setup.get('federation', '?')}. clip: without DP the batch gradient's norm (no noise), "
+        "under DP-SGD the per-sample norm; the setting is chosen on the sweep's seed, which the seeds of the "
+        "first table never were; DP noise and batch order come from OS entropy whatever the seed."
     )
 
 

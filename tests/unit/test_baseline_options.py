@@ -43,6 +43,17 @@ def test_options_reach_the_sites_train_config(job):
     assert default.train_args["seed"] == 0 and default.train_args["clip_norm"] is None
 
 
+def test_options_survive_the_exported_job(tmp_path):
+    """FLARE serialises the executor from its attributes: the seed and the clip must reach the sites'
+    config, and the summary must record them."""
+    _recipe(["segmentation_dp", "--no-dp", "--seed", "4", "--lr", "0.01", "--clip", "0.2"]).export(str(tmp_path))
+    config = tmp_path / "segmentation_dp" / "app" / "config"
+    site = json.loads((config / "config_fed_client.json").read_text())["executors"][0]["executor"]["args"]
+    assert site["train_args"]["clip_norm"] == 0.2 and site["train_args"]["seed"] == 4 and site["task_args"]["seed"] == 4
+    server = json.loads((config / "config_fed_server.json").read_text())["workflows"][0]["args"]["extra_summary"]
+    assert (server["seed"], server["lr"], server["clip"]) == (4, 0.01, 0.2)
+
+
 @pytest.mark.parametrize("flag", [["--seed", "0"], ["--lr", "0.1"], ["--clip", "1"]])
 def test_options_a_job_does_not_take_are_refused(flag):
     """breast_cancer_dp takes none of them: refused in one line, even `--seed 0` (0 == False)."""

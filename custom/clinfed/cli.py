@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--lr", type=positive_float, default=None, metavar="X", help="imaging jobs: Adam's learning rate")
     sim.add_argument(
+        "--local-epochs", type=positive_int, default=None, metavar="N", help="imaging jobs: local epochs per round"
+    )
+    sim.add_argument(
         "--clip",
         type=positive_float,
         default=None,
@@ -444,7 +447,7 @@ ANALYTICS_OPTIONS += ("channels",)
 # training jobs (issue 14): the encrypted updates' wire format
 ANALYTICS_OPTIONS += ("he_format",)
 # imaging jobs (issue 25): seed, learning rate and clip norm, for tuned non-private baselines
-ANALYTICS_OPTIONS += ("seed", "lr", "clip")
+ANALYTICS_OPTIONS += ("seed", "lr", "clip", "local_epochs")
 # the statistician's toolbox (issue 24): its options, and the analytics options each of its jobs takes
 ANALYTICS_OPTIONS += ("rows", "cols", "variable", "variables", "offset", "cause")
 TOOLBOX_OPTIONS = {

@@ -90,6 +90,7 @@ def make_recipe(
             "channels": channels,
             "seed": seed,
             "lr": lr,
+            "local_epochs": local_epochs,
             "clip": clip_norm if clip_norm is not None else (max_grad_norm if epsilon is not None else None),
         },
         compression=compression,

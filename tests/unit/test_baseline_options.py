@@ -30,9 +30,9 @@ def _recipe(argv: list[str]):
 
 @pytest.mark.parametrize("job", ["segmentation_dp", "segmentation3d_dp"])
 def test_options_reach_the_sites_train_config(job):
-    plain = _recipe([job, "--no-dp", "--seed", "7", "--lr", "0.01", "--clip", "0.5"]).executor
+    plain = _recipe([job, "--no-dp", "--seed", "7", "--lr", "0.01", "--clip", "0.5", "--local-epochs", "2"]).executor
     train = TrainConfig(**plain.train_args)
-    assert (train.seed, train.lr, train.clip_norm) == (7, 0.01, 0.5)
+    assert (train.seed, train.lr, train.clip_norm, train.local_epochs) == (7, 0.01, 0.5, 2)
     assert plain.task_args["seed"] == 7 and plain.dp_args["enabled"] is False
     private = _recipe([job, "--seed", "7", "--clip", "0.5"]).executor
     # under DP-SGD --clip is the per-sample clip; the batch clip stays off (DP clips per sample already)
@@ -41,6 +41,7 @@ def test_options_reach_the_sites_train_config(job):
     default = _recipe([job]).executor
     assert default.dp_args["max_grad_norm"] == 0.1 and default.train_args["lr"] == 0.03
     assert default.train_args["seed"] == 0 and default.train_args["clip_norm"] is None
+    assert default.train_args["local_epochs"] == 1
 
 
 def test_options_survive_the_exported_job(tmp_path):
@@ -51,10 +52,10 @@ def test_options_survive_the_exported_job(tmp_path):
     site = json.loads((config / "config_fed_client.json").read_text())["executors"][0]["executor"]["args"]
     assert site["train_args"]["clip_norm"] == 0.2 and site["train_args"]["seed"] == 4 and site["task_args"]["seed"] == 4
     server = json.loads((config / "config_fed_server.json").read_text())["workflows"][0]["args"]["extra_summary"]
-    assert (server["seed"], server["lr"], server["clip"]) == (4, 0.01, 0.2)
+    assert (server["seed"], server["lr"], server["clip"], server["local_epochs"]) == (4, 0.01, 0.2, 1)
 
 
-@pytest.mark.parametrize("flag", [["--seed", "0"], ["--lr", "0.1"], ["--clip", "1"]])
+@pytest.mark.parametrize("flag", [["--seed", "0"], ["--lr", "0.1"], ["--clip", "1"], ["--local-epochs", "2"]])
 def test_options_a_job_does_not_take_are_refused(flag):
     """breast_cancer_dp takes none of them: refused in one line, even `--seed 0` (0 == False)."""
     args = build_parser().parse_args(["simulate", "breast_cancer_dp", *flag])

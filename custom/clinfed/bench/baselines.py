@@ -13,7 +13,7 @@ settings) trained by the sites' own `SiteTrainer`, federated by plain FedAvg (we
 samples, as the server's) inside one process, and scored as the server's final validation scores
 (every site's held-out Dice of the last global model, averaged). FLARE and encryption are left out
 for speed: neither changes the model (docs/benchmarks.md: Dice and ε identical with and without
-`--no-encrypt`), and `clinfed simulate JOB --difficulty hard --seed S --lr X --clip C --no-dp`
+`--no-encrypt`), and `clinfed simulate JOB --difficulty hard --seed S --lr X --clip C --local-epochs N --no-dp`
 runs any row of the table through the simulator.
 """
 

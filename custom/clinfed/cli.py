@@ -80,6 +80,40 @@ def dp_models(text: str) -> tuple[str, ...]:
     return names
 
 
+def baseline_dims(text: str) -> tuple[str, ...]:
+    """`bench baselines --dims 2d,3d`: checked against the bench's imaging jobs."""
+    from clinfed.bench.baselines import JOBS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in JOBS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(JOBS)}, got {text!r}")
+    return names
+
+
+def _number_list(text: str, parse, what: str) -> list:
+    try:
+        values = [parse(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v is not None and v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive {what}, got {text!r}")
+    return values
+
+
+def float_list(text: str) -> list[float]:
+    return _number_list(text, float, "numbers")
+
+
+def int_list(text: str) -> list[int]:
+    return _number_list(text, int, "integers")
+
+
+def clip_list(text: str) -> list[float | None]:
+    """`--clips none,0.1,1`: clip norms of the sweep; `none` is no clipping."""
+    return _number_list(text, lambda v: None if v.lower() == "none" else float(v), "numbers or none")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clinfed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -123,6 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="segmentation_dp: pretrain on N public synthetic images before DP-SGD (free under DP)",
+    )
+    sim.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help="imaging jobs: seed of the sites' synthetic data and of the initial weights (default 0)",
+    )
+    sim.add_argument("--lr", type=positive_float, default=None, metavar="X", help="imaging jobs: Adam's learning rate")
+    sim.add_argument(
+        "--local-epochs", type=positive_int, default=None, metavar="N", help="imaging jobs: local epochs per round"
+    )
+    sim.add_argument(
+        "--clip",
+        type=positive_float,
+        default=None,
+        metavar="C",
+        help="imaging jobs: DP-SGD's per-sample clip norm; with --no-dp, the batch gradient's norm (no noise)",
     )
     sim.add_argument(
         "--compression",
@@ -191,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--json", type=Path, default=None)
     dp.add_argument("--models", type=dp_models, default=None, metavar="A,B", help="some of tabular,unet2d,unet3d")
     dp.add_argument("--repeats", type=positive_int, default=3, help="timed epochs after the first (median)")
+    base = bench_sub.add_parser(
+        "baselines", help="hard imaging task: tuned non-private baselines vs DP-SGD, over seeds"
+    )
+    base.add_argument("--json", type=Path, default=None, help="written after every run (a partial bench keeps rows)")
+    base.add_argument("--dims", type=baseline_dims, default=None, metavar="2d,3d", help="some of 2d,3d")
+    base.add_argument("--lrs", type=float_list, default=None, metavar="A,B", help="sweep: learning rates")
+    base.add_argument("--clips", type=clip_list, default=None, metavar="none,C", help="sweep: clip norms (none: off)")
+    base.add_argument("--epochs", type=int_list, default=None, metavar="A,B", help="sweep: local epochs per round")
+    base.add_argument("--seeds", type=int_list, default=None, metavar="A,B,C", help="seeds of the final runs")
+    base.add_argument("--rounds", type=positive_int, default=None, help="rounds per run (default: the job's)")
+    base.add_argument("--n-train", type=positive_int, default=None, help="training images per site (default: hard's)")
+    base.add_argument("--epsilon", type=positive_float, default=8.0, help="the DP run's target ε per site")
+    base.add_argument("--resume", action="store_true", help="keep the runs --json FILE already holds")
     stream = bench_sub.add_parser(
         "stream", help="one encrypted, streamed round of a model-sized update through FLARE's simulator"
     )
@@ -258,6 +323,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from clinfed.bench.dp_bench import format_table, run_dp_bench
 
         result = run_dp_bench(repeats=args.repeats, **({"models": args.models} if args.models else {}))
+    elif args.bench == "baselines":
+        from clinfed.bench.baselines import format_table, run_baselines, sweep_grid
+
+        sweep = {k: getattr(args, a) for k, a in (("lrs", "lrs"), ("clips", "clips"), ("epochs", "epochs"))}
+        result = run_baselines(
+            dims=args.dims or ("2d", "3d"),
+            grid=sweep_grid(**{k: v for k, v in sweep.items() if v is not None}),
+            epsilon=args.epsilon,
+            rounds=args.rounds,
+            n_train=args.n_train,
+            json_path=args.json,
+            resume=json.loads(args.json.read_text()) if args.resume and args.json and args.json.is_file() else None,
+            **({"seeds": args.seeds} if args.seeds else {}),
+        )
     elif args.bench == "stream":
         from clinfed.bench.stream_bench import format_table, run_stream_bench
 
@@ -406,6 +485,8 @@ ANALYTICS_OPTIONS += ("compression",)
 ANALYTICS_OPTIONS += ("channels",)
 # training jobs (issue 14): the encrypted updates' wire format
 ANALYTICS_OPTIONS += ("he_format",)
+# imaging jobs (issue 25): seed, learning rate and clip norm, for tuned non-private baselines
+ANALYTICS_OPTIONS += ("seed", "lr", "clip", "local_epochs")
 # the statistician's toolbox (issue 24): its options, and the analytics options each of its jobs takes
 ANALYTICS_OPTIONS += ("rows", "cols", "variable", "variables", "offset", "cause")
 TOOLBOX_OPTIONS = {
@@ -438,7 +519,12 @@ _GENERAL_OPTIONS = {
     "min_cell": "min_cell",
     "epsilon": "epsilon",
     "rounds": "rounds",
+    "clip": "clip_norm",
 }  # --data-dir: the sites' policy, any job
+
+
+def _given(value: object) -> bool:
+    return value is not None and value is not False
 
 
 def _check_applies(command: str, args: argparse.Namespace) -> None:
@@ -453,7 +539,8 @@ def _check_applies(command: str, args: argparse.Namespace) -> None:
     from clinfed.jobs import load_job
 
     params = inspect.signature(load_job(args.job).make_recipe).parameters
-    given = [n for n in (*ANALYTICS_OPTIONS, *_GENERAL_OPTIONS) if getattr(args, n, None) not in (None, False)]
+    # `is not False`, not `not in (None, False)`: 0 == False, and `--seed 0` is an option given
+    given = [n for n in dict.fromkeys((*ANALYTICS_OPTIONS, *_GENERAL_OPTIONS)) if _given(getattr(args, n, None))]
     if getattr(args, "no_encrypt", False):
         given.append("encrypt")
     for name in given:
@@ -500,6 +587,8 @@ def _analytics_options(args: argparse.Namespace) -> dict:
         extra["cohort_file"] = extra.pop("cohort")
     if "covariates" in extra:
         extra["covariates"] = [c.strip() for c in extra["covariates"].split(",") if c.strip()]
+    if "clip" in extra:
+        extra["clip_norm"] = extra.pop("clip")
     return extra
 
 

@@ -50,6 +50,11 @@ class TrainConfig:
     #: samples (0: the whole batch at once; None: the task's `physical_batch`); the step, clipping,
     #: noise and accounting are unchanged (`hooks_backward`, which says why).
     physical_batch: int | None = None
+    #: non-private training only: clip the batch gradient to this L2 norm before each step (None: no
+    #: clipping). Why: a non-private baseline "with the same care" as DP-SGD may clip too, without noise,
+    #: so a table can tell what clipping alone does from what noise costs (`clinfed bench baselines`).
+    #: Under DP-SGD the per-sample clip is `DPConfig.max_grad_norm` and this is ignored.
+    clip_norm: float | None = None
 
 
 def os_seeded_generator() -> torch.Generator:
@@ -222,6 +227,8 @@ class SiteTrainer:
         """`rounds_left` and `prior_history` serve a job resumed mid-way: the noise is set so that what
         this run already spent (prior_history) plus the remaining rounds meets the job's target ε."""
         self.task, self.data, self.train_cfg, self.dp = task, data, train, dp
+        if train.clip_norm is not None and not (isinstance(train.clip_norm, int | float) and train.clip_norm > 0):
+            raise ValueError(f"clip_norm must be a positive number or None, got {train.clip_norm!r}")
         with torch.random.fork_rng():  # the job seed fixes the initial weights (equal at every site), nothing else
             torch.manual_seed(int(train.seed))
             model = task.build_model()
@@ -349,6 +356,8 @@ class SiteTrainer:
                 else:
                     loss = self.task.loss(self.model(x), y)
                     loss.backward()
+                    if self.train_cfg.clip_norm:
+                        nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.clip_norm)
                 self.optimizer.step()
                 losses.append(float(loss.detach()))
                 steps += 1

@@ -39,11 +39,15 @@ def make_recipe(
     he_format: str = "compact",
     channels: list[int] | tuple[int, ...] = (8, 16, 32),
     strides: list[int] | None = None,
+    seed: int = 0,
+    clip_norm: float | None = None,
     **_: object,
 ) -> SecureFedAvgRecipe:
     """`epsilon=None` trains without DP (the utility reference); the other arguments shrink it for tests.
 
     `difficulty="hard"`: small, faint, noisy lesions and 128 training images per site (512 standard).
+    `seed` (`--seed`): the sites' synthetic data and the initial weights. `clip_norm` (`--clip`): DP-SGD's
+    per-sample clip norm (instead of `max_grad_norm`), or without DP the batch gradient's norm.
     """
     if n_train is None:
         n_train = 128 if difficulty == "hard" else 512
@@ -62,17 +66,33 @@ def make_recipe(
             "strides": strides,
             "difficulty": difficulty,
             "public_pretrain": public_pretrain,
+            "seed": seed,
         },
-        train_args={"local_epochs": local_epochs, "batch_size": batch_size, "lr": lr, "optimizer": "adam"},
+        train_args={
+            "local_epochs": local_epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "optimizer": "adam",
+            "seed": seed,
+            "clip_norm": clip_norm if epsilon is None else None,
+        },
         dp_args={
             "enabled": epsilon is not None,
             "target_epsilon": epsilon or 0.0,
             "delta": DEFAULTS["delta"],
-            "max_grad_norm": max_grad_norm,
+            "max_grad_norm": clip_norm if clip_norm is not None and epsilon is not None else max_grad_norm,
             "grad_sample_mode": "auto",
         },
         primary_metric="dice",
-        extra_summary={"difficulty": difficulty, "public_pretrain": public_pretrain, "channels": channels},
+        extra_summary={
+            "difficulty": difficulty,
+            "public_pretrain": public_pretrain,
+            "channels": channels,
+            "seed": seed,
+            "lr": lr,
+            "local_epochs": local_epochs,
+            "clip": clip_norm if clip_norm is not None else (max_grad_norm if epsilon is not None else None),
+        },
         compression=compression,
         he_format=he_format,
     )

@@ -73,6 +73,24 @@ def he_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def baselines_table(result: dict) -> str:
+    from clinfed.bench.baselines import hard_n_train, markdown_table
+
+    setup = result.get("setup", {})
+    sizes = ", ".join(
+        f"{dim.upper()} {entry['n_train'] or hard_n_train(entry['job'])} training samples per site"
+        for dim, entry in result.get("dims", {}).items()
+    )
+    return (
+        markdown_table(result)
+        + f"\n\n{setup.get('sites', '?')} sites, `--difficulty hard`, {sizes}; one torch thread, "
+        f"{setup.get('cpu_cores', '?')} cores, load average {setup.get('load_average', math.nan):.1f} at the end. "
+        f"Federation: {setup.get('federation', '?')}. clip: without DP the batch gradient's norm (no noise), "
+        "under DP-SGD the per-sample norm; the setting is chosen on the sweep's seed, which the seeds of the "
+        "first table never were; DP noise and batch order come from OS entropy whatever the seed."
+    )
+
+
 def secagg_table(result: dict) -> str:
     from clinfed.bench.secagg_bench import markdown_table
 
@@ -107,7 +125,14 @@ def grid_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"dp": dp_table, "he": he_table, "grid": grid_table, "secagg": secagg_table, "compression": compression_table}
+TABLES = {
+    "dp": dp_table,
+    "he": he_table,
+    "grid": grid_table,
+    "secagg": secagg_table,
+    "compression": compression_table,
+    "baselines": baselines_table,
+}
 
 
 def render(text: str, root: Path) -> str:

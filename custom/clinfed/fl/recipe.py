@@ -87,6 +87,9 @@ class SecureFedAvgRecipe(Recipe):
         )
         job.to_clients(executor, id="executor", tasks=list(SITE_TASKS))
         self.num_sites, self.encrypt = num_sites, encrypt
+        #: the sites' executor as configured (task, task_args, train_args, dp_args): `clinfed bench
+        #: baselines` trains with exactly the job's settings without going through FLARE
+        self.executor = executor
         super().__init__(job)
 
 

@@ -366,10 +366,12 @@ and cumulative_incidence (a patient is one count), charged to every site's one l
 correlation sum unbounded values and refuse it.
 
 ROC: `clinfed.analytics.roc` turns per-site score histograms (negatives, positives and Σ score per
-bin) into the pooled ROC curve, AUC and calibration (the table's last rows). It is not yet wired
-into the training jobs' final validation: the summed histograms should travel under the training
-jobs' secure-aggregation masks (issue 22), since a CKKS sum that a site decrypts on the server's
-request would hand the server a decryption oracle for any one site's histogram.
+bin) into the pooled ROC curve, AUC and calibration (the table's last rows). Every training job's
+final validation releases it as summary.json's `roc` (`clinfed.fl.roc_validation`): each site
+scores its held-out patients with the model it decrypted itself, and the histograms travel under the
+training jobs' secure-aggregation masks (task `roc_release`), so no single site's histogram can be
+decrypted; on breast_cancer_dp the released AUC equals sklearn's on the pooled held-out scores
+within the stated `auc_resolution`. Segmentation jobs have no per-patient score: `roc` says skipped.
 
 ## Against the references
 

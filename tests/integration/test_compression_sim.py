@@ -32,7 +32,8 @@ def summary(tmp_path_factory):
 
 
 def dense_upload_bytes(size: int) -> int:
-    """Bytes of one site's dense compact-format update of `size` values (the training jobs' default)."""
+    """Bytes of one site's dense update of `size` values on the fixed compact grid (`--he-format compact-fixed`,
+    what compressed jobs and `dense_compact_upload_bytes` measure against)."""
     secret, _ = create_context_pair()
     update = {"w": np.random.default_rng(0).normal(0, 0.1, size)}
     cts, _ = compact_encrypt(secret, update, 0.3, CompactSpec(16.0, 3, pooled=True))

@@ -945,6 +945,30 @@ def compact_decrypt_average(
 
 
 # --- server side --------------------------------------------------------------------------------------
+def vet_upload(
+    site: str, cts: Any, weight: float, fingerprint: str, spec: str | None, own_fingerprint: str, own_spec: CompactSpec
+) -> float:
+    """The checks an upload passes before a sum looks at its bytes (the dense compact sum here and the
+    compressed one in `he.truncated`): a valid weight, the federation's key, the job's spec, and some
+    ciphertexts at all. Returns the weight; raises InvalidCiphertext naming the site."""
+    w = _check_weight(site, weight)
+    if fingerprint != own_fingerprint:
+        raise InvalidCiphertext(site, "ciphertexts were made under another federation's key (context fingerprint)")
+    if spec is not None and spec != own_spec.to_json():
+        raise InvalidCiphertext(site, "quantised with another compact spec (value bound, sites or parameters)")
+    if isinstance(cts, str | bytes) or not isinstance(cts, Sequence) or not len(cts):
+        raise InvalidCiphertext(site, "sent no ciphertexts")
+    return w
+
+
+def check_room(site: str, sites: list[str], max_sites: int) -> None:
+    """Under the sum's lock: one upload per site, and no more sites than the spec's fields can hold."""
+    if site in sites:
+        raise InvalidCiphertext(site, "already contributed to this sum")
+    if len(sites) >= max_sites:
+        raise InvalidCiphertext(site, f"the sum already holds max_sites={max_sites} updates")
+
+
 class CompactSum(_RunningSum):
     """Server-side running sum of compact uploads (no secret key); vets each upload before adding.
 
@@ -972,18 +996,9 @@ class CompactSum(_RunningSum):
 
     def add(self, site: str, cts: Sequence[bytes], weight: float, fingerprint: str, spec: str | None = None) -> None:
         """Vet ``site``'s upload, then add it; on any problem raise InvalidCiphertext and leave the sum intact."""
-        w = _check_weight(site, weight)
-        if fingerprint != self.fingerprint:
-            raise InvalidCiphertext(site, "ciphertexts were made under another federation's key (context fingerprint)")
-        if spec is not None and spec != self.spec.to_json():
-            raise InvalidCiphertext(site, "quantised with another compact spec (value bound, sites or parameters)")
-        if isinstance(cts, str | bytes) or not isinstance(cts, Sequence) or not len(cts):
-            raise InvalidCiphertext(site, "sent no ciphertexts")
+        w = vet_upload(site, cts, weight, fingerprint, spec, self.fingerprint, self.spec)
         with self._lock:
-            if site in self._sites:
-                raise InvalidCiphertext(site, "already contributed to this sum")
-            if len(self._sites) >= self.spec.max_sites:
-                raise InvalidCiphertext(site, f"the sum already holds max_sites={self.spec.max_sites} updates")
+            check_room(site, self._sites, self.spec.max_sites)
             expected = self._expected if self._expected is not None else len(cts)
             if len(cts) != expected:
                 raise InvalidCiphertext(site, f"sent {len(cts)} ciphertexts, expected {expected}")

@@ -46,7 +46,7 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sa
 
-from clinfed.he.aggregation import MIN_CONTRIBUTORS, TooFewContributors, _check_weight
+from clinfed.he.aggregation import MIN_CONTRIBUTORS, TooFewContributors
 from clinfed.he.ckks import _SEAL_ERRORS, InvalidCiphertext, _seal_dump, _seal_restore
 from clinfed.he.compact import (
     _SEED_BYTES,
@@ -59,7 +59,9 @@ from clinfed.he.compact import (
     _packed_len,
     _seal_body,
     _seal_header,
+    check_room,
     quantize,
+    vet_upload,
 )
 from clinfed.he.context import HEContextError, context_fingerprint
 from clinfed.he.masking import CorrectedCiphertexts, MaskFn
@@ -329,18 +331,9 @@ class TruncatedSum:
 
     def add(self, site: str, cts: Sequence[bytes], weight: float, fingerprint: str, spec: str | None = None) -> None:
         """Vet ``site``'s upload, then add it; on any problem raise InvalidCiphertext and leave the sum intact."""
-        w = _check_weight(site, weight)
-        if fingerprint != self.fingerprint:
-            raise InvalidCiphertext(site, "ciphertexts were made under another federation's key (context fingerprint)")
-        if spec is not None and spec != self.spec.to_json():
-            raise InvalidCiphertext(site, "quantised with another compact spec (value bound, sites or parameters)")
-        if isinstance(cts, str | bytes) or not isinstance(cts, Sequence) or not len(cts):
-            raise InvalidCiphertext(site, "sent no ciphertexts")
+        w = vet_upload(site, cts, weight, fingerprint, spec, self.fingerprint, self.spec)
         with self._lock:
-            if site in self._sites:
-                raise InvalidCiphertext(site, "already contributed to this sum")
-            if len(self._sites) >= self.spec.max_sites:
-                raise InvalidCiphertext(site, f"the sum already holds max_sites={self.spec.max_sites} updates")
+            check_room(site, self._sites, self.spec.max_sites)
             shape = self._shape if self._shape is not None else _shape_of(self._tools, cts)
             if len(cts) != len(shape):
                 raise InvalidCiphertext(site, f"sent {len(cts)} ciphertexts, expected {len(shape)}")
